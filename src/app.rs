@@ -1,0 +1,145 @@
+//! The single wiring point: config in, a serving daemon out.
+//!
+//! [`App::build`] does everything that can fail at start-up (state dir, CA,
+//! socket) so errors surface before anything is served; [`App::run`] serves
+//! until shutdown. Integration tests run the same two calls in process.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+
+use crate::attest::{self, Attestor};
+use crate::ca::{self, Ca};
+use crate::config::Config;
+use crate::identity::{IdentityManager, SvidSettings};
+use crate::policy::EntrySet;
+use crate::shutdown::Shutdown;
+use crate::workload_api;
+
+/// Mode of the workload socket: anyone may connect; attestation decides
+/// what they get.
+pub const WORKLOAD_SOCKET_MODE: u32 = 0o777;
+/// Mode of a socket directory the daemon creates.
+pub const SOCKET_DIR_MODE: u32 = 0o755;
+
+/// Why the daemon could not start.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The state directory is unsafe or unusable.
+    #[error("state directory {path}: {message}")]
+    StateDir {
+        /// The directory.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The CA could not be loaded or created.
+    #[error(transparent)]
+    Ca(#[from] ca::Error),
+    /// Attestation is unavailable (no /proc?).
+    #[error(transparent)]
+    Attest(#[from] attest::Error),
+    /// The workload socket could not be served.
+    #[error(transparent)]
+    WorkloadApi(#[from] workload_api::Error),
+}
+
+/// A daemon ready to serve.
+pub struct App {
+    config: Config,
+    identity: IdentityManager,
+    listener: UnixListener,
+}
+
+impl App {
+    /// Prepares the state directory, the CA, attestation and the socket.
+    ///
+    /// # Errors
+    /// [`Error`] saying which part failed and why.
+    pub async fn build(config: Config, shutdown: &Shutdown) -> Result<Self, Error> {
+        prepare_state_dir(&config.state_dir)?;
+        let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain)?);
+        let attestor = Attestor::new()?;
+        let identity = IdentityManager::new(
+            config.trust_domain.clone(),
+            attestor,
+            EntrySet::new(config.entries.clone()),
+            ca,
+            SvidSettings {
+                instance_ttl: config.instance_ttl,
+            },
+            shutdown.token.clone(),
+            shutdown.tracker.clone(),
+        );
+        let listener = workload_api::bind(
+            &config.workload_socket,
+            WORKLOAD_SOCKET_MODE,
+            SOCKET_DIR_MODE,
+        )
+        .await?;
+        Ok(Self {
+            config,
+            identity,
+            listener,
+        })
+    }
+
+    /// The identity manager (for in-process tests and future admin wiring).
+    pub fn identity(&self) -> &IdentityManager {
+        &self.identity
+    }
+
+    /// Serves the Workload API until `shutdown` is cancelled, then removes
+    /// the socket.
+    ///
+    /// # Errors
+    /// [`Error::WorkloadApi`] when the server fails.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), Error> {
+        let socket = self.config.workload_socket.clone();
+        tracing::info!(
+            config = %self.config.source,
+            trust_domain = %self.config.trust_domain,
+            state_dir = %self.config.state_dir.display(),
+            entries = self.config.entries.len(),
+            instance_ttl = %humantime::format_duration(self.config.instance_ttl),
+            endpoint = %format!("unix://{}", socket.display()),
+            "serving the SPIFFE Workload API"
+        );
+        let result = workload_api::serve(
+            self.listener,
+            self.identity,
+            shutdown.token.clone(),
+            shutdown.tracker.clone(),
+        )
+        .await;
+        let _ = std::fs::remove_file(&socket);
+        Ok(result?)
+    }
+}
+
+/// Creates the state directory 0700, or checks an existing one is ours and
+/// not writable by others (it holds the CA key).
+fn prepare_state_dir(path: &Path) -> Result<(), Error> {
+    let fail = |message: String| Error::StateDir {
+        path: path.display().to_string(),
+        message,
+    };
+    ca::create_private_dir(path).map_err(|e| fail(e.to_string()))?;
+    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(fail(format!(
+            "is owned by uid {}, not by the daemon's uid {me}; refusing to keep a CA key there",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(fail(format!(
+            "is writable by group or others (mode {:o}); run chmod 700 on it",
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(())
+}

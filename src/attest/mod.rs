@@ -1,0 +1,290 @@
+//! Attestation: who is on the other end of a connection, from the kernel's facts.
+//!
+//! Owns: peer credentials → process facts → selectors, the instance id, and
+//! the checks that stop a recycled PID from taking another process's
+//! identity. Does not own: which entries match (that is `policy`), nor any
+//! gRPC type. Everything here is blocking /proc I/O; async callers use
+//! `spawn_blocking`.
+
+pub mod exit_watch;
+pub mod process;
+pub mod selectors;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::Arc;
+
+use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::ids::InstanceId;
+pub use process::{DigestCache, ProcessFacts};
+pub use selectors::{Selector, SelectorKind};
+
+/// Why a process could not be attested. Each is a refusal: the caller gets
+/// no identity.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The process exited (before or during attestation).
+    #[error("process {pid} has exited")]
+    ProcessGone {
+        /// The pid the connection came from.
+        pid: u32,
+    },
+    /// The process at this pid is not the one that started being attested.
+    #[error("process {pid} changed while it was being attested (it exited or its pid was reused)")]
+    ProcessChanged {
+        /// The pid the connection came from.
+        pid: u32,
+    },
+    /// The process at this pid started after the connection was made, so it
+    /// cannot be the process that connected: its pid was reused.
+    #[error("process {pid} started after the connection was made: its pid was reused; refusing")]
+    StartedAfterConnect {
+        /// The pid the connection came from.
+        pid: u32,
+    },
+    /// The process's uid is not the uid it connected with.
+    #[error("process {pid} connected as uid {peer_uid} but now runs as uid {proc_uid}; refusing")]
+    CredentialsChanged {
+        /// The pid the connection came from.
+        pid: u32,
+        /// uid from SO_PEERCRED at connect time.
+        peer_uid: u32,
+        /// Effective uid in /proc now.
+        proc_uid: u32,
+    },
+    /// The connection carries no peer credentials.
+    #[error("the connection carries no peer credentials (only Unix socket peers can be attested)")]
+    NoPeerCredentials,
+    /// A /proc file could not be read.
+    #[error(
+        "cannot read the {what} of process {pid}: {source} (a daemon that is not root can attest only its own user's processes)"
+    )]
+    ProcRead {
+        /// The pid being attested.
+        pid: u32,
+        /// Which fact was being read.
+        what: &'static str,
+        /// The I/O error.
+        source: Arc<io::Error>,
+    },
+    /// The boot id could not be read.
+    #[error("cannot read the boot id from {BOOT_ID_PATH}: {0}")]
+    BootId(Arc<io::Error>),
+}
+
+const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
+/// The kernel's word on who connected: from SO_PEERCRED, captured when the
+/// connection was accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Process id of the process that called connect(2).
+    pub pid: u32,
+    /// Its effective uid at connect time.
+    pub uid: u32,
+    /// Its effective gid at connect time.
+    pub gid: u32,
+    /// When the connection was accepted, in clock ticks since boot (the unit
+    /// of /proc/<pid>/stat's start time), if known.
+    pub accepted_at_ticks: Option<u64>,
+}
+
+/// An attested process: who it is and the selectors it was found to have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attestation {
+    /// The instance this process is.
+    pub instance_id: InstanceId,
+    /// The facts the selectors were made from.
+    pub facts: ProcessFacts,
+    /// The selectors, sorted.
+    pub selectors: BTreeSet<Selector>,
+}
+
+/// Attests processes. One per daemon: it holds the boot id and the digest cache.
+pub struct Attestor {
+    boot_id: String,
+    digests: DigestCache,
+}
+
+impl Attestor {
+    /// Reads the boot id, which makes instance ids unique across reboots.
+    ///
+    /// # Errors
+    /// [`Error::BootId`] when /proc is not mounted or unreadable.
+    pub fn new() -> Result<Self, Error> {
+        let boot_id = std::fs::read_to_string(BOOT_ID_PATH)
+            .map_err(|e| Error::BootId(Arc::new(e)))?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            boot_id,
+            digests: DigestCache::default(),
+        })
+    }
+
+    /// Attests the process that made a connection. Blocking.
+    ///
+    /// # Errors
+    /// A refusal when the process is gone, changed, reused a pid, changed uid
+    /// since connecting, or cannot be read.
+    pub fn attest(&self, peer: &PeerCred) -> Result<Attestation, Error> {
+        let pid = peer.pid;
+        let start = process::start_time(pid)?;
+        if let Some(accepted) = peer.accepted_at_ticks {
+            // One tick of slack: start times are rounded down to a tick.
+            if start > accepted.saturating_add(1) {
+                return Err(Error::StartedAfterConnect { pid });
+            }
+        }
+        let attestation = self.attest_process(pid, start)?;
+        if attestation.facts.uid != peer.uid {
+            return Err(Error::CredentialsChanged {
+                pid,
+                peer_uid: peer.uid,
+                proc_uid: attestation.facts.uid,
+            });
+        }
+        Ok(attestation)
+    }
+
+    /// Attests again a process attested before (same pid and start time),
+    /// to see whether it still is what it was: it may have exec'd another
+    /// binary or changed uid. Blocking.
+    ///
+    /// # Errors
+    /// As [`Attestor::attest`]; [`Error::ProcessChanged`] if the pid now names
+    /// another process.
+    pub fn reattest(&self, pid: u32, start_time: u64) -> Result<Attestation, Error> {
+        if process::start_time(pid)? != start_time {
+            return Err(Error::ProcessChanged { pid });
+        }
+        self.attest_process(pid, start_time)
+    }
+
+    fn attest_process(&self, pid: u32, start: u64) -> Result<Attestation, Error> {
+        let facts = process::read_facts(pid, &self.digests)?;
+        let selectors = selectors_of(&facts);
+        // Read the start time last: if it still matches, every fact above was
+        // read from the same process.
+        if facts.start_time != start || process::start_time(pid)? != start {
+            return Err(Error::ProcessChanged { pid });
+        }
+        Ok(Attestation {
+            instance_id: InstanceId::derive(&self.boot_id, pid, start),
+            facts,
+            selectors,
+        })
+    }
+}
+
+/// Turns process facts into selectors. Names are looked up through NSS; a
+/// uid with no name simply has no `unix:user` selector.
+pub fn selectors_of(facts: &ProcessFacts) -> BTreeSet<Selector> {
+    use SelectorKind as K;
+    let mut set = BTreeSet::new();
+    set.insert(Selector::new(K::UnixUid, facts.uid.to_string()));
+    set.insert(Selector::new(K::UnixGid, facts.gid.to_string()));
+    if let Ok(Some(user)) = User::from_uid(Uid::from_raw(facts.uid)) {
+        set.insert(Selector::new(K::UnixUser, user.name));
+    }
+    if let Ok(Some(group)) = Group::from_gid(Gid::from_raw(facts.gid)) {
+        set.insert(Selector::new(K::UnixGroup, group.name));
+    }
+    for gid in &facts.supplementary_gids {
+        set.insert(Selector::new(K::UnixSupplementaryGid, gid.to_string()));
+    }
+    set.insert(Selector::new(K::UnixPath, facts.exe.to_string_lossy()));
+    set.insert(Selector::new(K::UnixSha256, facts.exe_sha256.clone()));
+    if let Some(parent) = &facts.parent_exe {
+        set.insert(Selector::new(K::UnixParentPath, parent.to_string_lossy()));
+    }
+    for path in &facts.cgroups {
+        set.insert(Selector::new(K::CgroupPath, path.clone()));
+        if let Some(id) = process::container_id(path) {
+            set.insert(Selector::new(K::ContainerId, id));
+        }
+        if let Some(unit) = process::systemd_unit(path) {
+            set.insert(Selector::new(K::SystemdUnit, unit));
+        }
+    }
+    set
+}
+
+/// Clock ticks since boot now: the unit of a process's start time, so a
+/// connection's accept time can be compared with it.
+pub fn now_in_ticks() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let tps = procfs::ticks_per_second();
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(tps) + nanos.saturating_mul(tps) / 1_000_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> PeerCred {
+        PeerCred {
+            pid: std::process::id(),
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            accepted_at_ticks: Some(now_in_ticks()),
+        }
+    }
+
+    #[test]
+    fn this_process_attests_with_its_uid_path_and_digest() {
+        let attestor = Attestor::new().unwrap();
+        let a = attestor.attest(&me()).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let path = Selector::new(SelectorKind::UnixPath, exe.to_string_lossy());
+        assert!(a.selectors.contains(&path));
+        let uid = Selector::new(SelectorKind::UnixUid, me().uid.to_string());
+        assert!(a.selectors.contains(&uid));
+        assert!(
+            a.selectors
+                .iter()
+                .any(|s| s.kind() == SelectorKind::UnixSha256)
+        );
+        let again = attestor.attest(&me()).unwrap();
+        assert_eq!(
+            a.instance_id, again.instance_id,
+            "same process, same instance"
+        );
+    }
+
+    #[test]
+    fn a_process_that_started_after_the_connection_is_refused() {
+        let attestor = Attestor::new().unwrap();
+        let peer = PeerCred {
+            accepted_at_ticks: Some(0),
+            ..me()
+        };
+        let err = attestor.attest(&peer).unwrap_err();
+        assert!(matches!(err, Error::StartedAfterConnect { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_uid_other_than_the_connecting_one_is_refused() {
+        let attestor = Attestor::new().unwrap();
+        let peer = PeerCred {
+            uid: me().uid.wrapping_add(1),
+            ..me()
+        };
+        let err = attestor.attest(&peer).unwrap_err();
+        assert!(matches!(err, Error::CredentialsChanged { .. }), "{err}");
+    }
+
+    #[test]
+    fn reattesting_with_a_wrong_start_time_is_refused() {
+        let attestor = Attestor::new().unwrap();
+        let a = attestor.attest(&me()).unwrap();
+        let err = attestor
+            .reattest(a.facts.pid, a.facts.start_time + 1)
+            .unwrap_err();
+        assert!(matches!(err, Error::ProcessChanged { .. }), "{err}");
+        assert!(attestor.reattest(a.facts.pid, a.facts.start_time).is_ok());
+    }
+}

@@ -1,0 +1,232 @@
+//! `sigil fetch x509|bundle` and `sigil healthcheck`: Workload API clients.
+//!
+//! `fetch x509` prints what an agent running as this process would get, and
+//! can write it as PEM files (svid.pem, svid_key.pem 0600, bundle.pem) for
+//! programs that read files rather than the socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio_stream::StreamExt;
+
+use super::EndpointArg;
+use super::client;
+use crate::ca::keys::write_private_file;
+use crate::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
+
+/// What to fetch.
+#[derive(Debug, clap::Subcommand)]
+pub enum FetchCommand {
+    /// This process's X509-SVIDs (first message of the FetchX509SVID stream).
+    X509(FetchArgs),
+    /// The X.509 trust bundles.
+    Bundle(FetchArgs),
+}
+
+/// Arguments shared by the fetch commands.
+#[derive(Debug, clap::Args)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    endpoint: EndpointArg,
+    /// Write PEM files into this directory.
+    #[arg(long, value_name = "DIR")]
+    write: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct SvidSummary {
+    spiffe_id: String,
+    hint: String,
+    serial: String,
+    not_before: String,
+    not_after: String,
+}
+
+/// Runs a fetch command.
+///
+/// # Errors
+/// When the daemon cannot be reached or refuses, with its reason.
+pub async fn run(cmd: FetchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        FetchCommand::X509(args) => fetch_x509(args).await,
+        FetchCommand::Bundle(args) => fetch_bundle(args).await,
+    }
+}
+
+async fn fetch_x509(args: FetchArgs) -> anyhow::Result<ExitCode> {
+    let socket = args.endpoint.resolve()?;
+    let mut api = client::connect(&socket).await?;
+    let mut stream = api
+        .fetch_x509svid(client::request(X509svidRequest {}))
+        .await
+        .map_err(refusal)?
+        .into_inner();
+    let response = stream
+        .next()
+        .await
+        .context("the daemon closed the stream without sending SVIDs")?
+        .map_err(refusal)?;
+    let summaries = response
+        .svids
+        .iter()
+        .map(|s| summarize(&s.spiffe_id, &s.hint, &s.x509_svid))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summaries)?);
+    } else {
+        for s in &summaries {
+            println!("SPIFFE ID:  {}", s.spiffe_id);
+            println!("Hint:       {}", s.hint);
+            println!("Serial:     {}", s.serial);
+            println!("Valid:      {} to {}\n", s.not_before, s.not_after);
+        }
+    }
+    if let Some(dir) = &args.write {
+        write_x509(dir, &response)?;
+        eprintln!(
+            "wrote svid.pem, svid_key.pem and bundle.pem to {}",
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn fetch_bundle(args: FetchArgs) -> anyhow::Result<ExitCode> {
+    let socket = args.endpoint.resolve()?;
+    let mut api = client::connect(&socket).await?;
+    let response = api
+        .fetch_x509_bundles(client::request(X509BundlesRequest {}))
+        .await
+        .map_err(refusal)?
+        .into_inner()
+        .next()
+        .await
+        .context("the daemon closed the stream without sending bundles")?
+        .map_err(refusal)?;
+    let mut bundles: Vec<_> = response.bundles.iter().collect();
+    bundles.sort();
+    if args.json {
+        let map = bundles
+            .iter()
+            .map(|(td, der)| Ok((td.as_str(), pem_chain("CERTIFICATE", der)?)))
+            .collect::<anyhow::Result<std::collections::BTreeMap<_, _>>>()?;
+        println!("{}", serde_json::to_string_pretty(&map)?);
+    } else {
+        for (td, der) in &bundles {
+            println!("# {td}");
+            print!("{}", pem_chain("CERTIFICATE", der)?);
+        }
+    }
+    if let Some(dir) = &args.write {
+        let all: Vec<u8> = bundles.iter().flat_map(|(_, der)| der.to_vec()).collect();
+        let pem = pem_chain("CERTIFICATE", &all)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_file(&dir.join("bundle.pem"), pem.as_bytes(), false)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit 0 when a daemon answers on the socket (with an identity for us or
+/// not: a refusal is still an answer), 1 otherwise.
+///
+/// # Errors
+/// When the endpoint is malformed.
+pub async fn healthcheck(endpoint: &EndpointArg) -> anyhow::Result<ExitCode> {
+    let socket = endpoint.resolve()?;
+    let answer = match client::connect(&socket).await {
+        Ok(mut api) => api
+            .fetch_x509_bundles(client::request(X509BundlesRequest {}))
+            .await
+            .map(|_| "serving; this process has an identity".to_owned()),
+        Err(e) => {
+            println!("unhealthy: {e:#}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    match answer {
+        Ok(msg) => println!("{msg}"),
+        Err(s) if s.code() == tonic::Code::PermissionDenied => {
+            println!("serving; this process has no identity ({})", s.message());
+        }
+        Err(s) => {
+            println!("unhealthy: {}: {}", s.code(), s.message());
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn refusal(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the Workload API refused: {}: {}",
+        status.code(),
+        status.message()
+    )
+}
+
+fn summarize(spiffe_id: &str, hint: &str, chain: &[u8]) -> anyhow::Result<SvidSummary> {
+    let (_, leaf) = x509_parser::parse_x509_certificate(chain)
+        .map_err(|e| anyhow::anyhow!("the SVID of {spiffe_id} is not a certificate: {e}"))?;
+    let time = |t: x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        humantime::format_rfc3339_seconds(
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+        )
+        .to_string()
+    };
+    Ok(SvidSummary {
+        spiffe_id: spiffe_id.to_owned(),
+        hint: hint.to_owned(),
+        serial: hex::encode(leaf.raw_serial()),
+        not_before: time(leaf.validity().not_before),
+        not_after: time(leaf.validity().not_after),
+    })
+}
+
+fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<()> {
+    let Some(svid) = response.svids.first() else {
+        bail!("the response holds no SVID");
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_file(
+        &dir.join("svid.pem"),
+        pem_chain("CERTIFICATE", &svid.x509_svid)?.as_bytes(),
+        false,
+    )?;
+    let key = pem::encode(&pem::Pem::new("PRIVATE KEY", svid.x509_svid_key.to_vec()));
+    write_file(&dir.join("svid_key.pem"), key.as_bytes(), true)?;
+    write_file(
+        &dir.join("bundle.pem"),
+        pem_chain("CERTIFICATE", &svid.bundle)?.as_bytes(),
+        false,
+    )?;
+    Ok(())
+}
+
+fn write_file(path: &Path, contents: &[u8], private: bool) -> anyhow::Result<()> {
+    let result = if private {
+        write_private_file(path, contents)
+    } else {
+        std::fs::write(path, contents)
+    };
+    result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Splits concatenated DER certificates and encodes each as PEM.
+fn pem_chain(tag: &str, mut der: &[u8]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    while !der.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| anyhow::anyhow!("malformed certificate in the response: {e}"))?;
+        let len = der.len() - rest.len();
+        out.push_str(&pem::encode(&pem::Pem::new(tag, der[..len].to_vec())));
+        der = rest;
+    }
+    Ok(out)
+}

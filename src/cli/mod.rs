@@ -1,0 +1,73 @@
+//! The `sigil` command line: the daemon and its clients.
+//!
+//! `anyhow` lives here and in `main.rs` only: this is the edge where errors
+//! become messages for a person.
+
+mod client;
+mod fetch;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Sigil: SPIFFE workload identities for AI agents, on one node.
+#[derive(Debug, Parser)]
+#[command(name = "sigil", version, about, long_about = None)]
+pub struct Cli {
+    /// Log as JSON lines instead of text (RUST_LOG sets the level).
+    #[arg(long, global = true)]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (embedded defaults for the current user without --config).
+    Run(run::RunArgs),
+    /// Fetch from the Workload API, as an agent would.
+    #[command(subcommand)]
+    Fetch(fetch::FetchCommand),
+    /// Exit 0 when a daemon serves the Workload API on the socket.
+    Healthcheck(EndpointArg),
+}
+
+/// Where the Workload API is.
+#[derive(Debug, clap::Args)]
+pub struct EndpointArg {
+    /// Socket path or unix:// URI; default: SPIFFE_ENDPOINT_SOCKET, then the
+    /// default socket for this user.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<String>,
+}
+
+impl EndpointArg {
+    fn resolve(&self) -> anyhow::Result<PathBuf> {
+        client::resolve_endpoint(self.socket.as_deref())
+    }
+}
+
+impl Cli {
+    /// The level logs default to for this command: the daemon says what it
+    /// does; clients stay quiet unless something is wrong.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Run(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+/// Runs the command; the exit code is the process's.
+///
+/// # Errors
+/// Whatever stopped the command, with context for a person.
+pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::run(args).await,
+        Command::Fetch(cmd) => fetch::run(cmd).await,
+        Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
+    }
+}

@@ -1,0 +1,35 @@
+//! # Sigil
+//!
+//! A node-local SPIFFE workload identity daemon for AI agents. It attests
+//! the processes that connect to its Unix socket from the kernel's facts,
+//! matches them to registration entries, and serves them short-lived
+//! X.509-SVIDs over the standard SPIFFE Workload API, rotating them as they
+//! age and dropping them when the process exits.
+//!
+//! # Layout
+//! Data flows one way:
+//! `workload_api` → `identity` → (`attest`, `policy`, `ca`).
+//!
+//! - [`config`]: the TOML file and the embedded defaults, validated.
+//! - [`attest`]: peer credentials and /proc → selectors and an instance id.
+//! - [`policy`]: registration entries, matching, SPIFFE ID templates.
+//! - [`ca`]: the CA key and certificate, the X.509-SVID profile, minting.
+//! - [`identity`]: per-instance SVIDs, rotation, re-attestation, exit.
+//! - [`workload_api`]: the gRPC server on the socket (a thin adapter).
+//! - [`app`]: the single wiring point; [`shutdown`]: stop and drain.
+//! - [`cli`]: the `sigil` command line.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod attest;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod ids;
+pub mod policy;
+pub mod proto;
+pub mod shutdown;
+pub mod telemetry;
+pub mod workload_api;

@@ -1,0 +1,96 @@
+//! The Workload API server on its Unix socket.
+//!
+//! Owns the socket (creation, permissions, stale-socket cleanup) and the
+//! tonic server. The service itself is a thin adapter (`service`); the
+//! HTTP/2 `:authority` repair that gRPC C-core clients such as py-spiffe
+//! need lives in `authority`.
+
+pub mod authority;
+pub mod convert;
+pub mod header;
+pub mod peer;
+pub mod service;
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::identity::IdentityManager;
+use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+
+/// Why the socket could not be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// Another process already serves on this socket.
+    #[error("another process is already serving on {0}; stop it, or choose another socket path")]
+    InUse(PathBuf),
+    /// The socket could not be created.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: Arc<io::Error>,
+    },
+    /// The gRPC server failed.
+    #[error("the Workload API server failed: {0}")]
+    Server(String),
+}
+
+/// Binds a Unix socket at `path` with the given mode, creating its parent
+/// directory (mode `dir_mode`) if needed. A stale socket left by a crashed
+/// daemon is replaced; a live one is not.
+///
+/// # Errors
+/// [`Error::InUse`] when a daemon answers on the path; [`Error::Io`] otherwise.
+pub async fn bind(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixListener, Error> {
+    let io_err = |action, e| Error::Io {
+        action,
+        path: path.to_owned(),
+        source: Arc::new(e),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(dir_mode)
+            .create(dir)
+            .map_err(|e| io_err("create the directory of", e))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(Error::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(|e| io_err("remove the stale socket", e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| io_err("bind", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_err("set permissions on", e))?;
+    Ok(listener)
+}
+
+/// Serves the Workload API on `listener` until `shutdown` is cancelled, then
+/// ends every open stream and returns once connections have closed.
+///
+/// # Errors
+/// [`Error::Server`] when the gRPC server itself fails.
+pub async fn serve(
+    listener: UnixListener,
+    identity: IdentityManager,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) -> Result<(), Error> {
+    let service = service::WorkloadService::new(identity, shutdown.clone(), tracker);
+    let server = SpiffeWorkloadApiServer::with_interceptor(service, header::check_security_header);
+    tonic::transport::Server::builder()
+        .add_service(server)
+        .serve_with_incoming_shutdown(peer::Incoming::new(listener), shutdown.cancelled_owned())
+        .await
+        .map_err(|e| Error::Server(e.to_string()))
+}

@@ -1,0 +1,167 @@
+//! The SPIFFE Workload API service: a thin adapter over `identity`.
+//!
+//! A handler reads the caller's credentials from the connection, asks the
+//! identity manager for the caller's instance, and streams that instance's
+//! state as it changes. The security header is checked by an interceptor
+//! (see `header`) before any handler runs.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::header::NO_IDENTITY_ISSUED;
+use super::peer::PeerInfo;
+use crate::identity::{self, IdentityManager, IdentitySet, InstanceState, TrustBundle};
+use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
+use crate::proto::workload::{
+    X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse,
+};
+
+/// The Workload API, as served on the workload socket.
+pub struct WorkloadService {
+    identity: IdentityManager,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl WorkloadService {
+    /// Serves identities from `identity`; open streams end on `shutdown`.
+    pub fn new(
+        identity: IdentityManager,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            identity,
+            shutdown,
+            tracker,
+        }
+    }
+
+    async fn subscribe<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<watch::Receiver<InstanceState>, Status> {
+        let peer = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(PeerInfo::peer_cred)
+            .ok_or_else(|| {
+                status(&identity::Error::Attest(
+                    crate::attest::Error::NoPeerCredentials,
+                ))
+            })?;
+        self.identity.subscribe(peer).await.map_err(|e| {
+            log_refusal(&e, peer.pid);
+            status(&e)
+        })
+    }
+
+    /// Streams messages built by `build` from the instance state and the
+    /// bundle, once now and again on every change of either.
+    fn stream<T: Send + 'static>(
+        &self,
+        state: watch::Receiver<InstanceState>,
+        build: fn(&IdentitySet, &TrustBundle) -> T,
+    ) -> BoxStream<T> {
+        // Room for one message: a client that has not read its last update
+        // gets only the newest one when it does.
+        let (tx, rx) = mpsc::channel(1);
+        let bundle = self.identity.bundle();
+        let shutdown = self.shutdown.clone();
+        self.tracker
+            .spawn(drive(state, bundle, tx, build, shutdown));
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadService {
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<BoxStream<X509svidResponse>>, Status> {
+        let state = self.subscribe(&request).await?;
+        Ok(Response::new(
+            self.stream(state, convert::x509_svid_response),
+        ))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<BoxStream<X509BundlesResponse>>, Status> {
+        let state = self.subscribe(&request).await?;
+        Ok(Response::new(self.stream(state, |_, bundle| {
+            convert::x509_bundles_response(bundle)
+        })))
+    }
+}
+
+/// Feeds one stream until the client leaves, the instance ends or the
+/// daemon shuts down. It reserves room in the channel *before* reading the
+/// state, so what it sends is always the newest.
+async fn drive<T>(
+    mut state: watch::Receiver<InstanceState>,
+    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    tx: mpsc::Sender<Result<T, Status>>,
+    build: fn(&IdentitySet, &TrustBundle) -> T,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            permit = tx.reserve() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return, // the client went away
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let current = state.borrow_and_update().clone();
+        let trust = bundle.borrow_and_update().clone();
+        match current {
+            InstanceState::Active(set) => permit.send(Ok(build(&set, &trust))),
+            InstanceState::Revoked(reason) => {
+                permit.send(Err(Status::permission_denied(format!(
+                    "{NO_IDENTITY_ISSUED}: {reason}"
+                ))));
+                return;
+            }
+            InstanceState::Exited => return,
+        }
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return },
+            changed = bundle.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The one mapping from identity errors to gRPC status for this service.
+fn status(e: &identity::Error) -> Status {
+    use identity::Error as E;
+    match e {
+        E::Attest(_) | E::NoMatchingEntry { .. } => {
+            Status::permission_denied(format!("{NO_IDENTITY_ISSUED}: {e}"))
+        }
+        E::ShuttingDown => Status::unavailable(e.to_string()),
+        E::Template { .. } | E::Ca(_) => Status::internal(format!("cannot issue an SVID: {e}")),
+    }
+}
+
+fn log_refusal(e: &identity::Error, pid: u32) {
+    match e {
+        identity::Error::NoMatchingEntry { selectors, .. } => {
+            let selectors: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+            tracing::info!(pid, selectors = %selectors.join(","), "refused: no entry matches");
+        }
+        identity::Error::ShuttingDown => {}
+        other => tracing::warn!(pid, error = %other, "refused"),
+    }
+}

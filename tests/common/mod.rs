@@ -1,0 +1,155 @@
+//! The integration-test harness: a real daemon, in process, on a real socket.
+//!
+//! `TestDaemon` builds the daemon exactly as `sigil run` does (`App::build`
+//! then `App::run`) with a temporary state directory and socket, so tests
+//! talk to it over the Unix socket like any agent would, and may also look
+//! at its state (`identity()`) to check what it did.
+#![allow(dead_code, reason = "each test binary uses part of the harness")]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use sigil::app::App;
+use sigil::config::{Config, Overrides};
+use sigil::identity::IdentityManager;
+use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil::shutdown::Shutdown;
+use tempfile::TempDir;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// The trust domain test configs use.
+pub const TRUST_DOMAIN: &str = "sigil.test";
+
+/// A running daemon with its own state directory and socket.
+pub struct TestDaemon {
+    /// Holds the socket and state; removed on drop.
+    pub dir: TempDir,
+    /// The workload socket.
+    pub socket: PathBuf,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    identity: IdentityManager,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A config admitting this test process by its uid, as entry `tester`.
+pub fn config_for_me(extra: &str) -> String {
+    format!(
+        "trust_domain = \"{TRUST_DOMAIN}\"\n{extra}\n[[entry]]\nname = \"tester\"\nselectors = [\"unix:uid:{}\"]\n",
+        nix::unistd::geteuid()
+    )
+}
+
+impl TestDaemon {
+    /// Starts a daemon admitting this process (entry `tester`).
+    pub async fn start() -> Self {
+        Self::start_with(&config_for_me("")).await
+    }
+
+    /// Starts a daemon with this config text (socket and state dir are set
+    /// by the harness).
+    pub async fn start_with(toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir, toml).await
+    }
+
+    /// Starts a daemon on an existing directory (to test restarts).
+    pub async fn start_in(dir: TempDir, toml: &str) -> Self {
+        let socket = dir.path().join("workload.sock");
+        let state_dir = dir.path().join("state");
+        let overrides = Overrides {
+            socket: Some(socket.clone()),
+            state_dir: Some(state_dir.clone()),
+        };
+        let config = Config::parse(toml, "test.toml", &overrides).expect("valid test config");
+        let shutdown = Shutdown::new();
+        let app = App::build(config, &shutdown).await.expect("daemon starts");
+        let identity = app.identity().clone();
+        let run_shutdown = shutdown.clone();
+        let task = tokio::spawn(async move {
+            app.run(run_shutdown).await.expect("daemon serves");
+        });
+        Self {
+            dir,
+            socket,
+            state_dir,
+            identity,
+            shutdown,
+            task,
+        }
+    }
+
+    /// The endpoint as SPIFFE clients take it.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// The daemon's identity manager, to check its state.
+    pub fn identity(&self) -> &IdentityManager {
+        &self.identity
+    }
+
+    /// Stops the daemon (as on SIGTERM) and returns its directory.
+    pub async fn stop(self) -> TempDir {
+        assert!(
+            self.shutdown.drain(Duration::from_secs(5)).await,
+            "every task ended within the grace period"
+        );
+        self.task.await.expect("daemon task ends cleanly");
+        self.dir
+    }
+}
+
+/// A raw Workload API client (our generated one) on `socket`.
+pub async fn raw_client(socket: &Path) -> SpiffeWorkloadApiClient<Channel> {
+    let path = socket.to_owned();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .expect("connects");
+    SpiffeWorkloadApiClient::new(channel)
+}
+
+/// A raw client over an already connected stream (e.g. one a child process
+/// connected, so the daemon attests the child).
+pub async fn client_over(stream: UnixStream) -> SpiffeWorkloadApiClient<Channel> {
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(stream)));
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let stream = slot.lock().unwrap().take();
+            async move {
+                stream
+                    .map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the handed-over stream is used up"))
+            }
+        }))
+        .await
+        .expect("connects over the stream");
+    SpiffeWorkloadApiClient::new(channel)
+}
+
+/// A request with the `workload.spiffe.io: true` header.
+pub fn with_header<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    req
+}
+
+/// Waits until `check` holds, polling every 20 ms, up to `limit`.
+pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check()
+}

@@ -1,0 +1,242 @@
+//! The Workload API over the real socket: the header rule, attestation by
+//! uid and digest, one identity per instance, and restarts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestDaemon, config_for_me, raw_client, with_header};
+use sha2::{Digest, Sha256};
+use sigil::proto::workload::{X509BundlesRequest, X509svidRequest};
+use tokio_stream::StreamExt;
+
+fn my_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+fn my_exe_digest() -> String {
+    let exe = std::fs::read("/proc/self/exe").unwrap();
+    hex::encode(Sha256::digest(exe))
+}
+
+fn config_with_selectors(selectors: &[String]) -> String {
+    let list: Vec<String> = selectors.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        "trust_domain = \"sigil.test\"\n[[entry]]\nname = \"only\"\nselectors = [{}]\n",
+        list.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn a_request_without_the_security_header_is_an_invalid_argument() {
+    let daemon = TestDaemon::start().await;
+    let mut client = raw_client(&daemon.socket).await;
+    let status = client
+        .fetch_x509svid(tonic::Request::new(X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "security header missing from request");
+    let status = client
+        .fetch_x509_bundles(tonic::Request::new(X509BundlesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_matching_no_entry_is_denied_with_no_identity_issued() {
+    let other_uid = my_uid().wrapping_add(4242);
+    let daemon =
+        TestDaemon::start_with(&config_with_selectors(&[format!("unix:uid:{other_uid}")])).await;
+    let mut client = raw_client(&daemon.socket).await;
+    let status = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(
+        status.message().contains("no identity issued"),
+        "{}",
+        status.message()
+    );
+    let status = client
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(daemon.identity().instances().is_empty());
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn entries_on_uid_and_sha256_admit_this_process_and_refuse_a_wrong_digest() {
+    let right = vec![
+        format!("unix:uid:{}", my_uid()),
+        format!("unix:sha256:{}", my_exe_digest()),
+    ];
+    let daemon = TestDaemon::start_with(&config_with_selectors(&right)).await;
+    let mut client = raw_client(&daemon.socket).await;
+    let first = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.svids.len(), 1);
+    assert!(
+        first.svids[0]
+            .spiffe_id
+            .starts_with("spiffe://sigil.test/agent/only/instance/")
+    );
+    daemon.stop().await;
+
+    let wrong = vec![
+        format!("unix:uid:{}", my_uid()),
+        format!("unix:sha256:{}", "0".repeat(64)),
+    ];
+    let daemon = TestDaemon::start_with(&config_with_selectors(&wrong)).await;
+    let mut client = raw_client(&daemon.socket).await;
+    let status = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn every_stream_of_one_process_gets_the_same_svid() {
+    let daemon = TestDaemon::start().await;
+    let mut serials = Vec::new();
+    for _ in 0..3 {
+        // A fresh connection each time, as the rust X509Source does.
+        let mut client = raw_client(&daemon.socket).await;
+        let response = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        serials.push(response.svids[0].x509_svid.clone());
+    }
+    assert_eq!(serials[0], serials[1]);
+    assert_eq!(serials[1], serials[2]);
+    assert_eq!(daemon.identity().instances().len(), 1);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_process_matching_two_entries_gets_two_svids_instance_first() {
+    let toml = format!(
+        "{}[[entry]]\nname = \"second\"\nselectors = [\"unix:uid:{}\"]\nspiffe_id = \"spiffe://{{trust_domain}}/uid/{{uid}}\"\n",
+        config_for_me(""),
+        my_uid()
+    );
+    let daemon = TestDaemon::start_with(&toml).await;
+    let mut client = raw_client(&daemon.socket).await;
+    let response = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    let ids: Vec<_> = response
+        .svids
+        .iter()
+        .map(|s| s.spiffe_id.as_str())
+        .collect();
+    let hints: Vec<_> = response.svids.iter().map(|s| s.hint.as_str()).collect();
+    assert!(ids[0].starts_with("spiffe://sigil.test/agent/tester/instance/"));
+    assert_eq!(ids[1], format!("spiffe://sigil.test/uid/{}", my_uid()));
+    assert_eq!(hints, ["instance", "entry:second"]);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn the_bundle_stream_carries_the_trust_domain_ca() {
+    let daemon = TestDaemon::start().await;
+    let mut client = raw_client(&daemon.socket).await;
+    let response = client
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    let der = response
+        .bundles
+        .get("spiffe://sigil.test")
+        .expect("own trust domain");
+    let (_, ca) = x509_parser::parse_x509_certificate(der).unwrap();
+    assert!(ca.is_ca());
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_daemon_serves_the_same_bundle() {
+    async fn bundle(daemon: &TestDaemon) -> Vec<u8> {
+        let mut client = raw_client(&daemon.socket).await;
+        let response = client
+            .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        response.bundles["spiffe://sigil.test"].to_vec()
+    }
+    let daemon = TestDaemon::start().await;
+    let before = bundle(&daemon).await;
+    let dir = daemon.stop().await;
+    let daemon = TestDaemon::start_in(dir, &config_for_me("")).await;
+    assert_eq!(bundle(&daemon).await, before);
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams() {
+    let daemon = TestDaemon::start().await;
+    let mut client = raw_client(&daemon.socket).await;
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    let stopping = tokio::spawn(daemon.stop());
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+    assert!(end.is_ok(), "the stream ended when the daemon stopped");
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_a_live_socket_refuses_to_start() {
+    let daemon = TestDaemon::start().await;
+    let shutdown = sigil::shutdown::Shutdown::new();
+    let overrides = sigil::config::Overrides {
+        socket: Some(daemon.socket.clone()),
+        state_dir: Some(daemon.dir.path().join("state2")),
+    };
+    let config = sigil::config::Config::parse(&config_for_me(""), "t", &overrides).unwrap();
+    let err = sigil::app::App::build(config, &shutdown)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("already serving"), "{err}");
+    daemon.stop().await;
+}
