@@ -17,10 +17,10 @@ pub struct RunArgs {
     #[arg(long, short, value_name = "FILE", env = "SIGIL_CONFIG")]
     config: Option<PathBuf>,
     /// Workload API socket path (overrides the file).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "SIGIL_SOCKET")]
     socket: Option<PathBuf>,
     /// State directory (overrides the file).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "SIGIL_STATE_DIR")]
     state_dir: Option<PathBuf>,
 }
 
