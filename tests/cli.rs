@@ -1,6 +1,12 @@
 //! The `sigil` binary as a user runs it: `run` with good and bad configs,
 //! `fetch x509 --write`, `fetch bundle`, `healthcheck`, and SIGTERM.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the test failing"
+)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

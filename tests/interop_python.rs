@@ -6,6 +6,12 @@
 //! first run (python3 with the venv module and access to PyPI needed), so
 //! `cargo test` on a fresh clone installs what it needs by itself.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the test failing"
+)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -16,7 +22,10 @@ use common::{TestDaemon, config_for_me};
 
 /// The py-spiffe release under test.
 const PY_SPIFFE: &str = "spiffe==0.3.2";
-const CHECK_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/py_spiffe_check.py");
+const CHECK_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/interop/py_spiffe_check.py"
+);
 
 /// The virtualenv's python, created once per machine (and per release).
 fn venv_python() -> &'static Path {
@@ -48,7 +57,9 @@ fn venv_python() -> &'static Path {
 async fn py_spiffe(daemon: &TestDaemon, trust_domain: &str, rotation: bool) -> serde_json::Value {
     let python = venv_python().to_owned();
     let mut cmd = Command::new(python);
-    cmd.arg(CHECK_SCRIPT).arg(daemon.endpoint()).arg(trust_domain);
+    cmd.arg(CHECK_SCRIPT)
+        .arg(daemon.endpoint())
+        .arg(trust_domain);
     if rotation {
         cmd.arg("--rotation");
     }
@@ -58,7 +69,10 @@ async fn py_spiffe(daemon: &TestDaemon, trust_domain: &str, rotation: bool) -> s
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "py-spiffe failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "py-spiffe failed:\n{stdout}\n{stderr}"
+    );
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
@@ -67,7 +81,10 @@ async fn py_spiffe_fetches_svid_bundles_and_context_and_sees_a_rotation() {
     let daemon = TestDaemon::start_with(&config_for_me("[svid]\ninstance_ttl = \"4s\"")).await;
     let result = py_spiffe(&daemon, "sigil.test", true).await;
     let id = result["spiffe_id"].as_str().unwrap();
-    assert!(id.starts_with("spiffe://sigil.test/agent/tester/instance/"), "{id}");
+    assert!(
+        id.starts_with("spiffe://sigil.test/agent/tester/instance/"),
+        "{id}"
+    );
     assert_eq!(result["context_default"], result["spiffe_id"]);
     assert_eq!(result["context_svids"], 1);
     assert_eq!(result["bundle_authorities"], 1);
@@ -102,7 +119,11 @@ async fn sigil_fetch_and_py_spiffe_print_the_same_identity_and_bundle() {
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ours: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ours[0]["spiffe_id"], py["spiffe_id"]);
     assert_eq!(

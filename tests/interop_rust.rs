@@ -1,6 +1,12 @@
 //! The rust `spiffe` crate, unmodified, against the daemon: what it fetches
 //! is checked with independent verifiers (rustls-webpki, x509-parser, rcgen).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the test failing"
+)]
+
 mod common;
 
 use std::time::{Duration, SystemTime};

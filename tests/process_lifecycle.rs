@@ -6,6 +6,12 @@
 //! and hands the connected socket to the test over SCM_RIGHTS. The test then
 //! speaks gRPC on that socket while the daemon attests the child.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the test failing"
+)]
+
 mod common;
 
 use std::io::{IoSliceMut, Write};

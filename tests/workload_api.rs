@@ -1,6 +1,12 @@
 //! The Workload API over the real socket: the header rule, attestation by
 //! uid and digest, one identity per instance, and restarts.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the test failing"
+)]
+
 mod common;
 
 use std::time::Duration;

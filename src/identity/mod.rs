@@ -226,10 +226,10 @@ impl IdentityManager {
         let mut instances = self.shared.lock_instances();
         // Another request of the same process may have won the race while we
         // were minting: keep its SVIDs, so every stream sees the same ones.
-        if let Some(existing) = instances.get(&attestation.instance_id) {
-            if matches!(*existing.state.borrow(), InstanceState::Active(_)) {
-                return existing.state.clone();
-            }
+        if let Some(existing) = instances.get(&attestation.instance_id)
+            && matches!(*existing.state.borrow(), InstanceState::Active(_))
+        {
+            return existing.state.clone();
         }
         let (tx, rx) = watch::channel(InstanceState::Active(Arc::new(set)));
         let id = attestation.instance_id.clone();
