@@ -3,8 +3,9 @@
 //! these tests are what proves the daemon's authority repair works.
 //!
 //! The test creates its own virtualenv under Cargo's target tmp dir on the
-//! first run (python3 with the venv module and access to PyPI needed), so
-//! `cargo test` on a fresh clone installs what it needs by itself.
+//! first run (python3 and access to PyPI needed; as root on Debian it also
+//! installs python3-venv if missing), so `cargo test` on a fresh clone
+//! installs what it needs by itself.
 
 #![allow(
     clippy::unwrap_used,
@@ -37,10 +38,11 @@ fn venv_python() -> &'static Path {
         if marker.exists() {
             return python;
         }
-        let _ = std::fs::remove_dir_all(&venv);
-        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
+        if !make_venv(&venv) && install_python3_venv() {
+            assert!(make_venv(&venv), "python3 -m venv still fails after installing python3-venv");
+        }
         assert!(
-            made.is_ok_and(|s| s.success()),
+            python.exists(),
             "cannot create a virtualenv with `python3 -m venv`: install python3 and its venv module (Debian: apt-get install python3-venv)"
         );
         let pip = Command::new(&python)
@@ -53,20 +55,53 @@ fn venv_python() -> &'static Path {
     })
 }
 
+fn make_venv(venv: &Path) -> bool {
+    let _ = std::fs::remove_dir_all(venv);
+    Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(venv)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Debian's python3 comes without ensurepip; as root on a Debian-like
+/// machine, install the package that brings it, so `cargo test` needs no
+/// manual step on a fresh machine. Returns whether it installed it.
+fn install_python3_venv() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root || !Path::new("/usr/bin/apt-get").exists() {
+        return false;
+    }
+    eprintln!("python3 has no venv module: installing python3-venv with apt-get");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    apt(&["update", "-q"]) && apt(&["install", "-y", "-q", "python3-venv"])
+}
+
 /// Runs the py-spiffe check script against `daemon`, returning its JSON.
 async fn py_spiffe(daemon: &TestDaemon, trust_domain: &str, rotation: bool) -> serde_json::Value {
-    let python = venv_python().to_owned();
-    let mut cmd = Command::new(python);
-    cmd.arg(CHECK_SCRIPT)
-        .arg(daemon.endpoint())
-        .arg(trust_domain);
+    let mut args = vec![
+        CHECK_SCRIPT.to_owned(),
+        daemon.endpoint(),
+        trust_domain.to_owned(),
+    ];
     if rotation {
-        cmd.arg("--rotation");
+        args.push("--rotation".to_owned());
     }
-    // The daemon runs in this test's runtime: wait off the runtime threads.
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("python runs"))
-        .await
-        .unwrap();
+    // The daemon runs in this test's runtime: install and wait off its threads.
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(venv_python())
+            .args(args)
+            .output()
+            .expect("python runs")
+    })
+    .await
+    .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
