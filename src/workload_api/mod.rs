@@ -39,6 +39,14 @@ pub enum Error {
         /// The I/O error.
         source: Arc<io::Error>,
     },
+    /// The socket's directory could be tampered with by another user.
+    #[error("{path}: {reason}; refusing to serve a socket there")]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Who else could replace the socket.
+        reason: String,
+    },
     /// The gRPC server failed.
     #[error("the Workload API server failed: {0}")]
     Server(String),
@@ -62,6 +70,13 @@ pub async fn bind(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixListener,
             .mode(dir_mode)
             .create(dir)
             .map_err(|e| io_err("create the directory of", e))?;
+        // The umask may have taken rights away; agents of every user need
+        // to reach the socket.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
+            .map_err(|e| io_err("set permissions on the directory of", e))?;
+    }
+    if let Some(dir) = path.parent() {
+        check_directory(dir)?;
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -73,6 +88,39 @@ pub async fn bind(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixListener,
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_err("set permissions on", e))?;
     Ok(listener)
+}
+
+/// Refuses a socket directory that another user owns or may write to
+/// (without the sticky bit): they could swap our socket for theirs and hand
+/// agents their own identities.
+fn check_directory(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).map_err(|e| Error::Io {
+        action: "inspect",
+        path: dir.to_owned(),
+        source: Arc::new(e),
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    let unsafe_because = if meta.uid() != me && meta.uid() != 0 {
+        Some(format!(
+            "owned by uid {}, not by uid {me} or root",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+        Some(format!(
+            "writable by other users (mode {:o})",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match unsafe_because {
+        Some(reason) => Err(Error::UnsafeDirectory {
+            path: dir.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Serves the Workload API on `listener` until `shutdown` is cancelled, then
@@ -93,4 +141,40 @@ pub async fn serve(
         .serve_with_incoming_shutdown(peer::Incoming::new(listener), shutdown.cancelled_owned())
         .await
         .map_err(|e| Error::Server(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_directory_writable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = bind(&open.join("w.sock"), 0o777, 0o755).await.unwrap_err();
+        assert!(matches!(err, Error::UnsafeDirectory { .. }), "{err}");
+        // The sticky bit (as on /tmp) makes it safe again.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        bind(&open.join("w.sock"), 0o777, 0o755).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_the_new_one_is_0777() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/w.sock");
+        drop(bind(&path, 0o777, 0o755).await.unwrap());
+        let listener = bind(&path, 0o777, 0o755).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o777);
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o755);
+        drop(listener);
+    }
 }
