@@ -2,7 +2,10 @@
 //! `protox` compiles the protos in pure Rust, so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/spiffe/workload/workload.proto"];
+    let protos = [
+        "proto/spiffe/workload/workload.proto",
+        "proto/sigil/workload/v1/tasks.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -13,9 +13,10 @@ use tokio::net::UnixListener;
 use crate::attest::{self, Attestor};
 use crate::ca::{self, Ca};
 use crate::config::Config;
-use crate::identity::{IdentityManager, SvidSettings};
+use crate::identity::{self, IdentityManager, Parts, SvidSettings};
 use crate::policy::EntrySet;
 use crate::shutdown::Shutdown;
+use crate::store::{self, Store};
 use crate::workload_api;
 
 /// Mode of the workload socket: anyone may connect; attestation decides
@@ -38,6 +39,12 @@ pub enum Error {
     /// The CA could not be loaded or created.
     #[error(transparent)]
     Ca(#[from] ca::Error),
+    /// The store cannot be opened (corrupt, newer schema, unwritable).
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The previous run's instances could not be restored.
+    #[error("cannot restore the previous run's instances: {0}")]
+    Restore(#[from] identity::Error),
     /// Attestation is unavailable (no /proc?).
     #[error(transparent)]
     Attest(#[from] attest::Error),
@@ -61,18 +68,22 @@ impl App {
     pub async fn build(config: Config, shutdown: &Shutdown) -> Result<Self, Error> {
         prepare_state_dir(&config.state_dir)?;
         let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain)?);
+        let store = Arc::new(Store::open(&config.state_dir)?);
         let attestor = Attestor::new()?;
-        let identity = IdentityManager::new(
-            config.trust_domain.clone(),
+        let parts = Parts {
+            trust_domain: config.trust_domain.clone(),
             attestor,
-            EntrySet::new(config.entries.clone()),
+            entries: EntrySet::new(config.entries.clone()),
             ca,
-            SvidSettings {
+            store,
+            settings: SvidSettings {
                 instance_ttl: config.instance_ttl,
+                task_ttl: config.task_ttl,
             },
-            shutdown.token.clone(),
-            shutdown.tracker.clone(),
-        );
+        };
+        let identity =
+            IdentityManager::new(parts, shutdown.token.clone(), shutdown.tracker.clone());
+        identity.restore().await?;
         let listener = workload_api::bind(
             &config.workload_socket,
             WORKLOAD_SOCKET_MODE,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::attest::Selector;
 use crate::ids::{InstanceId, TrustDomain, is_path_segment};
-use crate::policy::{Context, DEFAULT_TEMPLATE, Entry, Template};
+use crate::policy::{Context, DEFAULT_TEMPLATE, Entry, TaskPolicy, Template};
 
 /// The embedded default configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
@@ -93,7 +93,22 @@ struct RawEntry {
     ttl: Option<String>,
     #[serde(default)]
     dns_names: Vec<String>,
+    #[serde(default)]
+    tasks: Option<RawTasks>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTasks {
+    #[serde(default)]
+    self_declare: bool,
+    max_ttl: Option<String>,
+    max_concurrent: Option<u32>,
+    id_pattern: Option<String>,
+}
+
+/// Most concurrent tasks an entry may allow per instance.
+const MAX_CONCURRENT_LIMIT: u32 = 1024;
 
 /// Command-line values that take precedence over the file.
 #[derive(Clone, Debug, Default)]
@@ -174,6 +189,7 @@ fn default_entry() -> RawEntry {
         spiffe_id: None,
         ttl: None,
         dns_names: vec![],
+        tasks: None,
     }
 }
 
@@ -358,12 +374,51 @@ impl Validator<'_> {
                 ));
             }
         }
+        let tasks = match raw.tasks {
+            Some(t) => self.tasks(&at, t)?,
+            None => TaskPolicy::default(),
+        };
         Ok(Entry {
             name: raw.name,
             selectors,
             spiffe_id: template,
             ttl,
             dns_names: raw.dns_names,
+            tasks,
+        })
+    }
+
+    fn tasks(&self, at: &dyn Fn(&str) -> String, raw: RawTasks) -> Result<TaskPolicy, Error> {
+        let defaults = TaskPolicy::default();
+        let max_ttl = self.ttl(
+            &at("tasks.max_ttl"),
+            raw.max_ttl.as_deref(),
+            defaults.max_ttl,
+        )?;
+        let max_concurrent = match raw.max_concurrent {
+            None => defaults.max_concurrent,
+            Some(n) if (1..=MAX_CONCURRENT_LIMIT).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(self.invalid(
+                    at("tasks.max_concurrent"),
+                    format!("{n} is out of range: between 1 and {MAX_CONCURRENT_LIMIT}"),
+                ));
+            }
+        };
+        let id_pattern = match raw.id_pattern {
+            None => None,
+            Some(p) => Some(glob::Pattern::new(&p).map_err(|e| {
+                self.invalid(
+                    at("tasks.id_pattern"),
+                    format!("{p:?} is not a glob pattern: {e}"),
+                )
+            })?),
+        };
+        Ok(TaskPolicy {
+            self_declare: raw.self_declare,
+            max_ttl,
+            max_concurrent,
+            id_pattern,
         })
     }
 }
@@ -501,12 +556,42 @@ mod tests {
             ),
             ("trust_domain = [".to_owned(), "test.toml"),
             ("trust_domain = \"a.org\"".to_owned(), "no [[entry]]"),
+            (
+                format!("{GOOD}[entry.tasks]\nmax_ttl = \"1y\""),
+                "tasks.max_ttl",
+            ),
+            (
+                format!("{GOOD}[entry.tasks]\nmax_concurrent = 0"),
+                "tasks.max_concurrent",
+            ),
+            (
+                format!("{GOOD}[entry.tasks]\nid_pattern = \"[\""),
+                "tasks.id_pattern",
+            ),
+            (
+                format!("{GOOD}[entry.tasks]\nself_declare = \"yes\""),
+                "self_declare",
+            ),
         ];
         for (text, expected) in cases {
             let err = error_of(&text);
             assert!(err.starts_with("test.toml"), "no file name in {err:?}");
             assert!(err.contains(expected), "{expected:?} not in {err:?}");
         }
+    }
+
+    #[test]
+    fn entry_task_policy_is_read_with_defaults() {
+        let c = parse(&format!(
+            "{GOOD}[entry.tasks]\nself_declare = true\nmax_ttl = \"10m\"\nid_pattern = \"ticket-*\""
+        ))
+        .unwrap();
+        let tasks = &c.entries[0].tasks;
+        assert!(tasks.self_declare);
+        assert_eq!(tasks.max_ttl, Duration::from_secs(600));
+        assert_eq!(tasks.max_concurrent, TaskPolicy::default().max_concurrent);
+        assert!(tasks.id_pattern.as_ref().unwrap().matches("ticket-9"));
+        assert!(!parse(GOOD).unwrap().entries[0].tasks.self_declare);
     }
 
     #[test]

@@ -31,5 +31,6 @@ pub mod ids;
 pub mod policy;
 pub mod proto;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
 pub mod workload_api;

@@ -123,6 +123,12 @@ impl Attestor {
         })
     }
 
+    /// The boot id instance ids are derived with (a restarted daemon compares
+    /// it to tell a live instance from one of a previous boot).
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
     /// Attests the process that made a connection. Blocking.
     ///
     /// # Errors

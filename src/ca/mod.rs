@@ -4,6 +4,7 @@
 //! start, reused after), the X.509-SVID profile, and a fresh P-256 key per
 //! SVID. Does not own: when SVIDs are minted or rotated (that is `identity`).
 
+pub mod crl;
 pub mod keys;
 pub mod profile;
 

@@ -1,26 +1,68 @@
-//! The life of one instance: rotate before expiry, re-attest before each
-//! rotation, and stop when the process exits or the daemon shuts down.
+//! The life of one instance: a task that owns its [`Live`] state, answers
+//! task commands, rotates SVIDs before expiry (re-attesting first), ends
+//! tasks at their TTL, and ends everything when the process exits.
+//!
+//! One owner per instance means no locks around SVIDs and tasks: every
+//! change happens here, in order, and is published whole.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{IdentitySet, InstanceState, Shared, schedule};
+use super::state::Live;
+use super::{BeginTask, Error, InstanceState, Shared, TaskInfo, schedule};
 use crate::attest::{self, exit_watch};
-use crate::ids::InstanceId;
+use crate::policy::Requester;
 
-/// The background task that owns one instance's state channel.
-pub(super) struct InstanceTask {
-    shared: Arc<Shared>,
-    id: InstanceId,
-    pid: u32,
-    start_time: u64,
-    tx: watch::Sender<InstanceState>,
+/// What the rest of the daemon may ask of an instance.
+pub(crate) enum Command {
+    /// Start a task.
+    Begin {
+        req: BeginTask,
+        requester: Requester,
+        actor: String,
+        reply: oneshot::Sender<Result<TaskInfo, Error>>,
+    },
+    /// End a task.
+    End {
+        task_id: String,
+        actor: String,
+        reply: oneshot::Sender<Result<TaskInfo, Error>>,
+    },
+    /// List live tasks.
+    List {
+        reply: oneshot::Sender<Result<Vec<TaskInfo>, Error>>,
+    },
+    /// Revoke the whole instance.
+    Revoke {
+        actor: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
 }
 
-/// What ended an instance's life, or kept it going.
+/// Sends a command and waits for its answer.
+pub(crate) async fn request<T>(
+    commands: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+) -> Result<T, Error> {
+    let (reply, answer) = oneshot::channel();
+    commands
+        .send(make(reply))
+        .await
+        .map_err(|_| Error::InstanceEnded)?;
+    answer.await.map_err(|_| Error::InstanceEnded)?
+}
+
+/// The background task that owns one instance.
+pub(super) struct InstanceTask {
+    shared: Arc<Shared>,
+    live: Live,
+    tx: watch::Sender<InstanceState>,
+    commands: mpsc::Receiver<Command>,
+}
+
 enum Step {
     Continue,
     Stop,
@@ -29,37 +71,39 @@ enum Step {
 impl InstanceTask {
     pub(super) fn new(
         shared: Arc<Shared>,
-        id: InstanceId,
-        pid: u32,
-        start_time: u64,
+        live: Live,
         tx: watch::Sender<InstanceState>,
+        commands: mpsc::Receiver<Command>,
     ) -> Self {
         Self {
             shared,
-            id,
-            pid,
-            start_time,
+            live,
             tx,
+            commands,
         }
     }
 
     /// Runs until the process exits, loses its identity, or `shutdown`.
-    pub(super) async fn run(self, shutdown: CancellationToken) {
-        let exited = exit_watch::process_exit(self.pid, self.start_time);
+    /// On shutdown nothing is revoked: a restarted daemon picks it up again.
+    pub(super) async fn run(mut self, shutdown: CancellationToken) {
+        let (pid, start) = (
+            self.live.attestation.facts.pid,
+            self.live.attestation.facts.start_time,
+        );
+        let exited = exit_watch::process_exit(pid, start);
         tokio::pin!(exited);
         loop {
-            let delay = self.next_rotation_delay();
+            let delay = schedule::delay_until(self.live.next_wake(), SystemTime::now());
             let step = tokio::select! {
                 () = shutdown.cancelled() => Step::Stop,
                 result = &mut exited => {
                     if let Err(e) = result {
-                        tracing::warn!(instance = %self.id, error = %e, "cannot watch the process; dropping it");
+                        tracing::warn!(instance = %self.live.attestation.instance_id, error = %e, "cannot watch the process; ending it");
                     }
-                    tracing::info!(instance = %self.id, pid = self.pid, "process exited; instance dropped");
-                    self.end(InstanceState::Exited);
-                    Step::Stop
+                    self.finish(InstanceState::Exited, "process exited", "daemon")
                 }
-                () = tokio::time::sleep(delay) => self.rotate().await,
+                Some(command) = self.commands.recv() => self.handle(command),
+                () = tokio::time::sleep(delay) => self.tick().await,
             };
             if let Step::Stop = step {
                 return;
@@ -67,67 +111,131 @@ impl InstanceTask {
         }
     }
 
-    fn next_rotation_delay(&self) -> std::time::Duration {
-        let state = self.tx.borrow();
-        let InstanceState::Active(set) = &*state else {
-            return std::time::Duration::ZERO;
-        };
-        let earliest = set
-            .svids
-            .iter()
-            .map(|s| schedule::rotation_time(s.issued_at, s.not_after, rand::random::<f64>()))
-            .min()
-            .unwrap_or_else(SystemTime::now);
-        schedule::delay_until(earliest, SystemTime::now())
-    }
-
-    /// Attests the process again and, if it still qualifies, replaces its SVIDs.
-    async fn rotate(&self) -> Step {
+    fn handle(&mut self, command: Command) -> Step {
         let shared = self.shared.clone();
-        let (pid, start) = (self.pid, self.start_time);
-        let reattested =
-            tokio::task::spawn_blocking(move || shared.attestor.reattest(pid, start)).await;
-        let attestation = match reattested {
-            Ok(Ok(a)) => a,
-            Ok(Err(attest::Error::ProcessGone { .. } | attest::Error::ProcessChanged { .. })) => {
-                tracing::info!(instance = %self.id, pid, "process exited; instance dropped");
-                self.end(InstanceState::Exited);
-                return Step::Stop;
+        match command {
+            Command::Begin {
+                req,
+                requester,
+                actor,
+                reply,
+            } => {
+                let result = self.live.begin(&shared, req, requester, &actor);
+                if result.is_ok() {
+                    self.publish();
+                }
+                let _ = reply.send(result);
             }
-            Ok(Err(e)) => return self.revoke(format!("re-attestation failed: {e}")),
-            Err(_) => return Step::Stop, // runtime shutting down
-        };
-        let entries = match self.shared.matching(&attestation) {
-            Ok(entries) => entries,
-            Err(e) => return self.revoke(format!("{e} any more")),
-        };
-        match self.shared.mint(&attestation, &entries) {
-            Ok(set) => {
-                tracing::info!(instance = %self.id, svids = set.svids.len(), "rotated SVIDs");
-                self.publish(set);
+            Command::End {
+                task_id,
+                actor,
+                reply,
+            } => {
+                let result = self.live.end(&shared, &task_id, "ended by request", &actor);
+                if result.is_ok() {
+                    self.publish();
+                }
+                let _ = reply.send(result);
             }
-            // Keep the current SVIDs; the next attempt comes after a delay
-            // computed from them, which is now (past half life): back off.
-            Err(e) => {
-                tracing::warn!(instance = %self.id, error = %e, "rotation failed; retrying in 1s");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            Command::List { reply } => {
+                let _ = reply.send(Ok(self.live.list()));
+            }
+            Command::Revoke { actor, reply } => {
+                let step = self.finish(
+                    InstanceState::Revoked(format!("revoked by {actor}")),
+                    "revoked",
+                    &actor,
+                );
+                let _ = reply.send(Ok(()));
+                return step;
             }
         }
         Step::Continue
     }
 
-    fn publish(&self, set: IdentitySet) {
-        self.tx.send_replace(InstanceState::Active(Arc::new(set)));
+    /// Ends expired tasks, then rotates what is due after re-attesting.
+    async fn tick(&mut self) -> Step {
+        let shared = self.shared.clone();
+        let now = SystemTime::now();
+        let mut changed = match self.live.expire_tasks(&shared, now) {
+            Ok(changed) => changed,
+            Err(e) => return self.retry_later(&e).await,
+        };
+        if self.live.rotation_due(now) {
+            match self.reattest().await {
+                Ok((attestation, entries)) => {
+                    if let Err(e) = self.live.rotate_due(&shared, attestation, entries, now) {
+                        self.publish();
+                        return self.retry_later(&e).await;
+                    }
+                    changed = true;
+                }
+                Err(step) => return step,
+            }
+        }
+        if changed {
+            self.publish();
+        }
+        Step::Continue
     }
 
-    fn revoke(&self, reason: String) -> Step {
-        tracing::warn!(instance = %self.id, pid = self.pid, %reason, "instance lost its identity");
-        self.end(InstanceState::Revoked(reason));
-        Step::Stop
+    /// Attests the process again; a process that is gone or no longer
+    /// matches its entries ends here.
+    async fn reattest(
+        &mut self,
+    ) -> Result<(attest::Attestation, Vec<Arc<crate::policy::Entry>>), Step> {
+        let shared = self.shared.clone();
+        let (pid, start) = (
+            self.live.attestation.facts.pid,
+            self.live.attestation.facts.start_time,
+        );
+        let reattested =
+            tokio::task::spawn_blocking(move || shared.attestor.reattest(pid, start)).await;
+        let attestation = match reattested {
+            Ok(Ok(a)) => a,
+            Ok(Err(attest::Error::ProcessGone { .. } | attest::Error::ProcessChanged { .. })) => {
+                return Err(self.finish(InstanceState::Exited, "process exited", "daemon"));
+            }
+            Ok(Err(e)) => {
+                let reason = format!("re-attestation failed: {e}");
+                return Err(self.finish(InstanceState::Revoked(reason.clone()), &reason, "daemon"));
+            }
+            Err(_) => return Err(Step::Stop), // runtime shutting down
+        };
+        match self.shared.matching(&attestation) {
+            Ok(entries) => Ok((attestation, entries)),
+            Err(e) => {
+                let reason = format!("{e} any more");
+                Err(self.finish(InstanceState::Revoked(reason.clone()), &reason, "daemon"))
+            }
+        }
     }
 
-    fn end(&self, state: InstanceState) {
-        self.shared.remove_instance(&self.id, self.start_time);
+    /// Keeps the current SVIDs after a failure (e.g. a full disk) and tries
+    /// again in a second, rather than spinning.
+    async fn retry_later(&self, e: &Error) -> Step {
+        tracing::warn!(instance = %self.live.attestation.instance_id, error = %e, "rotation failed; retrying in 1s");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        Step::Continue
+    }
+
+    fn publish(&self) {
+        self.tx
+            .send_replace(InstanceState::Active(self.live.identity_set()));
+    }
+
+    /// Ends the instance: tasks end, SVIDs are revoked, streams are told.
+    fn finish(&mut self, state: InstanceState, reason: &str, actor: &str) -> Step {
+        let shared = self.shared.clone();
+        let id = self.live.attestation.instance_id.clone();
+        if let Err(e) = self.live.end_all(&shared, reason, actor) {
+            tracing::error!(instance = %id, error = %e, "cannot record the end of an instance; its SVIDs expire on their own");
+        }
+        shared.remove_instance(&id, self.live.attestation.facts.start_time);
+        if let InstanceState::Revoked(why) = &state {
+            tracing::warn!(instance = %id, reason = %why, "instance lost its identity");
+        }
         self.tx.send_replace(state);
+        Step::Stop
     }
 }

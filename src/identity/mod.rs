@@ -1,31 +1,37 @@
 //! Identity: which SVIDs each attested instance holds, now and after rotation.
 //!
-//! Owns the per-instance state (one [`IdentitySet`] per live process,
-//! published on a `watch` channel so every stream of that process sees the
-//! same SVIDs), the rotation schedule, re-attestation before each rotation,
-//! and dropping an instance when its process exits. Does not own gRPC: the
-//! Workload API service only subscribes to what this module publishes.
+//! Owns the per-instance state (one background task per live process that
+//! holds its SVIDs and tasks, and publishes an [`IdentitySet`] on a `watch`
+//! channel so every stream of that process sees the same SVIDs), the rotation
+//! schedule, re-attestation before each rotation, task lifecycles, and
+//! revocation when a task or instance ends. Does not own gRPC: the services
+//! only subscribe to what this module publishes and send it commands.
 
+mod audit;
 mod instance;
+mod revoke;
 pub mod schedule;
+mod state;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::attest::{self, Attestation, Attestor, PeerCred, Selector};
-use crate::ca::{self, Ca, Svid, SvidRequest};
-use crate::ids::{InstanceId, TrustDomain};
-use crate::policy::{Entry, EntrySet, TemplateError};
+use crate::ca::{self, Ca, Svid};
+use crate::ids::{InstanceId, SpiffeId, TrustDomain};
+use crate::policy::{Entry, EntrySet, Requester, TaskRefusal, TemplateError};
+use crate::store::{self, Store};
+use instance::Command;
 
 /// The Workload API hint of the default SVID.
 pub const INSTANCE_HINT: &str = "instance";
 
-/// Why a caller got no identity.
+/// Why a caller got no identity, or a task request failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// Attestation refused the caller.
@@ -50,6 +56,21 @@ pub enum Error {
     /// The CA could not sign.
     #[error(transparent)]
     Ca(#[from] ca::Error),
+    /// The store could not record what happened, so it did not happen.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The task request was refused by policy or is malformed.
+    #[error(transparent)]
+    Task(#[from] TaskRefusal),
+    /// No live task with this id for this instance.
+    #[error("no live task {0:?} for this instance")]
+    UnknownTask(String),
+    /// No live instance with this id.
+    #[error("no live instance {0}")]
+    UnknownInstance(String),
+    /// The instance ended while the request was in flight.
+    #[error("the instance ended")]
+    InstanceEnded,
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
@@ -63,7 +84,8 @@ pub struct IdentitySet {
     pub instance_id: InstanceId,
     /// The process.
     pub pid: u32,
-    /// One SVID per matching entry; the first is the default SVID.
+    /// One SVID per matching entry (the first is the default SVID), then
+    /// one per live task.
     pub svids: Vec<Svid>,
 }
 
@@ -78,7 +100,7 @@ pub enum InstanceState {
     Exited,
 }
 
-/// What verifiers trust: the trust domain's CA certificates and its CRLs.
+/// What verifiers trust: the trust domain's CA certificates and its CRL.
 /// Built once per change and shared by every stream (`Bytes` clones are
 /// reference counts, not copies).
 #[derive(Clone, Debug)]
@@ -87,7 +109,7 @@ pub struct TrustBundle {
     pub trust_domain: TrustDomain,
     /// Concatenated DER of the CA certificates.
     pub x509_der: bytes::Bytes,
-    /// DER CRLs (none until revocation exists).
+    /// DER CRLs signed by the CA (one, once the publisher has run).
     pub crls: Vec<bytes::Bytes>,
 }
 
@@ -96,32 +118,34 @@ pub struct TrustBundle {
 pub struct SvidSettings {
     /// Lifetime of an instance SVID when the entry sets none.
     pub instance_ttl: Duration,
+    /// Longest lifetime of a task SVID (a task's SVID never outlives the task).
+    pub task_ttl: Duration,
 }
 
-/// One live instance, as the manager tracks it.
-struct InstanceHandle {
-    state: watch::Receiver<InstanceState>,
-    pid: u32,
-    start_time: u64,
+/// A task request.
+#[derive(Clone, Debug, Default)]
+pub struct BeginTask {
+    /// The id; generated when `None` or empty.
+    pub task_id: Option<String>,
+    /// The task's lifetime; `svid.task_ttl` when `None`.
+    pub ttl: Option<Duration>,
+    /// Free-form attributes, kept in the store and audit log.
+    pub attributes: BTreeMap<String, String>,
 }
 
-/// Everything an instance's background task needs, shared.
-pub(crate) struct Shared {
-    pub(crate) trust_domain: TrustDomain,
-    pub(crate) attestor: Attestor,
-    pub(crate) entries: EntrySet,
-    pub(crate) ca: Arc<Ca>,
-    pub(crate) settings: SvidSettings,
-    instances: Mutex<HashMap<InstanceId, InstanceHandle>>,
-}
-
-/// The identity manager: attests callers and hands out their instance's state.
-#[derive(Clone)]
-pub struct IdentityManager {
-    shared: Arc<Shared>,
-    bundle: Arc<watch::Sender<Arc<TrustBundle>>>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+/// A live task, as callers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// The task id.
+    pub task_id: String,
+    /// The SPIFFE ID of its SVIDs.
+    pub spiffe_id: SpiffeId,
+    /// When it started.
+    pub started_at: SystemTime,
+    /// When it ends on its own.
+    pub expires_at: SystemTime,
+    /// Its attributes.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// A summary of one live instance, for operators and tests.
@@ -133,37 +157,118 @@ pub struct InstanceSummary {
     pub pid: u32,
 }
 
+/// One live instance, as the manager tracks it.
+struct InstanceHandle {
+    state: watch::Receiver<InstanceState>,
+    commands: mpsc::Sender<Command>,
+    pid: u32,
+    start_time: u64,
+}
+
+/// Everything the instance tasks share.
+pub(crate) struct Shared {
+    pub(crate) trust_domain: TrustDomain,
+    pub(crate) attestor: Attestor,
+    pub(crate) entries: EntrySet,
+    pub(crate) ca: Arc<Ca>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) settings: SvidSettings,
+    pub(crate) crl: revoke::CrlTrigger,
+    instances: Mutex<HashMap<InstanceId, InstanceHandle>>,
+}
+
+/// The identity manager: attests callers, hands out their instance's state,
+/// and runs their tasks.
+#[derive(Clone)]
+pub struct IdentityManager {
+    shared: Arc<Shared>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// What the manager is built from.
+pub struct Parts {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Attestation.
+    pub attestor: Attestor,
+    /// Registration entries.
+    pub entries: EntrySet,
+    /// The CA.
+    pub ca: Arc<Ca>,
+    /// The durable store.
+    pub store: Arc<Store>,
+    /// SVID lifetimes.
+    pub settings: SvidSettings,
+}
+
 impl IdentityManager {
-    /// Builds the manager. Instance tasks are spawned on `tracker` and stop
-    /// when `shutdown` is cancelled.
-    pub fn new(
-        trust_domain: TrustDomain,
-        attestor: Attestor,
-        entries: EntrySet,
-        ca: Arc<Ca>,
-        settings: SvidSettings,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Self {
+    /// Builds the manager and starts the CRL publisher. Instance tasks are
+    /// spawned on `tracker` and stop when `shutdown` is cancelled.
+    pub fn new(parts: Parts, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
         let bundle = TrustBundle {
-            trust_domain: trust_domain.clone(),
-            x509_der: ca.bundle_der().into(),
+            trust_domain: parts.trust_domain.clone(),
+            x509_der: parts.ca.bundle_der().into(),
             crls: Vec::new(),
         };
+        let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
+        let crl = revoke::spawn_publisher(
+            parts.store.clone(),
+            parts.ca.clone(),
+            bundle_tx,
+            shutdown.clone(),
+            &tracker,
+        );
         let shared = Arc::new(Shared {
-            trust_domain,
-            attestor,
-            entries,
-            ca,
-            settings,
+            trust_domain: parts.trust_domain,
+            attestor: parts.attestor,
+            entries: parts.entries,
+            ca: parts.ca,
+            store: parts.store,
+            settings: parts.settings,
+            crl,
             instances: Mutex::new(HashMap::new()),
         });
         Self {
             shared,
-            bundle: Arc::new(watch::Sender::new(Arc::new(bundle))),
+            bundle: bundle_rx,
             shutdown,
             tracker,
         }
+    }
+
+    /// Picks up where a previous run left off: instances whose process still
+    /// runs get their identity and unexpired tasks back; the others end, and
+    /// their SVIDs are revoked. Blocking (it attests); call at start-up.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store cannot be read.
+    pub async fn restore(&self) -> Result<(), Error> {
+        for record in self.shared.store.live_instances()? {
+            let shared = self.shared.clone();
+            let (pid, start) = (record.pid, record.start_time);
+            let same_boot = record.boot_id == self.shared.attestor.boot_id();
+            let reattested =
+                tokio::task::spawn_blocking(move || shared.attestor.reattest(pid, start))
+                    .await
+                    .map_err(|_| Error::ShuttingDown)?;
+            let live = match reattested {
+                Ok(a) if same_boot && a.instance_id.as_str() == record.instance_id => {
+                    self.shared.matching(&a).ok().map(|entries| (a, entries))
+                }
+                _ => None,
+            };
+            match live {
+                Some((attestation, entries)) => {
+                    self.start_instance(attestation, entries)?;
+                }
+                None => self
+                    .shared
+                    .end_stored_instance(&record.instance_id, "process gone across a restart")?,
+            }
+        }
+        Ok(())
     }
 
     /// Attests the caller and returns its instance's state channel, creating
@@ -172,27 +277,115 @@ impl IdentityManager {
     ///
     /// # Errors
     /// [`Error::Attest`] or [`Error::NoMatchingEntry`] when the caller gets no
-    /// identity; [`Error::Ca`]/[`Error::Template`] when minting fails.
+    /// identity; [`Error::Ca`], [`Error::Template`], [`Error::Store`] when
+    /// issuing fails.
     #[tracing::instrument(skip_all, fields(pid = peer.pid, uid = peer.uid))]
     pub async fn subscribe(&self, peer: PeerCred) -> Result<watch::Receiver<InstanceState>, Error> {
-        if self.shutdown.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        let shared = self.shared.clone();
-        let attestation = tokio::task::spawn_blocking(move || shared.attestor.attest(&peer))
-            .await
-            .map_err(|_| Error::ShuttingDown)??;
-        if let Some(rx) = self.live_instance(&attestation) {
-            return Ok(rx);
-        }
-        let entries = self.shared.matching(&attestation)?;
-        let set = self.shared.mint(&attestation, &entries)?;
-        Ok(self.insert_instance(attestation, set))
+        Ok(self.instance_for(peer).await?.0)
     }
 
-    /// The trust bundle channel: the current bundle, and every change to it.
+    /// The trust bundle channel: the current bundle and CRL, and every change.
     pub fn bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
-        self.bundle.subscribe()
+        self.bundle.clone()
+    }
+
+    /// Starts a task for the calling process (the workload socket's Tasks
+    /// service): the entry's `tasks.self_declare` must allow it.
+    ///
+    /// # Errors
+    /// As [`IdentityManager::subscribe`], plus [`Error::Task`].
+    pub async fn begin_own_task(&self, peer: PeerCred, req: BeginTask) -> Result<TaskInfo, Error> {
+        let (_, commands) = self.instance_for(peer).await?;
+        let actor = audit::peer_actor(&peer);
+        instance::request(&commands, |reply| Command::Begin {
+            req,
+            requester: Requester::Agent,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// Ends one of the calling process's tasks.
+    ///
+    /// # Errors
+    /// [`Error::UnknownTask`] when the caller has no such live task.
+    pub async fn end_own_task(&self, peer: PeerCred, task_id: String) -> Result<TaskInfo, Error> {
+        let (_, commands) = self.instance_for(peer).await?;
+        let actor = audit::peer_actor(&peer);
+        instance::request(&commands, |reply| Command::End {
+            task_id,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// The calling process's live tasks.
+    ///
+    /// # Errors
+    /// As [`IdentityManager::subscribe`].
+    pub async fn list_own_tasks(&self, peer: PeerCred) -> Result<Vec<TaskInfo>, Error> {
+        let (_, commands) = self.instance_for(peer).await?;
+        instance::request(&commands, |reply| Command::List { reply }).await
+    }
+
+    /// Starts a task for any live instance: the orchestrator path (admin API).
+    ///
+    /// # Errors
+    /// [`Error::UnknownInstance`], [`Error::Task`], or issuing errors.
+    pub async fn begin_task(
+        &self,
+        instance: &InstanceId,
+        req: BeginTask,
+        actor: String,
+    ) -> Result<TaskInfo, Error> {
+        let commands = self.commands_of(instance)?;
+        instance::request(&commands, |reply| Command::Begin {
+            req,
+            requester: Requester::Operator,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// Ends a task of any live instance: the orchestrator path.
+    ///
+    /// # Errors
+    /// [`Error::UnknownInstance`] or [`Error::UnknownTask`].
+    pub async fn end_task(
+        &self,
+        instance: &InstanceId,
+        task_id: String,
+        actor: String,
+    ) -> Result<TaskInfo, Error> {
+        let commands = self.commands_of(instance)?;
+        instance::request(&commands, |reply| Command::End {
+            task_id,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// The live tasks of any live instance.
+    ///
+    /// # Errors
+    /// [`Error::UnknownInstance`].
+    pub async fn list_tasks(&self, instance: &InstanceId) -> Result<Vec<TaskInfo>, Error> {
+        let commands = self.commands_of(instance)?;
+        instance::request(&commands, |reply| Command::List { reply }).await
+    }
+
+    /// Revokes a live instance: its tasks end, its SVIDs are revoked, and its
+    /// streams end with PermissionDenied.
+    ///
+    /// # Errors
+    /// [`Error::UnknownInstance`].
+    pub async fn revoke_instance(&self, instance: &InstanceId, actor: String) -> Result<(), Error> {
+        let commands = self.commands_of(instance)?;
+        instance::request(&commands, |reply| Command::Revoke { actor, reply }).await
     }
 
     /// The instances currently tracked.
@@ -210,43 +403,90 @@ impl IdentityManager {
         list
     }
 
-    fn live_instance(&self, attestation: &Attestation) -> Option<watch::Receiver<InstanceState>> {
-        let instances = self.shared.lock_instances();
-        let handle = instances.get(&attestation.instance_id)?;
-        let rx = handle.state.clone();
-        let active = matches!(*rx.borrow(), InstanceState::Active(_));
-        active.then_some(rx)
+    fn commands_of(&self, instance: &InstanceId) -> Result<mpsc::Sender<Command>, Error> {
+        self.shared
+            .lock_instances()
+            .get(instance)
+            .map(|h| h.commands.clone())
+            .ok_or_else(|| Error::UnknownInstance(instance.to_string()))
     }
 
-    fn insert_instance(
+    /// Attests `peer` and returns its live instance, creating it if needed.
+    async fn instance_for(
+        &self,
+        peer: PeerCred,
+    ) -> Result<(watch::Receiver<InstanceState>, mpsc::Sender<Command>), Error> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let shared = self.shared.clone();
+        let attested = tokio::task::spawn_blocking(move || shared.attestor.attest(&peer))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let attestation = match attested {
+            Ok(a) => a,
+            Err(e) => {
+                self.shared.audit_refusal(&peer, &e.to_string(), None);
+                return Err(e.into());
+            }
+        };
+        if let Some(live) = self.live_instance(&attestation) {
+            return Ok(live);
+        }
+        let entries = match self.shared.matching(&attestation) {
+            Ok(entries) => entries,
+            Err(e) => {
+                self.shared
+                    .audit_refusal(&peer, &e.to_string(), Some(&attestation));
+                return Err(e);
+            }
+        };
+        self.start_instance(attestation, entries)
+    }
+
+    fn live_instance(
+        &self,
+        attestation: &Attestation,
+    ) -> Option<(watch::Receiver<InstanceState>, mpsc::Sender<Command>)> {
+        let instances = self.shared.lock_instances();
+        let handle = instances.get(&attestation.instance_id)?;
+        let active = matches!(*handle.state.borrow(), InstanceState::Active(_));
+        active.then(|| (handle.state.clone(), handle.commands.clone()))
+    }
+
+    fn start_instance(
         &self,
         attestation: Attestation,
-        set: IdentitySet,
-    ) -> watch::Receiver<InstanceState> {
+        entries: Vec<Arc<Entry>>,
+    ) -> Result<(watch::Receiver<InstanceState>, mpsc::Sender<Command>), Error> {
         let mut instances = self.shared.lock_instances();
-        // Another request of the same process may have won the race while we
-        // were minting: keep its SVIDs, so every stream sees the same ones.
+        // Another request of the same process may have won the race: keep its
+        // SVIDs, so every stream sees the same ones.
         if let Some(existing) = instances.get(&attestation.instance_id)
             && matches!(*existing.state.borrow(), InstanceState::Active(_))
         {
-            return existing.state.clone();
+            return Ok((existing.state.clone(), existing.commands.clone()));
         }
-        let (tx, rx) = watch::channel(InstanceState::Active(Arc::new(set)));
-        let id = attestation.instance_id.clone();
-        let pid = attestation.facts.pid;
-        let start_time = attestation.facts.start_time;
+        let live = state::Live::start(&self.shared, attestation, entries)?;
+        let id = live.attestation.instance_id.clone();
+        let (pid, start_time) = (
+            live.attestation.facts.pid,
+            live.attestation.facts.start_time,
+        );
+        let (state_tx, state_rx) = watch::channel(InstanceState::Active(live.identity_set()));
+        let (commands_tx, commands_rx) = mpsc::channel(16);
         instances.insert(
             id.clone(),
             InstanceHandle {
-                state: rx.clone(),
+                state: state_rx.clone(),
+                commands: commands_tx.clone(),
                 pid,
                 start_time,
             },
         );
-        tracing::info!(instance = %id, pid, selectors = %join(&attestation.selectors), "attested a new instance");
-        let task = instance::InstanceTask::new(self.shared.clone(), id, pid, start_time, tx);
+        let task = instance::InstanceTask::new(self.shared.clone(), live, state_tx, commands_rx);
         self.tracker.spawn(task.run(self.shutdown.clone()));
-        rx
+        Ok((state_rx, commands_tx))
     }
 }
 
@@ -279,52 +519,4 @@ impl Shared {
         }
         Ok(entries)
     }
-
-    /// Mints one SVID per entry for the process.
-    pub(crate) fn mint(
-        &self,
-        attestation: &Attestation,
-        entries: &[Arc<Entry>],
-    ) -> Result<IdentitySet, Error> {
-        let mut svids = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            let spiffe_id = entry
-                .spiffe_id_for(&self.trust_domain, attestation)
-                .map_err(|source| Error::Template {
-                    entry: entry.name.clone(),
-                    source,
-                })?;
-            let hint = if i == 0 {
-                INSTANCE_HINT.to_owned()
-            } else {
-                format!("entry:{}", entry.name)
-            };
-            let svid = self.ca.sign_svid(&SvidRequest {
-                spiffe_id,
-                dns_names: entry.dns_names.clone(),
-                ttl: entry.ttl.unwrap_or(self.settings.instance_ttl),
-                hint,
-            })?;
-            tracing::info!(
-                instance = %attestation.instance_id,
-                spiffe_id = %svid.spiffe_id,
-                serial = %svid.serial,
-                "issued an X509-SVID"
-            );
-            svids.push(svid);
-        }
-        Ok(IdentitySet {
-            instance_id: attestation.instance_id.clone(),
-            pid: attestation.facts.pid,
-            svids,
-        })
-    }
-}
-
-fn join(selectors: &BTreeSet<Selector>) -> String {
-    selectors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }

@@ -4,6 +4,7 @@
 //! Does not read config files (that is `config`) or the kernel (`attest`):
 //! it is plain logic over values, so it is tested without either.
 
+pub mod task;
 pub mod template;
 
 use std::collections::BTreeSet;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use crate::attest::{Attestation, Selector};
 use crate::ids::{SpiffeId, TrustDomain};
+pub use task::{Requester, TaskPolicy, TaskRefusal};
 pub use template::{Context, DEFAULT_TEMPLATE, Template, TemplateError};
 
 /// A registration entry: the selectors a process must all have, and the
@@ -29,6 +31,8 @@ pub struct Entry {
     pub ttl: Option<Duration>,
     /// DNS SANs added to the SVID.
     pub dns_names: Vec<String>,
+    /// What tasks its instances may run.
+    pub tasks: TaskPolicy,
 }
 
 impl Entry {
@@ -110,6 +114,7 @@ mod tests {
             spiffe_id: DEFAULT_TEMPLATE.parse().unwrap(),
             ttl: None,
             dns_names: vec![],
+            tasks: TaskPolicy::default(),
         }
     }
 

@@ -10,6 +10,7 @@ pub mod convert;
 pub mod header;
 pub mod peer;
 pub mod service;
+pub mod task;
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::identity::IdentityManager;
+use crate::proto::sigil::workload::v1::tasks_server::TasksServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 
 /// Why the socket could not be served.
@@ -134,10 +136,15 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) -> Result<(), Error> {
+    let tasks = TasksServer::with_interceptor(
+        task::TaskService::new(identity.clone()),
+        header::check_security_header,
+    );
     let service = service::WorkloadService::new(identity, shutdown.clone(), tracker);
     let server = SpiffeWorkloadApiServer::with_interceptor(service, header::check_security_header);
     tonic::transport::Server::builder()
         .add_service(server)
+        .add_service(tasks)
         .serve_with_incoming_shutdown(peer::Incoming::new(listener), shutdown.cancelled_owned())
         .await
         .map_err(|e| Error::Server(e.to_string()))

@@ -143,19 +143,25 @@ async fn drive<T>(
     }
 }
 
-/// The one mapping from identity errors to gRPC status for this service.
-fn status(e: &identity::Error) -> Status {
+/// The one mapping from identity errors to gRPC status on the workload socket.
+pub(crate) fn status(e: &identity::Error) -> Status {
     use identity::Error as E;
     match e {
         E::Attest(_) | E::NoMatchingEntry { .. } => {
             Status::permission_denied(format!("{NO_IDENTITY_ISSUED}: {e}"))
         }
         E::ShuttingDown => Status::unavailable(e.to_string()),
-        E::Template { .. } | E::Ca(_) => Status::internal(format!("cannot issue an SVID: {e}")),
+        E::InstanceEnded => Status::permission_denied(format!("{NO_IDENTITY_ISSUED}: {e}")),
+        E::Task(refusal) if refusal.is_invalid_request() => Status::invalid_argument(e.to_string()),
+        E::Task(_) => Status::permission_denied(e.to_string()),
+        E::UnknownTask(_) | E::UnknownInstance(_) => Status::not_found(e.to_string()),
+        E::Template { .. } | E::Ca(_) | E::Store(_) => {
+            Status::internal(format!("cannot issue an SVID: {e}"))
+        }
     }
 }
 
-fn log_refusal(e: &identity::Error, pid: u32) {
+pub(crate) fn log_refusal(e: &identity::Error, pid: u32) {
     match e {
         identity::Error::NoMatchingEntry { selectors, .. } => {
             let selectors: Vec<String> = selectors.iter().map(ToString::to_string).collect();

@@ -1,0 +1,112 @@
+//! The CRL publisher: turns the store's revocations into one signed CRL,
+//! shared by every stream.
+//!
+//! Revocations that arrive together are coalesced: a change only wakes the
+//! publisher, which waits [`COALESCE`] and then signs once from the store,
+//! so ten tasks ending at once cost one signature and one push. Entries leave
+//! the CRL when their certificate expires; the publisher wakes for that, and
+//! re-signs well before the CRL's own nextUpdate.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::TrustBundle;
+use crate::ca::crl::RevokedEntry;
+use crate::ca::{Ca, profile};
+use crate::store::Store;
+
+/// How long the publisher gathers changes before signing.
+pub const COALESCE: Duration = Duration::from_millis(50);
+/// How long a CRL is valid (its nextUpdate); re-signed at half of it.
+pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600); // 1 day
+/// Pause after a failure to build a CRL (e.g. the store is unreadable).
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Wakes the publisher; cheap to clone and call from anywhere.
+#[derive(Clone)]
+pub(crate) struct CrlTrigger(Arc<Notify>);
+
+impl CrlTrigger {
+    /// Asks for a new CRL soon. Never blocks; several calls make one CRL.
+    pub(crate) fn refresh(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Starts the publisher: it signs a first CRL at once, then on every change.
+pub(crate) fn spawn_publisher(
+    store: Arc<Store>,
+    ca: Arc<Ca>,
+    bundle: watch::Sender<Arc<TrustBundle>>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> CrlTrigger {
+    let notify = Arc::new(Notify::new());
+    let trigger = CrlTrigger(notify.clone());
+    tracker.spawn(async move {
+        loop {
+            let next = match publish(&store, &ca, &bundle) {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot build the CRL; retrying");
+                    SystemTime::now() + RETRY
+                }
+            };
+            let wait = next
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = notify.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(COALESCE) => {}
+            }
+        }
+    });
+    trigger
+}
+
+/// Signs a CRL of the revoked, unexpired SVIDs and publishes it. Returns
+/// when the next one is due (an entry expiring, or half the validity).
+fn publish(
+    store: &Store,
+    ca: &Ca,
+    bundle: &watch::Sender<Arc<TrustBundle>>,
+) -> Result<SystemTime, Box<dyn std::error::Error>> {
+    let now = SystemTime::now();
+    let revoked = store.revoked_unexpired(now)?;
+    let entries: Vec<RevokedEntry> = revoked
+        .iter()
+        .map(|r| RevokedEntry {
+            serial_hex: r.serial.clone(),
+            revoked_at: r.revoked_at,
+        })
+        .collect();
+    let number = store.next_crl_number()?;
+    let der = ca.sign_crl(
+        number,
+        &entries,
+        now - profile::BACKDATE,
+        now + CRL_VALIDITY,
+    )?;
+    bundle.send_modify(|current| {
+        let mut updated = TrustBundle::clone(current);
+        updated.crls = vec![der];
+        *current = Arc::new(updated);
+    });
+    tracing::debug!(
+        crl_number = number,
+        entries = entries.len(),
+        "published a CRL"
+    );
+    let soonest_expiry = revoked.iter().map(|r| r.not_after).min();
+    let half_life = now + CRL_VALIDITY / 2;
+    Ok(soonest_expiry.map_or(half_life, |t| t.min(half_life)))
+}

@@ -1,0 +1,255 @@
+//! Task policy: whether and how an instance may run tasks.
+//!
+//! Pure rules over values, applied before any task exists: who may declare
+//! a task, how long it may live, how many may run at once, and which ids
+//! are acceptable. Each refusal names the rule, so an agent author can tell
+//! which line of the entry to change.
+
+use std::time::Duration;
+
+use crate::ids::is_path_segment;
+
+/// Default for `tasks.max_ttl`.
+pub const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(60 * 60); // 1 hour
+/// Default for `tasks.max_concurrent`.
+pub const DEFAULT_MAX_CONCURRENT_TASKS: usize = 16;
+/// Longest task id (it becomes a SPIFFE path segment).
+pub const MAX_TASK_ID_LEN: usize = 128;
+
+/// The `[entry.tasks]` table of an entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskPolicy {
+    /// May the agent start and end its own tasks over the workload socket?
+    /// Operators (admin API) may always.
+    pub self_declare: bool,
+    /// Longest task lifetime.
+    pub max_ttl: Duration,
+    /// Most live tasks per instance.
+    pub max_concurrent: usize,
+    /// Glob a task id must match, if set.
+    pub id_pattern: Option<glob::Pattern>,
+}
+
+impl Default for TaskPolicy {
+    fn default() -> Self {
+        Self {
+            self_declare: false,
+            max_ttl: DEFAULT_MAX_TASK_TTL,
+            max_concurrent: DEFAULT_MAX_CONCURRENT_TASKS,
+            id_pattern: None,
+        }
+    }
+}
+
+/// Who asks for a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requester {
+    /// The attested agent itself, over the workload socket.
+    Agent,
+    /// An operator or orchestrator, over the admin API.
+    Operator,
+}
+
+/// Why a task was refused. `InvalidRequest` variants are the caller's input;
+/// `Denied` variants are the entry's policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskRefusal {
+    /// `tasks.self_declare` is off.
+    #[error(
+        "entry {entry:?} does not let agents declare their own tasks (tasks.self_declare = false)"
+    )]
+    SelfDeclareOff {
+        /// The entry.
+        entry: String,
+    },
+    /// Too many live tasks.
+    #[error(
+        "entry {entry:?} allows at most {max} concurrent tasks (tasks.max_concurrent); end one first"
+    )]
+    TooManyTasks {
+        /// The entry.
+        entry: String,
+        /// The limit.
+        max: usize,
+    },
+    /// The id does not match `tasks.id_pattern`.
+    #[error("task id {id:?} does not match entry {entry:?}'s tasks.id_pattern {pattern:?}")]
+    PatternMismatch {
+        /// The entry.
+        entry: String,
+        /// The id asked for.
+        id: String,
+        /// The pattern.
+        pattern: String,
+    },
+    /// The TTL is longer than `tasks.max_ttl`.
+    #[error("task ttl {asked} exceeds entry {entry:?}'s tasks.max_ttl {max}")]
+    TtlTooLong {
+        /// The entry.
+        entry: String,
+        /// The TTL asked for.
+        asked: String,
+        /// The limit.
+        max: String,
+    },
+    /// The id is not a SPIFFE path segment.
+    #[error(
+        "task id {0:?} is not valid: use 1 to {MAX_TASK_ID_LEN} of letters, digits, '-', '.', '_' (not '.' or '..')"
+    )]
+    BadTaskId(String),
+    /// A live task already has this id.
+    #[error("task {0:?} is already running for this instance")]
+    DuplicateTask(String),
+}
+
+impl TaskRefusal {
+    /// True when the refusal is about the request itself (InvalidArgument),
+    /// false when the entry's policy forbids it (PermissionDenied).
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(
+            self,
+            Self::TtlTooLong { .. } | Self::BadTaskId(_) | Self::DuplicateTask(_)
+        )
+    }
+}
+
+/// Checks a task id on its own: a SPIFFE path segment of bounded length.
+///
+/// # Errors
+/// [`TaskRefusal::BadTaskId`].
+pub fn check_task_id(id: &str) -> Result<(), TaskRefusal> {
+    if id.len() <= MAX_TASK_ID_LEN && is_path_segment(id) {
+        Ok(())
+    } else {
+        Err(TaskRefusal::BadTaskId(id.to_owned()))
+    }
+}
+
+impl TaskPolicy {
+    /// Applies every rule to a task request.
+    ///
+    /// # Errors
+    /// The first rule that refuses it.
+    pub fn check(
+        &self,
+        entry: &str,
+        requester: Requester,
+        id: &str,
+        ttl: Duration,
+        live_tasks: usize,
+    ) -> Result<(), TaskRefusal> {
+        if requester == Requester::Agent && !self.self_declare {
+            return Err(TaskRefusal::SelfDeclareOff {
+                entry: entry.to_owned(),
+            });
+        }
+        check_task_id(id)?;
+        if let Some(pattern) = &self.id_pattern
+            && !pattern.matches(id)
+        {
+            return Err(TaskRefusal::PatternMismatch {
+                entry: entry.to_owned(),
+                id: id.to_owned(),
+                pattern: pattern.as_str().to_owned(),
+            });
+        }
+        if ttl > self.max_ttl {
+            return Err(TaskRefusal::TtlTooLong {
+                entry: entry.to_owned(),
+                asked: humantime::format_duration(ttl).to_string(),
+                max: humantime::format_duration(self.max_ttl).to_string(),
+            });
+        }
+        if live_tasks >= self.max_concurrent {
+            return Err(TaskRefusal::TooManyTasks {
+                entry: entry.to_owned(),
+                max: self.max_concurrent,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> TaskPolicy {
+        TaskPolicy {
+            self_declare: true,
+            max_ttl: Duration::from_secs(600),
+            max_concurrent: 2,
+            id_pattern: Some(glob::Pattern::new("ticket-*").unwrap()),
+        }
+    }
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_task_within_every_rule_is_allowed() {
+        assert_eq!(
+            policy().check("bot", Requester::Agent, "ticket-42", TTL, 1),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn each_rule_refuses_with_its_own_reason() {
+        let off = TaskPolicy {
+            self_declare: false,
+            ..policy()
+        };
+        assert!(matches!(
+            off.check("bot", Requester::Agent, "ticket-1", TTL, 0),
+            Err(TaskRefusal::SelfDeclareOff { .. })
+        ));
+        assert_eq!(
+            off.check("bot", Requester::Operator, "ticket-1", TTL, 0),
+            Ok(())
+        );
+        let p = policy();
+        assert!(matches!(
+            p.check("bot", Requester::Agent, "other-1", TTL, 0),
+            Err(TaskRefusal::PatternMismatch { .. })
+        ));
+        assert!(matches!(
+            p.check(
+                "bot",
+                Requester::Agent,
+                "ticket-1",
+                Duration::from_secs(601),
+                0
+            ),
+            Err(TaskRefusal::TtlTooLong { .. })
+        ));
+        assert!(matches!(
+            p.check("bot", Requester::Agent, "ticket-1", TTL, 2),
+            Err(TaskRefusal::TooManyTasks { max: 2, .. })
+        ));
+        assert!(matches!(
+            p.check("bot", Requester::Agent, "ticket/1", TTL, 0),
+            Err(TaskRefusal::BadTaskId(_))
+        ));
+    }
+
+    #[test]
+    fn refusal_messages_name_the_rule() {
+        let err = policy()
+            .check("bot", Requester::Agent, "ticket-1", TTL, 2)
+            .unwrap_err();
+        assert!(err.to_string().contains("tasks.max_concurrent"), "{err}");
+        assert!(!err.is_invalid_request());
+        let err = check_task_id("..").unwrap_err();
+        assert!(err.is_invalid_request());
+    }
+
+    #[test]
+    fn task_ids_must_be_short_path_segments() {
+        assert!(check_task_id("a-b_c.1").is_ok());
+        assert!(check_task_id(&"a".repeat(MAX_TASK_ID_LEN)).is_ok());
+        assert!(check_task_id(&"a".repeat(MAX_TASK_ID_LEN + 1)).is_err());
+        for bad in ["", ".", "..", "a b", "a/b", "ü"] {
+            assert!(check_task_id(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The SQL for instances and their tasks, as plain functions over a
+//! `rusqlite::Connection`. `Store` and `Tx` both call these, so a write
+//! behaves the same alone or inside a caller's transaction. SVIDs and the CRL
+//! number are in `svids.rs`; the record types in `records.rs`.
+
+use std::time::SystemTime;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+
+use super::records::{
+    INSTANCE_COLUMNS, InstanceRecord, TASK_COLUMNS, TaskRecord, collect, instance_from_row, opt_ms,
+    task_from_row, to_json, to_ms,
+};
+use super::{Error, sqlite};
+
+/// Inserts an instance, or refreshes `last_seen` and `selectors` of a known
+/// one. An ended instance stays ended.
+pub(crate) fn upsert_instance(conn: &Connection, rec: &InstanceRecord) -> Result<(), Error> {
+    conn.prepare_cached(
+        "INSERT INTO instances (instance_id, pid, start_time, boot_id, uid, selectors,
+             first_seen_ms, last_seen_ms, ended_at_ms, end_reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (instance_id) DO UPDATE SET
+             last_seen_ms = excluded.last_seen_ms, selectors = excluded.selectors",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            rec.instance_id,
+            rec.pid,
+            rec.start_time,
+            rec.boot_id,
+            rec.uid,
+            to_json(&rec.selectors),
+            to_ms(rec.first_seen),
+            to_ms(rec.last_seen),
+            opt_ms(rec.ended_at),
+            rec.end_reason,
+        ])
+    })
+    .map(drop)
+    .map_err(sqlite("upsert instance"))
+}
+
+/// Marks a live instance and its live tasks as ended. Returns whether the
+/// instance was live.
+pub(crate) fn end_instance(
+    conn: &Connection,
+    instance_id: &str,
+    at: SystemTime,
+    reason: &str,
+) -> Result<bool, Error> {
+    let changed = conn
+        .execute(
+            "UPDATE instances SET ended_at_ms = ?2, end_reason = ?3
+             WHERE instance_id = ?1 AND ended_at_ms IS NULL",
+            params![instance_id, to_ms(at), reason],
+        )
+        .map_err(sqlite("end instance"))?;
+    conn.execute(
+        "UPDATE tasks SET ended_at_ms = ?2, end_reason = ?3
+         WHERE instance_id = ?1 AND ended_at_ms IS NULL",
+        params![instance_id, to_ms(at), reason],
+    )
+    .map_err(sqlite("end tasks of ended instance"))?;
+    Ok(changed > 0)
+}
+
+/// One instance, live or ended.
+pub(crate) fn instance(
+    conn: &Connection,
+    instance_id: &str,
+) -> Result<Option<InstanceRecord>, Error> {
+    let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?1");
+    conn.query_row(&sql, [instance_id], instance_from_row)
+        .optional()
+        .map_err(sqlite("read instance"))
+}
+
+/// The instances not yet ended, oldest first.
+pub(crate) fn live_instances(conn: &Connection) -> Result<Vec<InstanceRecord>, Error> {
+    let sql = format!(
+        "SELECT {INSTANCE_COLUMNS} FROM instances WHERE ended_at_ms IS NULL
+         ORDER BY first_seen_ms, instance_id"
+    );
+    collect(conn, &sql, [], instance_from_row).map_err(sqlite("list live instances"))
+}
+
+/// Inserts a task; refuses a second live task with the same id in one instance.
+pub(crate) fn insert_task(conn: &Connection, rec: &TaskRecord) -> Result<(), Error> {
+    let result = conn
+        .prepare_cached(
+            "INSERT INTO tasks (instance_id, task_id, spiffe_id, started_at_ms, expires_at_ms,
+                 attributes, started_by, ended_at_ms, end_reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                rec.instance_id,
+                rec.task_id,
+                rec.spiffe_id,
+                to_ms(rec.started_at),
+                to_ms(rec.expires_at),
+                to_json(&rec.attributes),
+                rec.started_by,
+                opt_ms(rec.ended_at),
+                rec.end_reason,
+            ])
+        });
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => Err(Error::TaskExists {
+            instance_id: rec.instance_id.clone(),
+            task_id: rec.task_id.clone(),
+        }),
+        Err(e) => Err(sqlite("insert task")(e)),
+    }
+}
+
+/// Ends a live task. Returns `false` if no such task was live.
+pub(crate) fn end_task(
+    conn: &Connection,
+    instance_id: &str,
+    task_id: &str,
+    at: SystemTime,
+    reason: &str,
+) -> Result<bool, Error> {
+    conn.execute(
+        "UPDATE tasks SET ended_at_ms = ?3, end_reason = ?4
+         WHERE instance_id = ?1 AND task_id = ?2 AND ended_at_ms IS NULL",
+        params![instance_id, task_id, to_ms(at), reason],
+    )
+    .map(|changed| changed > 0)
+    .map_err(sqlite("end task"))
+}
+
+/// The live tasks of one instance (`Some`) or of all instances (`None`),
+/// oldest first.
+pub(crate) fn live_tasks(
+    conn: &Connection,
+    instance_id: Option<&str>,
+) -> Result<Vec<TaskRecord>, Error> {
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM tasks
+         WHERE ended_at_ms IS NULL AND (?1 IS NULL OR instance_id = ?1)
+         ORDER BY started_at_ms, instance_id, task_id"
+    );
+    collect(conn, &sql, [instance_id], task_from_row).map_err(sqlite("list live tasks"))
+}
+
+/// Every task of an instance, live or ended, oldest first.
+pub(crate) fn tasks_of(conn: &Connection, instance_id: &str) -> Result<Vec<TaskRecord>, Error> {
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE instance_id = ?1 ORDER BY started_at_ms, id"
+    );
+    collect(conn, &sql, [instance_id], task_from_row).map_err(sqlite("list tasks"))
+}
+
+/// Whether `e` is a UNIQUE constraint failure (here: a duplicate live task).
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == ErrorCode::ConstraintViolation
+                && f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::fixtures::{instance, store, t, task};
+    use crate::store::{Error, TaskRecord};
+
+    #[test]
+    fn an_instance_round_trips_including_its_end() {
+        let (_dir, store) = store();
+        let rec = instance("i1");
+        store.upsert_instance(&rec).unwrap();
+        assert_eq!(store.instance("i1").unwrap(), Some(rec.clone()));
+        store.end_instance("i1", t(50), "process exited").unwrap();
+        let ended = store.instance("i1").unwrap().unwrap();
+        assert_eq!(ended.ended_at, Some(t(50)));
+        assert_eq!(ended.end_reason.as_deref(), Some("process exited"));
+        assert_eq!(store.instance("nope").unwrap(), None);
+    }
+
+    #[test]
+    fn upserting_a_known_instance_refreshes_last_seen_and_selectors_only() {
+        let (_dir, store) = store();
+        store.upsert_instance(&instance("i1")).unwrap();
+        let mut again = instance("i1");
+        again.first_seen = t(99);
+        again.last_seen = t(100);
+        again.selectors = vec!["unix:uid:1000".to_owned()];
+        store.upsert_instance(&again).unwrap();
+        let got = store.instance("i1").unwrap().unwrap();
+        assert_eq!(got.first_seen, t(0));
+        assert_eq!(got.last_seen, t(100));
+        assert_eq!(got.selectors, again.selectors);
+    }
+
+    #[test]
+    fn live_instances_exclude_ended_ones() {
+        let (_dir, store) = store();
+        store.upsert_instance(&instance("i1")).unwrap();
+        store.upsert_instance(&instance("i2")).unwrap();
+        store.end_instance("i1", t(5), "exited").unwrap();
+        let live: Vec<String> = store
+            .live_instances()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.instance_id)
+            .collect();
+        assert_eq!(live, vec!["i2"]);
+    }
+
+    #[test]
+    fn a_task_round_trips_including_its_attributes() {
+        let (_dir, store) = store();
+        store.upsert_instance(&instance("i1")).unwrap();
+        let rec = task("i1", "t1");
+        store.insert_task(&rec).unwrap();
+        assert_eq!(store.live_tasks("i1").unwrap(), vec![rec.clone()]);
+        assert!(store.end_task("i1", "t1", t(20), "done").unwrap());
+        let ended = TaskRecord {
+            ended_at: Some(t(20)),
+            end_reason: Some("done".to_owned()),
+            ..rec
+        };
+        assert_eq!(store.tasks_of("i1").unwrap(), vec![ended]);
+    }
+
+    #[test]
+    fn live_tasks_exclude_ended_ones_and_other_instances() {
+        let (_dir, store) = store();
+        store.upsert_instance(&instance("i1")).unwrap();
+        store.upsert_instance(&instance("i2")).unwrap();
+        store.insert_task(&task("i1", "a")).unwrap();
+        store.insert_task(&task("i1", "b")).unwrap();
+        store.insert_task(&task("i2", "c")).unwrap();
+        store.end_task("i1", "a", t(20), "done").unwrap();
+        let ids = |tasks: Vec<TaskRecord>| -> Vec<String> {
+            tasks.into_iter().map(|t| t.task_id).collect()
+        };
+        assert_eq!(ids(store.live_tasks("i1").unwrap()), vec!["b"]);
+        assert_eq!(ids(store.all_live_tasks().unwrap()), vec!["b", "c"]);
+    }
+
+    #[test]
+    fn ending_a_task_that_is_not_live_returns_false() {
+        let (_dir, store) = store();
+        store.upsert_instance(&instance("i1")).unwrap();
+        assert!(!store.end_task("i1", "ghost", t(1), "done").unwrap());
+        store.insert_task(&task("i1", "t1")).unwrap();
+        assert!(store.end_task("i1", "t1", t(2), "done").unwrap());
+        assert!(!store.end_task("i1", "t1", t(3), "done").unwrap());
+    }
+
+    #[test]
+    fn a_duplicate_live_task_id_is_refused_until_the_first_ends() {
+        let (_dir, store) = store();
+        store.upsert_instance(&instance("i1")).unwrap();
+        store.upsert_instance(&instance("i2")).unwrap();
+        store.insert_task(&task("i1", "t1")).unwrap();
+        let err = store.insert_task(&task("i1", "t1")).unwrap_err();
+        assert!(matches!(err, Error::TaskExists { .. }), "{err}");
+        store.insert_task(&task("i2", "t1")).unwrap();
+        store.end_task("i1", "t1", t(20), "done").unwrap();
+        store.insert_task(&task("i1", "t1")).unwrap();
+        assert_eq!(store.tasks_of("i1").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_task_of_an_unknown_instance_is_refused() {
+        let (_dir, store) = store();
+        let err = store.insert_task(&task("ghost", "t1")).unwrap_err();
+        assert!(matches!(err, Error::Sqlite { .. }), "{err}");
+    }
+
+    #[test]
+    fn ending_an_instance_ends_its_live_tasks() {
+        let (_dir, store) = store();
+        store.upsert_instance(&instance("i1")).unwrap();
+        store.insert_task(&task("i1", "t1")).unwrap();
+        store.end_instance("i1", t(30), "process exited").unwrap();
+        assert!(store.all_live_tasks().unwrap().is_empty());
+        let ended = &store.tasks_of("i1").unwrap()[0];
+        assert_eq!(ended.ended_at, Some(t(30)));
+        assert_eq!(ended.end_reason.as_deref(), Some("process exited"));
+    }
+}

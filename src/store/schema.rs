@@ -1,0 +1,167 @@
+//! The store's SQL schema as an ordered list of migrations, tracked by
+//! `PRAGMA user_version`, and the code that applies them in one transaction.
+//! Opening, file checks and pragmas live in `open.rs`.
+
+use std::path::Path;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::{Error, sqlite};
+
+/// Marks a database as Sigil's (`PRAGMA application_id`, ASCII "SIGL"), so a
+/// foreign SQLite file in the state directory is refused rather than altered.
+pub(crate) const APPLICATION_ID: i64 = 0x5349_474C;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`. Append only:
+/// never edit a released migration, add a new one.
+pub(crate) const MIGRATIONS: &[&str] = &[V1];
+
+/// The newest schema version this build understands.
+pub(crate) const SUPPORTED_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Version 1: instances, tasks, SVIDs, the CRL number and the audit trail.
+/// Times are unix milliseconds; lists and maps are JSON text.
+const V1: &str = r"
+CREATE TABLE instances (
+    instance_id   TEXT PRIMARY KEY NOT NULL,
+    pid           INTEGER NOT NULL,
+    start_time    INTEGER NOT NULL,
+    boot_id       TEXT NOT NULL,
+    uid           INTEGER NOT NULL,
+    selectors     TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms  INTEGER NOT NULL,
+    ended_at_ms   INTEGER,
+    end_reason    TEXT
+) STRICT;
+CREATE INDEX instances_live ON instances (first_seen_ms) WHERE ended_at_ms IS NULL;
+
+CREATE TABLE tasks (
+    id            INTEGER PRIMARY KEY,
+    instance_id   TEXT NOT NULL REFERENCES instances (instance_id),
+    task_id       TEXT NOT NULL,
+    spiffe_id     TEXT NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    attributes    TEXT NOT NULL,
+    started_by    TEXT NOT NULL,
+    ended_at_ms   INTEGER,
+    end_reason    TEXT
+) STRICT;
+CREATE UNIQUE INDEX tasks_live ON tasks (instance_id, task_id) WHERE ended_at_ms IS NULL;
+CREATE INDEX tasks_by_instance ON tasks (instance_id, started_at_ms);
+
+CREATE TABLE svids (
+    serial        TEXT PRIMARY KEY NOT NULL,
+    spiffe_id     TEXT NOT NULL,
+    instance_id   TEXT NOT NULL REFERENCES instances (instance_id),
+    task_id       TEXT,
+    not_before_ms INTEGER NOT NULL,
+    not_after_ms  INTEGER NOT NULL,
+    revoked_at_ms INTEGER,
+    revoke_reason TEXT
+) STRICT;
+CREATE INDEX svids_by_owner ON svids (instance_id, task_id);
+CREATE INDEX svids_by_expiry ON svids (not_after_ms);
+CREATE INDEX svids_revoked ON svids (not_after_ms) WHERE revoked_at_ms IS NOT NULL;
+
+CREATE TABLE crl_state (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    crl_number INTEGER NOT NULL
+) STRICT;
+INSERT INTO crl_state (id, crl_number) VALUES (1, 0);
+
+CREATE TABLE audit (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms       INTEGER NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('attestation', 'refusal', 'issuance',
+                    'rotation', 'task_begin', 'task_end', 'revocation', 'instance_end', 'admin')),
+    actor       TEXT NOT NULL,
+    instance_id TEXT,
+    task_id     TEXT,
+    spiffe_id   TEXT,
+    serial      TEXT,
+    detail      TEXT NOT NULL
+) STRICT;
+CREATE INDEX audit_by_instance ON audit (instance_id, seq);
+CREATE INDEX audit_by_kind ON audit (kind, seq);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+
+PRAGMA application_id = 1397311308;
+";
+
+/// Brings the schema up to [`SUPPORTED_VERSION`] in one immediate
+/// transaction, so a crash mid-migration leaves the previous version intact.
+///
+/// # Errors
+/// [`Error::NewerSchema`] if the file is newer than this build (checked again
+/// under the write lock), [`Error::Sqlite`] if a migration fails.
+pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), Error> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sqlite("begin migration"))?;
+    let found: i64 = tx
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(sqlite("read schema version"))?;
+    if found > SUPPORTED_VERSION {
+        return Err(Error::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            supported: SUPPORTED_VERSION,
+        });
+    }
+    let start = usize::try_from(found).unwrap_or(0);
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(start) {
+        tx.execute_batch(sql).map_err(sqlite("apply migration"))?;
+        tracing::info!(path = %path.display(), version = index + 1, "store schema migrated");
+    }
+    tx.pragma_update(None, "user_version", SUPPORTED_VERSION)
+        .map_err(sqlite("write schema version"))?;
+    tx.commit().map_err(sqlite("commit migration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_fresh_database_is_migrated_to_the_supported_version() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        assert_eq!(version(&conn), SUPPORTED_VERSION);
+        let id: i64 = conn
+            .pragma_query_value(None, "application_id", |row| row.get(0))
+            .unwrap();
+        assert_eq!(id, APPLICATION_ID);
+    }
+
+    #[test]
+    fn migrating_twice_changes_nothing() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        assert_eq!(version(&conn), SUPPORTED_VERSION);
+    }
+
+    #[test]
+    fn a_newer_schema_version_is_refused() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", SUPPORTED_VERSION + 1)
+            .unwrap();
+        let err = migrate(&mut conn, Path::new(":memory:")).unwrap_err();
+        assert!(matches!(err, Error::NewerSchema { found, .. } if found == SUPPORTED_VERSION + 1));
+    }
+
+    #[test]
+    fn the_application_id_literal_matches_the_constant() {
+        assert!(V1.contains(&format!("application_id = {APPLICATION_ID};")));
+    }
+}
