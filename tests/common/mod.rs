@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use sigil::app::App;
 use sigil::config::{Config, Overrides};
 use sigil::identity::IdentityManager;
+use sigil::proto::sigil::workload::v1::tasks_client::TasksClient;
 use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil::shutdown::Shutdown;
 use tempfile::TempDir;
@@ -103,24 +104,38 @@ impl TestDaemon {
     }
 }
 
-/// A raw Workload API client (our generated one) on `socket`.
-pub async fn raw_client(socket: &Path) -> SpiffeWorkloadApiClient<Channel> {
+/// A gRPC channel to the daemon's socket.
+pub async fn channel(socket: &Path) -> Channel {
     let path = socket.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
         }))
         .await
-        .expect("connects");
-    SpiffeWorkloadApiClient::new(channel)
+        .expect("connects")
+}
+
+/// A raw Workload API client (our generated one) on `socket`.
+pub async fn raw_client(socket: &Path) -> SpiffeWorkloadApiClient<Channel> {
+    SpiffeWorkloadApiClient::new(channel(socket).await)
+}
+
+/// A client of Sigil's task extension on `socket`.
+pub async fn tasks_client(socket: &Path) -> TasksClient<Channel> {
+    TasksClient::new(channel(socket).await)
 }
 
 /// A raw client over an already connected stream (e.g. one a child process
 /// connected, so the daemon attests the child).
 pub async fn client_over(stream: UnixStream) -> SpiffeWorkloadApiClient<Channel> {
+    SpiffeWorkloadApiClient::new(channel_over(stream).await)
+}
+
+/// A channel over an already connected stream.
+pub async fn channel_over(stream: UnixStream) -> Channel {
     let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(stream)));
-    let channel = Endpoint::from_static("http://localhost")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let stream = slot.lock().unwrap().take();
             async move {
@@ -130,8 +145,7 @@ pub async fn client_over(stream: UnixStream) -> SpiffeWorkloadApiClient<Channel>
             }
         }))
         .await
-        .expect("connects over the stream");
-    SpiffeWorkloadApiClient::new(channel)
+        .expect("connects over the stream")
 }
 
 /// A request with the `workload.spiffe.io: true` header.
