@@ -20,9 +20,14 @@ use std::os::unix::net::UnixListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{TestDaemon, client_over, eventually, with_header};
+use common::{
+    TestDaemon, channel_over, client_over, config_for_me, eventually, tasks_client, with_header,
+};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
-use sigil::proto::workload::X509svidRequest;
+use sigil::proto::sigil::workload::v1::tasks_client::TasksClient;
+use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest, ListRequest};
+use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil::proto::workload::{X509BundlesRequest, X509svidRequest};
 use tokio_stream::StreamExt;
 
 /// Connects to the daemon, hands the socket over, then on a line on stdin
@@ -180,5 +185,104 @@ async fn a_process_that_execs_another_binary_gets_no_rotated_svid() {
     assert!(daemon.identity().instances().iter().all(|i| i.pid != pid));
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
+    daemon.stop().await;
+}
+
+fn begin(task_id: &str) -> tonic::Request<BeginRequest> {
+    with_header(BeginRequest {
+        task_id: task_id.into(),
+        ttl: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
+        attributes: Default::default(),
+    })
+}
+
+fn crl_serials(crl: &[u8]) -> Vec<String> {
+    let (_, parsed) = x509_parser::parse_x509_crl(crl).unwrap();
+    parsed
+        .iter_revoked_certificates()
+        .map(|r| hex::encode(r.raw_serial()))
+        .collect()
+}
+
+fn serial_of(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    hex::encode(cert.raw_serial())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_exit_ends_its_tasks_and_another_agent_cannot_end_them() {
+    let daemon = TestDaemon::start_with(&format!(
+        "{}[entry.tasks]\nself_declare = true\n",
+        config_for_me("")
+    ))
+    .await;
+    // The child agent, on its own connection, starts a task.
+    let (mut agent, connection) = Agent::start(&daemon, "exit");
+    let child_channel = channel_over(connection).await;
+    let mut child_tasks = TasksClient::new(child_channel.clone());
+    let mut child_stream = SpiffeWorkloadApiClient::new(child_channel)
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    child_stream.next().await.unwrap().unwrap();
+    child_tasks.begin(begin("child-job")).await.unwrap();
+    let with_task = child_stream.next().await.unwrap().unwrap();
+    assert_eq!(with_task.svids.len(), 2);
+    let child_serials: Vec<String> = with_task
+        .svids
+        .iter()
+        .map(|s| serial_of(&s.x509_svid))
+        .collect();
+
+    // This process (another instance) cannot see or end the child's task.
+    let mut mine = tasks_client(&daemon.socket).await;
+    let status = mine
+        .end(with_header(EndRequest {
+            task_id: "child-job".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(
+        mine.list(with_header(ListRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks
+            .is_empty()
+    );
+    // ... and the child's task is still there.
+    let listed = child_tasks
+        .list(with_header(ListRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.tasks.len(), 1);
+
+    // The child exits: its task ends and every SVID it held is revoked.
+    let mut bundles = common::raw_client(&daemon.socket)
+        .await
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    agent.proceed();
+    agent.child.wait().unwrap();
+    let revoked = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let msg = bundles.next().await.unwrap().unwrap();
+            let listed = msg.crl.first().map(|c| crl_serials(c)).unwrap_or_default();
+            if child_serials.iter().all(|s| listed.contains(s)) {
+                return listed;
+            }
+        }
+    })
+    .await
+    .expect("the child's SVIDs are on the CRL soon after it exits");
+    assert!(revoked.len() >= 2);
     daemon.stop().await;
 }

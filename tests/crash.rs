@@ -1,0 +1,161 @@
+//! kill -9 of the daemon in the middle of a load of task begins and ends,
+//! then a restart on the same state directory: the store opens, and the
+//! audit trail agrees with the records (each SVID and task row was written
+//! in one transaction with its audit row, so neither exists without the other).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is the test failing"
+)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{tasks_client, with_header};
+use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest, ListRequest};
+use sigil::store::{AuditKind, AuditQuery, Store};
+
+const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
+
+fn start(dir: &Path) -> Child {
+    let config = dir.join("sigil.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"crash.test\"\n[[entry]]\nname = \"me\"\nselectors = [\"unix:uid:{}\"]\n[entry.tasks]\nself_declare = true\nmax_concurrent = 1024\n",
+            nix::unistd::geteuid()
+        ),
+    )
+    .unwrap();
+    let socket = dir.join("w.sock");
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new(SIGIL)
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn begin(id: String) -> tonic::Request<BeginRequest> {
+    with_header(BeginRequest {
+        task_id: id,
+        ttl: Some(prost_types::Duration {
+            seconds: 600,
+            nanos: 0,
+        }),
+        attributes: Default::default(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_load_then_restart_leaves_a_readable_consistent_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = start(dir.path());
+    let socket = dir.path().join("w.sock");
+
+    // Load: begin tasks (ending every other one) until the daemon dies.
+    let load_socket = socket.clone();
+    let load = tokio::spawn(async move {
+        let mut tasks = tasks_client(&load_socket).await;
+        let mut begun = 0u32;
+        for i in 0.. {
+            if tasks.begin(begin(format!("job-{i}"))).await.is_err() {
+                break;
+            }
+            begun += 1;
+            if i % 2 == 1
+                && tasks
+                    .end(with_header(EndRequest {
+                        task_id: format!("job-{i}"),
+                    }))
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+        }
+        begun
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    daemon.kill().unwrap(); // SIGKILL
+    daemon.wait().unwrap();
+    let begun = load.await.unwrap();
+    assert!(begun > 10, "the load ran ({begun} tasks begun)");
+
+    // Restart on the same state directory: it opens its store and serves.
+    let mut daemon = start(dir.path());
+    let listed = tasks_client(&socket)
+        .await
+        .list(with_header(ListRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !listed.tasks.is_empty(),
+        "live tasks of this live process came back"
+    );
+    assert!(
+        listed.tasks.iter().all(|t| {
+            let n: u32 = t.task_id.trim_start_matches("job-").parse().unwrap();
+            n % 2 == 0 || n + 1 >= begun
+        }),
+        "only tasks that were not ended came back"
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&daemon),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(daemon.wait().unwrap().success());
+
+    // The store agrees with its audit trail.
+    let store = Store::open(&dir.path().join("state")).unwrap();
+    let events = store.audit(&AuditQuery::default()).unwrap();
+    let mut issued = 0;
+    for event in &events {
+        match event.kind {
+            AuditKind::Issuance | AuditKind::Rotation => {
+                let serial = event.serial.as_deref().unwrap();
+                assert!(
+                    store.svid(serial).unwrap().is_some(),
+                    "audited SVID {serial} has its record"
+                );
+                issued += 1;
+            }
+            AuditKind::TaskBegin => {
+                let instance = event.instance_id.as_deref().unwrap();
+                let task = event.task_id.as_deref().unwrap();
+                let tasks = store.tasks_of(instance).unwrap();
+                assert!(
+                    tasks.iter().any(|t| t.task_id == task),
+                    "audited task {task} has its record"
+                );
+            }
+            _ => {}
+        }
+    }
+    assert!(issued > 10);
+    for instance in store.live_instances().unwrap() {
+        for svid in store.svids_of(&instance.instance_id).unwrap() {
+            let audited = events
+                .iter()
+                .any(|e| e.serial.as_deref() == Some(svid.serial.as_str()));
+            assert!(audited, "SVID {} has its audit row", svid.serial);
+        }
+    }
+}
