@@ -140,8 +140,18 @@ async fn drive<T>(
             () = tx.closed() => return,
             () = shutdown.cancelled() => return,
         }
+        // Changes come in bursts (a task ends, then the CRL that revokes its
+        // SVID): wait a moment so they reach the client as one message.
+        tokio::select! {
+            () = tokio::time::sleep(PUSH_COALESCE) => {}
+            () = shutdown.cancelled() => return,
+        }
     }
 }
+
+/// How long a stream gathers changes before pushing: longer than the CRL
+/// publisher's own coalescing, far below the one-second push budget.
+const PUSH_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The one mapping from identity errors to gRPC status on the workload socket.
 pub(crate) fn status(e: &identity::Error) -> Status {
