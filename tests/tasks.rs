@@ -380,3 +380,34 @@ async fn a_restart_keeps_the_tasks_of_live_processes_and_the_crl() {
     assert_eq!(listed.tasks.len(), 1);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_svid_leaves_the_crl_once_it_has_expired() {
+    let daemon = TestDaemon::start_with(&config("[svid]\ntask_ttl = \"2s\"")).await;
+    let mut stream = open_stream(&daemon).await;
+    next_within_a_second(&mut stream).await;
+    let mut tasks = tasks_client(&daemon.socket).await;
+    tasks.begin(begin("job-1", 600)).await.unwrap();
+    let msg = until(&mut stream, Duration::from_secs(1), |m| m.svids.len() == 2).await;
+    let serial = serial_of(&msg.svids[1].x509_svid);
+    tasks
+        .end(with_header(EndRequest {
+            task_id: "job-1".into(),
+        }))
+        .await
+        .unwrap();
+    until(&mut stream, Duration::from_secs(1), |m| {
+        m.crl
+            .first()
+            .is_some_and(|c| crl_serials(c).contains(&serial))
+    })
+    .await;
+    // The task SVID lived 2s: soon after, the CRL no longer needs it.
+    until(&mut stream, Duration::from_secs(5), |m| {
+        m.crl
+            .first()
+            .is_some_and(|c| !crl_serials(c).contains(&serial))
+    })
+    .await;
+    daemon.stop().await;
+}

@@ -23,6 +23,8 @@ use crate::store::Store;
 pub const COALESCE: Duration = Duration::from_millis(50);
 /// How long a CRL is valid (its nextUpdate); re-signed at half of it.
 pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600); // 1 day
+/// How long expired SVID records are kept before housekeeping deletes them.
+const KEEP_EXPIRED: Duration = Duration::from_secs(7 * 24 * 3600); // 7 days
 /// Pause after a failure to build a CRL (e.g. the store is unreadable).
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -106,6 +108,9 @@ fn publish(
         entries = entries.len(),
         "published a CRL"
     );
+    // Housekeeping rides along: SVID rows long expired are of no use to
+    // revocation (the audit trail keeps the history).
+    store.prune_expired_svids(now, KEEP_EXPIRED)?;
     let soonest_expiry = revoked.iter().map(|r| r.not_after).min();
     let half_life = now + CRL_VALIDITY / 2;
     Ok(soonest_expiry.map_or(half_life, |t| t.min(half_life)))
