@@ -112,7 +112,7 @@ async fn kill_9_mid_load_then_restart_leaves_a_readable_consistent_store() {
     assert!(
         listed.tasks.iter().all(|t| {
             let n: u32 = t.task_id.trim_start_matches("job-").parse().unwrap();
-            n % 2 == 0 || n + 1 >= begun
+            n.is_multiple_of(2) || n + 1 >= begun
         }),
         "only tasks that were not ended came back"
     );
