@@ -227,3 +227,41 @@ fn run_without_a_config_serves_the_current_user_from_its_runtime_dir() {
     let sock_mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(sock_mode, 0o777, "workload socket is open to all");
 }
+
+#[test]
+fn a_corrupt_store_stops_the_daemon_and_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let db = state.join("sigil.db");
+    let garbage = b"this is not a database, but someone's precious file".repeat(100);
+    std::fs::write(&db, &garbage).unwrap();
+    let config = dir.path().join("sigil.toml");
+    std::fs::write(
+        &config,
+        format!("trust_domain = \"cli.test\"\n[[entry]]\nname = \"me\"\nselectors = [\"unix:uid:{}\"]\n", uid()),
+    )
+    .unwrap();
+    let out = Command::new(SIGIL)
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--socket")
+        .arg(dir.path().join("w.sock"))
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("corrupt") && stderr.contains("sigil.db"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        garbage,
+        "the file is untouched"
+    );
+}

@@ -411,3 +411,66 @@ async fn a_revoked_svid_leaves_the_crl_once_it_has_expired() {
     .await;
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_an_instance_ends_its_tasks_and_its_stream_and_lists_its_svids() {
+    let daemon = TestDaemon::start_with(&config("")).await;
+    let mut stream = open_stream(&daemon).await;
+    next_within_a_second(&mut stream).await;
+    tasks_client(&daemon.socket)
+        .await
+        .begin(begin("job-1", 300))
+        .await
+        .unwrap();
+    let msg = until(&mut stream, Duration::from_secs(1), |m| m.svids.len() == 2).await;
+    let serials: Vec<String> = msg.svids.iter().map(|s| serial_of(&s.x509_svid)).collect();
+    let mut bundle = daemon.identity().bundle();
+    let instance = daemon.identity().instances()[0].instance_id.clone();
+    daemon
+        .identity()
+        .revoke_instance(&instance, "test operator".into())
+        .await
+        .unwrap();
+    // The SVID stream ends with PermissionDenied (the rust client then
+    // withdraws its SVIDs)...
+    let end = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ended within a second");
+    let status = end.expect("an error, not a silent end").unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(status.message().contains("no identity issued"));
+    // ...every SVID it held is on the CRL (the revoked process cannot ask
+    // for it over the socket any more, so read the daemon's bundle)...
+    tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            let listed = bundle
+                .borrow_and_update()
+                .crls
+                .first()
+                .map(|c| crl_serials(c))
+                .unwrap_or_default();
+            if serials.iter().all(|s| listed.contains(s)) {
+                return;
+            }
+            bundle.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the CRL lists the instance's SVIDs within a second");
+    // ...and the process stays revoked: a new request is refused.
+    let again = raw_client(&daemon.socket)
+        .await
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::PermissionDenied);
+    assert!(again.message().contains("revoked"), "{}", again.message());
+    daemon.stop().await;
+}

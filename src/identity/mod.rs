@@ -68,6 +68,10 @@ pub enum Error {
     /// No live instance with this id.
     #[error("no live instance {0}")]
     UnknownInstance(String),
+    /// This very process (same pid, start time and boot) had its identity
+    /// revoked; it stays revoked for as long as it runs.
+    #[error("this process's identity was revoked ({0})")]
+    Revoked(String),
     /// The instance ended while the request was in flight.
     #[error("the instance ended")]
     InstanceEnded,
@@ -432,6 +436,22 @@ impl IdentityManager {
         };
         if let Some(live) = self.live_instance(&attestation) {
             return Ok(live);
+        }
+        // An instance id names one process: if we ended it while it still
+        // runs (revoked, or it stopped matching), it does not come back.
+        if let Some(record) = self
+            .shared
+            .store
+            .instance(attestation.instance_id.as_str())?
+            && record.ended_at.is_some()
+        {
+            let reason = record.end_reason.unwrap_or_default();
+            self.shared.audit_refusal(
+                &peer,
+                &format!("revoked instance: {reason}"),
+                Some(&attestation),
+            );
+            return Err(Error::Revoked(reason));
         }
         let entries = match self.shared.matching(&attestation) {
             Ok(entries) => entries,

@@ -161,7 +161,9 @@ pub(crate) fn status(e: &identity::Error) -> Status {
             Status::permission_denied(format!("{NO_IDENTITY_ISSUED}: {e}"))
         }
         E::ShuttingDown => Status::unavailable(e.to_string()),
-        E::InstanceEnded => Status::permission_denied(format!("{NO_IDENTITY_ISSUED}: {e}")),
+        E::InstanceEnded | E::Revoked(_) => {
+            Status::permission_denied(format!("{NO_IDENTITY_ISSUED}: {e}"))
+        }
         E::Task(refusal) if refusal.is_invalid_request() => Status::invalid_argument(e.to_string()),
         E::Task(_) => Status::permission_denied(e.to_string()),
         E::UnknownTask(_) | E::UnknownInstance(_) => Status::not_found(e.to_string()),
