@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::state::Live;
-use super::{BeginTask, Error, InstanceState, Shared, TaskInfo, schedule};
+use super::{BeginTask, Error, InstanceState, Shared, TaskInfo, blocking, schedule};
 use crate::attest::{self, exit_watch};
 use crate::policy::Requester;
 
@@ -120,7 +120,7 @@ impl InstanceTask {
                 actor,
                 reply,
             } => {
-                let result = self.live.begin(&shared, req, requester, &actor);
+                let result = blocking(|| self.live.begin(&shared, req, requester, &actor));
                 if result.is_ok() {
                     self.publish();
                 }
@@ -131,7 +131,8 @@ impl InstanceTask {
                 actor,
                 reply,
             } => {
-                let result = self.live.end(&shared, &task_id, "ended by request", &actor);
+                let result =
+                    blocking(|| self.live.end(&shared, &task_id, "ended by request", &actor));
                 if result.is_ok() {
                     self.publish();
                 }
@@ -157,14 +158,16 @@ impl InstanceTask {
     async fn tick(&mut self) -> Step {
         let shared = self.shared.clone();
         let now = SystemTime::now();
-        let mut changed = match self.live.expire_tasks(&shared, now) {
+        let mut changed = match blocking(|| self.live.expire_tasks(&shared, now)) {
             Ok(changed) => changed,
             Err(e) => return self.retry_later(&e).await,
         };
         if self.live.rotation_due(now) {
             match self.reattest().await {
                 Ok((attestation, entries)) => {
-                    if let Err(e) = self.live.rotate_due(&shared, attestation, entries, now) {
+                    let rotated =
+                        blocking(|| self.live.rotate_due(&shared, attestation, entries, now));
+                    if let Err(e) = rotated {
                         self.publish();
                         return self.retry_later(&e).await;
                     }
@@ -228,7 +231,7 @@ impl InstanceTask {
     fn finish(&mut self, state: InstanceState, reason: &str, actor: &str) -> Step {
         let shared = self.shared.clone();
         let id = self.live.attestation.instance_id.clone();
-        if let Err(e) = self.live.end_all(&shared, reason, actor) {
+        if let Err(e) = blocking(|| self.live.end_all(&shared, reason, actor)) {
             tracing::error!(instance = %id, error = %e, "cannot record the end of an instance; its SVIDs expire on their own");
         }
         shared.remove_instance(&id, self.live.attestation.facts.start_time);

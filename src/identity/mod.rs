@@ -479,15 +479,20 @@ impl IdentityManager {
         attestation: Attestation,
         entries: Vec<Arc<Entry>>,
     ) -> Result<(watch::Receiver<InstanceState>, mpsc::Sender<Command>), Error> {
+        if let Some(live) = self.live_instance(&attestation) {
+            return Ok(live);
+        }
+        // Mint and record outside the map's lock: that is disk and signing
+        // work, and other callers must not wait on it.
+        let live = blocking(|| state::Live::start(&self.shared, attestation, entries))?;
         let mut instances = self.shared.lock_instances();
         // Another request of the same process may have won the race: keep its
-        // SVIDs, so every stream sees the same ones.
-        if let Some(existing) = instances.get(&attestation.instance_id)
+        // SVIDs, so every stream sees the same ones (ours expire unused).
+        if let Some(existing) = instances.get(&live.attestation.instance_id)
             && matches!(*existing.state.borrow(), InstanceState::Active(_))
         {
             return Ok((existing.state.clone(), existing.commands.clone()));
         }
-        let live = state::Live::start(&self.shared, attestation, entries)?;
         let id = live.attestation.instance_id.clone();
         let (pid, start_time) = (
             live.attestation.facts.pid,
@@ -496,7 +501,7 @@ impl IdentityManager {
         let (state_tx, state_rx) = watch::channel(InstanceState::Active(live.identity_set()));
         let (commands_tx, commands_rx) = mpsc::channel(16);
         instances.insert(
-            id.clone(),
+            id,
             InstanceHandle {
                 state: state_rx.clone(),
                 commands: commands_tx.clone(),
@@ -507,6 +512,17 @@ impl IdentityManager {
         let task = instance::InstanceTask::new(self.shared.clone(), live, state_tx, commands_rx);
         self.tracker.spawn(task.run(self.shutdown.clone()));
         Ok((state_rx, commands_tx))
+    }
+}
+
+/// Runs store and signing work (SQLite commits with fsync, ECDSA) without
+/// stalling the runtime: on the multi-thread runtime the daemon uses, the
+/// worker hands its other tasks to another thread while this one blocks.
+/// On a current-thread runtime (some tests) it simply runs.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -51,7 +51,7 @@ pub(crate) fn spawn_publisher(
     let trigger = CrlTrigger(notify.clone());
     tracker.spawn(async move {
         loop {
-            let next = match publish(&store, &ca, &bundle) {
+            let next = match super::blocking(|| publish(&store, &ca, &bundle)) {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot build the CRL; retrying");
