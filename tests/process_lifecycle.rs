@@ -133,8 +133,16 @@ async fn a_process_that_exits_is_gone_from_the_daemon_within_a_second() {
         "instance still there {:?} after exit",
         exited.elapsed()
     );
-    // Its stream ends too.
-    let end = tokio::time::timeout(Duration::from_secs(1), stream.next()).await;
+    // Its stream ends too (after any CRL-only update still in flight).
+    let end = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
     assert!(matches!(end, Ok(None)), "stream ended: {end:?}");
     daemon.stop().await;
 }
@@ -230,8 +238,12 @@ async fn a_process_exit_ends_its_tasks_and_another_agent_cannot_end_them() {
         .into_inner();
     child_stream.next().await.unwrap().unwrap();
     child_tasks.begin(begin("child-job")).await.unwrap();
-    let with_task = child_stream.next().await.unwrap().unwrap();
-    assert_eq!(with_task.svids.len(), 2);
+    let with_task = loop {
+        let msg = child_stream.next().await.unwrap().unwrap();
+        if msg.svids.len() == 2 {
+            break msg;
+        }
+    };
     let child_serials: Vec<String> = with_task
         .svids
         .iter()
@@ -284,5 +296,58 @@ async fn a_process_exit_ends_its_tasks_and_another_agent_cannot_end_them() {
     .await
     .expect("the child's SVIDs are on the CRL soon after it exits");
     assert!(revoked.len() >= 2);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_exec_the_next_request_is_refused_and_the_instance_ends_at_once() {
+    // A long TTL: no rotation comes to the rescue, the request itself must.
+    let config = format!(
+        "trust_domain = \"sigil.test\"\n[svid]\ninstance_ttl = \"1h\"\n[[entry]]\nname = \"py\"\nselectors = [\"unix:path:{}\"]\n[entry.tasks]\nself_declare = true\n",
+        python_exe()
+    );
+    let daemon = TestDaemon::start_with(&config).await;
+    let (mut agent, connection) = Agent::start(&daemon, "exec");
+    let pid = agent.child.id();
+    let channel = channel_over(connection).await;
+    let mut client = SpiffeWorkloadApiClient::new(channel.clone());
+    let mut stream = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+
+    agent.proceed();
+    let exec_done = eventually(Duration::from_secs(2), || {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|p| p.to_string_lossy().ends_with("/sleep"))
+    })
+    .await;
+    assert!(exec_done, "the child exec'd sleep");
+
+    // A task request on the same connection is refused: the caller is
+    // attested afresh and no longer matches.
+    let refused = TasksClient::new(channel)
+        .begin(begin("after-exec"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    // ...and the open stream ends with PermissionDenied, long before rotation.
+    let end = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ended within two seconds");
+    let status = end.expect("an error, not a silent end").unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(daemon.identity().instances().iter().all(|i| i.pid != pid));
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
     daemon.stop().await;
 }

@@ -225,7 +225,10 @@ async fn shutdown_ends_open_streams() {
         .into_inner();
     stream.next().await.unwrap().unwrap();
     let stopping = tokio::spawn(daemon.stop());
-    let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
     assert!(end.is_ok(), "the stream ended when the daemon stopped");
     stopping.await.unwrap();
 }

@@ -56,8 +56,15 @@ fn register(fd: std::os::fd::OwnedFd) -> std::io::Result<AsyncFd<std::os::fd::Ow
     AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
 }
 
+/// False only when the kernel says the process is gone or the pid is now
+/// another process; a passing read error (e.g. out of file descriptors)
+/// counts as still running, so it cannot end a live agent's identity.
 fn is_same_process(pid: u32, start_time: u64) -> bool {
-    matches!(process::start_time(pid), Ok(t) if t == start_time)
+    match process::start_time(pid) {
+        Ok(t) => t == start_time,
+        Err(Error::ProcessGone { .. } | Error::ProcessChanged { .. }) => false,
+        Err(_) => true,
+    }
 }
 
 async fn poll_for_exit(pid: u32, start_time: u64) -> Result<(), Error> {

@@ -217,8 +217,17 @@ impl Ca {
     /// [`Error::Signing`] when rcgen refuses the parameters.
     pub fn sign_svid(&self, req: &SvidRequest) -> Result<Svid, Error> {
         let what = || req.spiffe_id.to_string();
-        let key = KeyPair::generate().map_err(|e| signing_error(&what(), e))?;
         let now = SystemTime::now();
+        if self.not_after <= now {
+            return Err(Error::Signing {
+                what: what(),
+                message: format!(
+                    "the CA certificate expired at {}; move the CA files in state_dir/ca away to make a new CA (verifiers then need the new bundle)",
+                    humantime::format_rfc3339_seconds(self.not_after)
+                ),
+            });
+        }
+        let key = KeyPair::generate().map_err(|e| signing_error(&what(), e))?;
         let not_before = now - profile::BACKDATE;
         let not_after = (now + req.ttl).min(self.not_after);
         let serial = profile::random_serial();

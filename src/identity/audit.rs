@@ -47,18 +47,24 @@ pub(crate) fn event(kind: AuditKind, actor: &str) -> AuditEvent {
 impl Shared {
     /// Appends an event on its own; a failure is logged at warn.
     pub(crate) fn audit(&self, event: &AuditEvent) {
-        if let Err(e) = self.store.append_audit(event) {
+        if let Err(e) = super::blocking(|| self.store.append_audit(event)) {
             tracing::warn!(error = %e, kind = %event.kind, "cannot write an audit event");
         }
     }
 
-    /// Records a refused caller.
+    /// Records a refused caller, at most once per [`REFUSAL_AUDIT_INTERVAL`]
+    /// per pid: the socket is open to every local user, and a client that
+    /// retries forever must not be able to fill the append-only log.
     pub(crate) fn audit_refusal(
         &self,
         peer: &PeerCred,
         reason: &str,
         attestation: Option<&Attestation>,
     ) {
+        if !self.refusals.should_audit(peer.pid) {
+            tracing::debug!(pid = peer.pid, %reason, "refused (audit rate-limited)");
+            return;
+        }
         let mut ev = event(AuditKind::Refusal, &peer_actor(peer));
         ev.instance_id = attestation.map(|a| a.instance_id.to_string());
         ev.detail = json!({
@@ -66,5 +72,48 @@ impl Shared {
             "selectors": attestation.map(selectors_json),
         });
         self.audit(&ev);
+    }
+}
+
+/// Least time between two audited refusals of the same pid.
+pub(crate) const REFUSAL_AUDIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// Most pids remembered by the limiter before it starts afresh.
+const MAX_TRACKED_PIDS: usize = 4096;
+
+/// Remembers when each pid's refusal was last audited.
+#[derive(Default)]
+pub(crate) struct RefusalLimiter {
+    last: std::sync::Mutex<std::collections::HashMap<u32, std::time::Instant>>,
+}
+
+impl RefusalLimiter {
+    /// True when `pid`'s refusal should be written now.
+    pub(crate) fn should_audit(&self, pid: u32) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if last
+            .get(&pid)
+            .is_some_and(|t| now.duration_since(*t) < REFUSAL_AUDIT_INTERVAL)
+        {
+            return false;
+        }
+        if last.len() >= MAX_TRACKED_PIDS {
+            last.clear();
+        }
+        last.insert(pid, now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_refused_again_within_the_interval_is_not_audited_twice() {
+        let limiter = RefusalLimiter::default();
+        assert!(limiter.should_audit(7));
+        assert!(!limiter.should_audit(7));
+        assert!(limiter.should_audit(8));
     }
 }

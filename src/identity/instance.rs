@@ -12,7 +12,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::state::Live;
-use super::{BeginTask, Error, InstanceState, Shared, TaskInfo, blocking, schedule};
+use super::{
+    BeginTask, Error, InstanceState, REVOKED_PREFIX, Shared, TaskInfo, blocking, schedule,
+};
 use crate::attest::{self, exit_watch};
 use crate::policy::Requester;
 
@@ -35,6 +37,8 @@ pub(crate) enum Command {
     List {
         reply: oneshot::Sender<Result<Vec<TaskInfo>, Error>>,
     },
+    /// Re-attest now (a request from the process no longer matched).
+    Recheck,
     /// Revoke the whole instance.
     Revoke {
         actor: String,
@@ -65,6 +69,7 @@ pub(super) struct InstanceTask {
 
 enum Step {
     Continue,
+    Recheck,
     Stop,
 }
 
@@ -105,6 +110,13 @@ impl InstanceTask {
                 Some(command) = self.commands.recv() => self.handle(command),
                 () = tokio::time::sleep(delay) => self.tick().await,
             };
+            let step = match step {
+                Step::Recheck => match self.reattest().await {
+                    Ok(_) => Step::Continue,
+                    Err(step) => step,
+                },
+                other => other,
+            };
             if let Step::Stop = step {
                 return;
             }
@@ -141,14 +153,13 @@ impl InstanceTask {
             Command::List { reply } => {
                 let _ = reply.send(Ok(self.live.list()));
             }
+            Command::Recheck => return Step::Recheck,
             Command::Revoke { actor, reply } => {
-                let step = self.finish(
-                    InstanceState::Revoked(format!("revoked by {actor}")),
-                    "revoked",
-                    &actor,
-                );
-                let _ = reply.send(Ok(()));
-                return step;
+                let reason = format!("{REVOKED_PREFIX} by {actor}");
+                let result =
+                    self.end_instance(InstanceState::Revoked(reason.clone()), &reason, &actor);
+                let _ = reply.send(result);
+                return Step::Stop;
             }
         }
         Step::Continue
@@ -199,10 +210,9 @@ impl InstanceTask {
             Ok(Err(attest::Error::ProcessGone { .. } | attest::Error::ProcessChanged { .. })) => {
                 return Err(self.finish(InstanceState::Exited, "process exited", "daemon"));
             }
-            Ok(Err(e)) => {
-                let reason = format!("re-attestation failed: {e}");
-                return Err(self.finish(InstanceState::Revoked(reason.clone()), &reason, "daemon"));
-            }
+            // Not readable right now (e.g. out of file descriptors): keep the
+            // current SVIDs and try again shortly; they stay valid meanwhile.
+            Ok(Err(e)) => return Err(self.retry_later(&e.into()).await),
             Err(_) => return Err(Step::Stop), // runtime shutting down
         };
         match self.shared.matching(&attestation) {
@@ -229,9 +239,22 @@ impl InstanceTask {
 
     /// Ends the instance: tasks end, SVIDs are revoked, streams are told.
     fn finish(&mut self, state: InstanceState, reason: &str, actor: &str) -> Step {
+        let _ = self.end_instance(state, reason, actor);
+        Step::Stop
+    }
+
+    /// Ends the instance whatever happens (streams are told, the instance is
+    /// forgotten), and says whether its end was recorded and its SVIDs revoked.
+    fn end_instance(
+        &mut self,
+        state: InstanceState,
+        reason: &str,
+        actor: &str,
+    ) -> Result<(), Error> {
         let shared = self.shared.clone();
         let id = self.live.attestation.instance_id.clone();
-        if let Err(e) = blocking(|| self.live.end_all(&shared, reason, actor)) {
+        let recorded = blocking(|| self.live.end_all(&shared, reason, actor));
+        if let Err(e) = &recorded {
             tracing::error!(instance = %id, error = %e, "cannot record the end of an instance; its SVIDs expire on their own");
         }
         shared.remove_instance(&id, self.live.attestation.facts.start_time);
@@ -239,6 +262,6 @@ impl InstanceTask {
             tracing::warn!(instance = %id, reason = %why, "instance lost its identity");
         }
         self.tx.send_replace(state);
-        Step::Stop
+        recorded
     }
 }

@@ -28,6 +28,9 @@ use crate::policy::{Entry, EntrySet, Requester, TaskRefusal, TemplateError};
 use crate::store::{self, Store};
 use instance::Command;
 
+/// How the store's end reason of an explicitly revoked instance begins.
+pub(crate) const REVOKED_PREFIX: &str = "revoked";
+
 /// The Workload API hint of the default SVID.
 pub const INSTANCE_HINT: &str = "instance";
 
@@ -178,6 +181,7 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<Store>,
     pub(crate) settings: SvidSettings,
     pub(crate) crl: revoke::CrlTrigger,
+    refusals: audit::RefusalLimiter,
     instances: Mutex<HashMap<InstanceId, InstanceHandle>>,
 }
 
@@ -232,6 +236,7 @@ impl IdentityManager {
             store: parts.store,
             settings: parts.settings,
             crl,
+            refusals: audit::RefusalLimiter::default(),
             instances: Mutex::new(HashMap::new()),
         });
         Self {
@@ -257,22 +262,31 @@ impl IdentityManager {
                 tokio::task::spawn_blocking(move || shared.attestor.reattest(pid, start))
                     .await
                     .map_err(|_| Error::ShuttingDown)?;
-            let live = match reattested {
+            let outcome = match reattested {
                 Ok(a) if same_boot && a.instance_id.as_str() == record.instance_id => {
-                    self.shared.matching(&a).ok().map(|entries| (a, entries))
+                    match self.shared.matching(&a) {
+                        Ok(entries) => self.start_instance(a, entries).map(drop),
+                        Err(_) => {
+                            self.end_stored(&record.instance_id, "no longer matches its entries")
+                        }
+                    }
                 }
-                _ => None,
+                // Not readable right now (e.g. out of file descriptors): leave
+                // it; it is restored on its next request.
+                Err(e @ attest::Error::ProcRead { .. }) if same_boot => Err(e.into()),
+                _ => self.end_stored(&record.instance_id, "process gone across a restart"),
             };
-            match live {
-                Some((attestation, entries)) => {
-                    self.start_instance(attestation, entries)?;
-                }
-                None => self
-                    .shared
-                    .end_stored_instance(&record.instance_id, "process gone across a restart")?,
+            // One instance that cannot be restored must not keep the daemon
+            // from serving everyone else; it gets a fresh start on request.
+            if let Err(e) = outcome {
+                tracing::warn!(instance = %record.instance_id, error = %e, "cannot restore an instance");
             }
         }
         Ok(())
+    }
+
+    fn end_stored(&self, instance_id: &str, reason: &str) -> Result<(), Error> {
+        blocking(|| self.shared.end_stored_instance(instance_id, reason))
     }
 
     /// Attests the caller and returns its instance's state channel, creating
@@ -434,18 +448,22 @@ impl IdentityManager {
                 return Err(e.into());
             }
         };
+        // Match first, even for a live instance: a process that exec'd
+        // another binary or changed uid is refused now, not at its next
+        // rotation, and its instance is told to re-attest at once.
+        let entries = match self.shared.matching(&attestation) {
+            Ok(entries) => entries,
+            Err(e) => {
+                self.recheck(&attestation.instance_id);
+                self.shared
+                    .audit_refusal(&peer, &e.to_string(), Some(&attestation));
+                return Err(e);
+            }
+        };
         if let Some(live) = self.live_instance(&attestation) {
             return Ok(live);
         }
-        // An instance id names one process: if we ended it while it still
-        // runs (revoked, or it stopped matching), it does not come back.
-        if let Some(record) = self
-            .shared
-            .store
-            .instance(attestation.instance_id.as_str())?
-            && record.ended_at.is_some()
-        {
-            let reason = record.end_reason.unwrap_or_default();
+        if let Some(reason) = blocking(|| self.shared.revocation_of(&attestation.instance_id))? {
             self.shared.audit_refusal(
                 &peer,
                 &format!("revoked instance: {reason}"),
@@ -453,15 +471,15 @@ impl IdentityManager {
             );
             return Err(Error::Revoked(reason));
         }
-        let entries = match self.shared.matching(&attestation) {
-            Ok(entries) => entries,
-            Err(e) => {
-                self.shared
-                    .audit_refusal(&peer, &e.to_string(), Some(&attestation));
-                return Err(e);
-            }
-        };
         self.start_instance(attestation, entries)
+    }
+
+    /// Asks a live instance to re-attest now (it ends itself if the process
+    /// no longer qualifies).
+    fn recheck(&self, instance: &InstanceId) {
+        if let Ok(commands) = self.commands_of(instance) {
+            let _ = commands.try_send(Command::Recheck);
+        }
     }
 
     fn live_instance(
@@ -485,7 +503,12 @@ impl IdentityManager {
         // Mint and record outside the map's lock: that is disk and signing
         // work, and other callers must not wait on it.
         let live = blocking(|| state::Live::start(&self.shared, attestation, entries))?;
+        let id = live.attestation.instance_id.clone();
         let mut instances = self.shared.lock_instances();
+        // Revoked while we were minting? Then it stays revoked.
+        if let Some(reason) = blocking(|| self.shared.revocation_of(&id))? {
+            return Err(Error::Revoked(reason));
+        }
         // Another request of the same process may have won the race: keep its
         // SVIDs, so every stream sees the same ones (ours expire unused).
         if let Some(existing) = instances.get(&live.attestation.instance_id)
@@ -542,6 +565,18 @@ impl Shared {
         {
             instances.remove(id);
         }
+    }
+
+    /// Why this very process was revoked, if it was: an explicit revocation
+    /// sticks for the life of the process (other endings do not: a process
+    /// that stopped matching its entry is refused by matching anyway).
+    pub(crate) fn revocation_of(&self, instance: &InstanceId) -> Result<Option<String>, Error> {
+        let record = self.store.instance(instance.as_str())?;
+        Ok(record.and_then(|r| {
+            r.ended_at?;
+            r.end_reason
+                .filter(|reason| reason.starts_with(REVOKED_PREFIX))
+        }))
     }
 
     /// The entries that admit this attested process.

@@ -4,11 +4,12 @@
 //! Revocations that arrive together are coalesced: a change only wakes the
 //! publisher, which waits [`COALESCE`] and then signs once from the store,
 //! so ten tasks ending at once cost one signature and one push. Entries leave
-//! the CRL when their certificate expires; the publisher wakes for that, and
+//! the CRL shortly after their certificate expires (allowing for clock skew);
+//! the publisher wakes for that, and
 //! re-signs well before the CRL's own nextUpdate.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,8 @@ use crate::store::Store;
 pub const COALESCE: Duration = Duration::from_millis(50);
 /// How long a CRL is valid (its nextUpdate); re-signed at half of it.
 pub const CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600); // 1 day
+/// How often housekeeping deletes long-expired SVID records.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600); // 1 hour
 /// How long expired SVID records are kept before housekeeping deletes them.
 const KEEP_EXPIRED: Duration = Duration::from_secs(7 * 24 * 3600); // 7 days
 /// Pause after a failure to build a CRL (e.g. the store is unreadable).
@@ -50,7 +53,16 @@ pub(crate) fn spawn_publisher(
     let notify = Arc::new(Notify::new());
     let trigger = CrlTrigger(notify.clone());
     tracker.spawn(async move {
+        let mut last_prune: Option<Instant> = None;
         loop {
+            if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                if let Err(e) =
+                    super::blocking(|| store.prune_expired_svids(SystemTime::now(), KEEP_EXPIRED))
+                {
+                    tracing::warn!(error = %e, "cannot prune expired SVID records");
+                }
+                last_prune = Some(Instant::now());
+            }
             let next = match super::blocking(|| publish(&store, &ca, &bundle)) {
                 Ok(next) => next,
                 Err(e) => {
@@ -83,7 +95,9 @@ fn publish(
     bundle: &watch::Sender<Arc<TrustBundle>>,
 ) -> Result<SystemTime, Box<dyn std::error::Error>> {
     let now = SystemTime::now();
-    let revoked = store.revoked_unexpired(now)?;
+    // An entry stays listed for BACKDATE past its certificate's expiry: a
+    // verifier whose clock is that far behind still sees it revoked.
+    let revoked = store.revoked_unexpired(now - profile::BACKDATE)?;
     let entries: Vec<RevokedEntry> = revoked
         .iter()
         .map(|r| RevokedEntry {
@@ -108,10 +122,10 @@ fn publish(
         entries = entries.len(),
         "published a CRL"
     );
-    // Housekeeping rides along: SVID rows long expired are of no use to
-    // revocation (the audit trail keeps the history).
-    store.prune_expired_svids(now, KEEP_EXPIRED)?;
-    let soonest_expiry = revoked.iter().map(|r| r.not_after).min();
+    let soonest_expiry = revoked
+        .iter()
+        .map(|r| r.not_after + profile::BACKDATE)
+        .min();
     let half_life = now + CRL_VALIDITY / 2;
     Ok(soonest_expiry.map_or(half_life, |t| t.min(half_life)))
 }

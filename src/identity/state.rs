@@ -211,7 +211,19 @@ impl Live {
             tx.insert_task(&record)?;
             tx.append_audit(&ev).map(|_| ())
         })?;
-        let held = self.mint_task_svid(shared, &info, AuditKind::Issuance)?;
+        let held = match self.mint_task_svid(shared, &info, AuditKind::Issuance) {
+            Ok(held) => held,
+            Err(e) => {
+                // No SVID, no task: do not leave a live task in the store.
+                let _ = self.revoke_task_svids(
+                    shared,
+                    &info.task_id,
+                    "could not issue its SVID",
+                    actor,
+                );
+                return Err(e);
+            }
+        };
         tracing::info!(instance = %self.attestation.instance_id, task = %info.task_id, %actor, "task began");
         self.tasks.insert(
             info.task_id.clone(),
@@ -231,11 +243,16 @@ impl Live {
         reason: &str,
         actor: &str,
     ) -> Result<TaskInfo, Error> {
+        if !self.tasks.contains_key(task_id) {
+            return Err(Error::UnknownTask(task_id.to_owned()));
+        }
+        // Record first: a task leaves memory only once its end and its
+        // revocations are in the store.
+        self.revoke_task_svids(shared, task_id, reason, actor)?;
         let task = self
             .tasks
             .remove(task_id)
             .ok_or_else(|| Error::UnknownTask(task_id.to_owned()))?;
-        self.revoke_task_svids(shared, task_id, reason, actor)?;
         tracing::info!(instance = %self.attestation.instance_id, task = %task_id, %reason, "task ended");
         Ok(task.info)
     }
@@ -269,7 +286,13 @@ impl Live {
         self.attestation = attestation;
         self.entries = entries;
         if !same_entries || self.instance_svids.iter().any(|h| h.rotate_at <= now) {
-            self.instance_svids = self.mint_instance_svids(shared, AuditKind::Rotation)?;
+            let fresh = self.mint_instance_svids(shared, AuditKind::Rotation)?;
+            let old = std::mem::replace(&mut self.instance_svids, fresh);
+            if !same_entries {
+                // The process no longer qualifies for some entry: its SVID
+                // for that entry must not stay valid until it expires.
+                self.revoke_superseded(shared, &old, "its entries changed")?;
+            }
         }
         let due: Vec<TaskInfo> = self
             .tasks
@@ -351,6 +374,7 @@ impl Live {
             .expires_at
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
+        let covers_the_task = left <= shared.settings.task_ttl;
         let req = SvidRequest {
             spiffe_id: info.spiffe_id.clone(),
             dns_names: Vec::new(),
@@ -359,7 +383,13 @@ impl Live {
                 .max(Duration::from_secs(1)),
             hint: format!("task:{}", info.task_id),
         };
-        self.mint(shared, &req, Some(&info.task_id), kind)
+        let mut held = self.mint(shared, &req, Some(&info.task_id), kind)?;
+        // An SVID that lasts to the task's end is never rotated: the task
+        // ends first (rotating it would mint ever shorter SVIDs).
+        if covers_the_task {
+            held.rotate_at = info.expires_at;
+        }
+        Ok(held)
     }
 
     /// Signs an SVID and records it with its audit row; only a recorded SVID
@@ -394,6 +424,22 @@ impl Live {
         })?;
         tracing::info!(instance = %self.attestation.instance_id, spiffe_id = %svid.spiffe_id, serial = %svid.serial, kind = %kind, "issued an X509-SVID");
         Ok(Held::new(svid))
+    }
+
+    fn revoke_superseded(&self, shared: &Shared, old: &[Held], reason: &str) -> Result<(), Error> {
+        let now = SystemTime::now();
+        let serials: Vec<String> = old.iter().map(|h| h.svid.serial.clone()).collect();
+        let mut ev = event(AuditKind::Revocation, "daemon");
+        ev.instance_id = Some(self.attestation.instance_id.to_string());
+        ev.detail = json!({ "serials": &serials, "reason": reason });
+        shared.store.transaction(|tx| {
+            for serial in &serials {
+                tx.revoke_serial(serial, now, reason)?;
+            }
+            tx.append_audit(&ev).map(|_| ())
+        })?;
+        shared.crl.refresh();
+        Ok(())
     }
 
     fn revoke_task_svids(

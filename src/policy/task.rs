@@ -15,6 +15,12 @@ pub const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(60 * 60); // 1 ho
 pub const DEFAULT_MAX_CONCURRENT_TASKS: usize = 16;
 /// Longest task id (it becomes a SPIFFE path segment).
 pub const MAX_TASK_ID_LEN: usize = 128;
+/// Most attributes on one task (they are stored and audited).
+pub const MAX_ATTRIBUTES: usize = 32;
+/// Longest attribute key, in bytes.
+pub const MAX_ATTRIBUTE_KEY: usize = 64;
+/// Longest attribute value, in bytes.
+pub const MAX_ATTRIBUTE_VALUE: usize = 1024;
 
 /// The `[entry.tasks]` table of an entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +103,11 @@ pub enum TaskRefusal {
         "task id {0:?} is not valid: use 1 to {MAX_TASK_ID_LEN} of letters, digits, '-', '.', '_' (not '.' or '..')"
     )]
     BadTaskId(String),
+    /// Too many or too large attributes.
+    #[error(
+        "task attributes: {0} (at most {MAX_ATTRIBUTES} attributes, keys of 1 to {MAX_ATTRIBUTE_KEY} bytes, values up to {MAX_ATTRIBUTE_VALUE} bytes)"
+    )]
+    BadAttributes(String),
     /// A live task already has this id.
     #[error("task {0:?} is already running for this instance")]
     DuplicateTask(String),
@@ -108,7 +119,10 @@ impl TaskRefusal {
     pub fn is_invalid_request(&self) -> bool {
         matches!(
             self,
-            Self::TtlTooLong { .. } | Self::BadTaskId(_) | Self::DuplicateTask(_)
+            Self::TtlTooLong { .. }
+                | Self::BadTaskId(_)
+                | Self::BadAttributes(_)
+                | Self::DuplicateTask(_)
         )
     }
 }
@@ -123,6 +137,37 @@ pub fn check_task_id(id: &str) -> Result<(), TaskRefusal> {
     } else {
         Err(TaskRefusal::BadTaskId(id.to_owned()))
     }
+}
+
+/// Checks the size of a task's attributes: they go to disk and to the audit
+/// log, so an agent must not be able to fill either.
+///
+/// # Errors
+/// [`TaskRefusal::BadAttributes`].
+pub fn check_attributes(
+    attributes: &std::collections::BTreeMap<String, String>,
+) -> Result<(), TaskRefusal> {
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(TaskRefusal::BadAttributes(format!(
+            "{} attributes",
+            attributes.len()
+        )));
+    }
+    for (key, value) in attributes {
+        if key.is_empty() || key.len() > MAX_ATTRIBUTE_KEY {
+            return Err(TaskRefusal::BadAttributes(format!(
+                "key of {} bytes",
+                key.len()
+            )));
+        }
+        if value.len() > MAX_ATTRIBUTE_VALUE {
+            return Err(TaskRefusal::BadAttributes(format!(
+                "value of {key:?} has {} bytes",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl TaskPolicy {
@@ -241,6 +286,26 @@ mod tests {
         assert!(!err.is_invalid_request());
         let err = check_task_id("..").unwrap_err();
         assert!(err.is_invalid_request());
+    }
+
+    #[test]
+    fn attributes_are_bounded_in_number_and_size() {
+        use std::collections::BTreeMap;
+        let ok: BTreeMap<_, _> = [("ticket".to_owned(), "42".to_owned())].into();
+        assert!(check_attributes(&ok).is_ok());
+        let many: BTreeMap<_, _> = (0..=MAX_ATTRIBUTES)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
+        assert!(check_attributes(&many).is_err());
+        let long_value: BTreeMap<_, _> =
+            [("k".to_owned(), "v".repeat(MAX_ATTRIBUTE_VALUE + 1))].into();
+        assert!(
+            check_attributes(&long_value)
+                .unwrap_err()
+                .is_invalid_request()
+        );
+        let empty_key: BTreeMap<_, _> = [(String::new(), "v".to_owned())].into();
+        assert!(check_attributes(&empty_key).is_err());
     }
 
     #[test]
