@@ -8,14 +8,17 @@
 //!
 //! # Layout
 //! Data flows one way:
-//! `workload_api` → `identity` → (`attest`, `policy`, `ca`).
+//! `workload_api` → `identity` → (`attest`, `policy`, `ca`, `store`).
 //!
 //! - [`config`]: the TOML file and the embedded defaults, validated.
 //! - [`attest`]: peer credentials and /proc → selectors and an instance id.
 //! - [`policy`]: registration entries, matching, SPIFFE ID templates.
 //! - [`ca`]: the CA key and certificate, the X.509-SVID profile, minting.
-//! - [`identity`]: per-instance SVIDs, rotation, re-attestation, exit.
-//! - [`workload_api`]: the gRPC server on the socket (a thin adapter).
+//! - [`identity`]: per-instance SVIDs, tasks, rotation, re-attestation,
+//!   exit, revocation and the CRL publisher.
+//! - [`store`]: SQLite: instances, tasks, SVIDs, revocations, audit log.
+//! - [`workload_api`]: the gRPC server on the socket (thin adapters for the
+//!   Workload API and the task extension, and the `:authority` repair).
 //! - [`app`]: the single wiring point; [`shutdown`]: stop and drain.
 //! - [`cli`]: the `sigil` command line.
 

@@ -4,7 +4,7 @@
 //! the checks that stop a recycled PID from taking another process's
 //! identity. Does not own: which entries match (that is `policy`), nor any
 //! gRPC type. Everything here is blocking /proc I/O; async callers use
-//! `spawn_blocking`.
+//! `spawn_blocking` (the exit watch, which waits on a pidfd, is async).
 
 pub mod exit_watch;
 pub mod process;

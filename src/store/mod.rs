@@ -7,8 +7,8 @@
 //! record types are in `records.rs`, their SQL in `instances.rs` and
 //! `svids.rs`, the audit trail in `audit.rs`, the schema in `schema.rs` and
 //! the careful opening of the file in `open.rs`. It does not decide *when* to revoke or what to
-//! audit; `identity` does. Calls block on disk I/O, so async callers should
-//! use `spawn_blocking`.
+//! audit; `identity` does. Calls block on disk I/O (every commit is fsynced),
+//! so async callers run them through `identity::blocking` (block_in_place).
 
 mod audit;
 #[cfg(test)]

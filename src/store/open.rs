@@ -1,5 +1,5 @@
 //! Opening the database file safely: creating it 0600, checking an existing
-//! file read-only (integrity, schema version, ownership) before anything can
+//! file read-only (integrity, schema version, application id) before anything can
 //! write to it, then setting the durability pragmas and migrating.
 
 use std::fs::{self, DirBuilder, OpenOptions, Permissions};
