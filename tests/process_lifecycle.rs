@@ -21,7 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    TestDaemon, channel_over, client_over, config_for_me, eventually, tasks_client, with_header,
+    TestDaemon, channel_over, client_over, config_for_me, crl_serials, eventually, serial_of,
+    stream_end, tasks_client, with_header,
 };
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
 use sigil::proto::sigil::workload::v1::tasks_client::TasksClient;
@@ -134,15 +135,7 @@ async fn a_process_that_exits_is_gone_from_the_daemon_within_a_second() {
         exited.elapsed()
     );
     // Its stream ends too (after any CRL-only update still in flight).
-    let end = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await;
+    let end = tokio::time::timeout(Duration::from_secs(1), stream_end(&mut stream)).await;
     assert!(matches!(end, Ok(None)), "stream ended: {end:?}");
     daemon.stop().await;
 }
@@ -205,19 +198,6 @@ fn begin(task_id: &str) -> tonic::Request<BeginRequest> {
         }),
         attributes: Default::default(),
     })
-}
-
-fn crl_serials(crl: &[u8]) -> Vec<String> {
-    let (_, parsed) = x509_parser::parse_x509_crl(crl).unwrap();
-    parsed
-        .iter_revoked_certificates()
-        .map(|r| hex::encode(r.raw_serial()))
-        .collect()
-}
-
-fn serial_of(der: &[u8]) -> String {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-    hex::encode(cert.raw_serial())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,16 +314,9 @@ async fn after_an_exec_the_next_request_is_refused_and_the_instance_ends_at_once
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     // ...and the open stream ends with PermissionDenied, long before rotation.
-    let end = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the stream ended within two seconds");
+    let end = tokio::time::timeout(Duration::from_secs(2), stream_end(&mut stream))
+        .await
+        .expect("the stream ended within two seconds");
     let status = end.expect("an error, not a silent end").unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert!(daemon.identity().instances().iter().all(|i| i.pid != pid));

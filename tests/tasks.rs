@@ -13,7 +13,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestDaemon, config_for_me, raw_client, tasks_client, with_header};
+use common::{
+    TestDaemon, config_for_me, crl_serials, raw_client, serial_of, stream_end, tasks_client,
+    with_header,
+};
 use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest, ListRequest};
 use sigil::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
 use tokio_stream::StreamExt;
@@ -73,11 +76,6 @@ async fn until(
     .expect("the expected update arrived in time")
 }
 
-fn serial_of(der: &[u8]) -> String {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-    hex::encode(cert.raw_serial())
-}
-
 /// webpki's verdict on `leaf` given the bundle and the CRL.
 fn webpki_verdict(bundle: &[u8], crl: &[u8], leaf: &[u8]) -> Result<(), webpki::Error> {
     let crl = webpki::BorrowedCertRevocationList::from_der(crl)?.to_owned()?;
@@ -100,14 +98,6 @@ fn webpki_verdict(bundle: &[u8], crl: &[u8], leaf: &[u8]) -> Result<(), webpki::
         None,
     )
     .map(|_| ())
-}
-
-fn crl_serials(crl: &[u8]) -> Vec<String> {
-    let (_, parsed) = x509_parser::parse_x509_crl(crl).unwrap();
-    parsed
-        .iter_revoked_certificates()
-        .map(|r| hex::encode(r.raw_serial()))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,16 +424,9 @@ async fn revoking_an_instance_ends_its_tasks_and_its_stream_and_lists_its_svids(
         .unwrap();
     // The SVID stream ends with PermissionDenied (the rust client then
     // withdraws its SVIDs)...
-    let end = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the stream ended within a second");
+    let end = tokio::time::timeout(Duration::from_secs(1), stream_end(&mut stream))
+        .await
+        .expect("the stream ended within a second");
     let status = end.expect("an error, not a silent end").unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert!(status.message().contains("no identity issued"));

@@ -167,3 +167,30 @@ pub async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> boo
     }
     check()
 }
+
+/// The serials (lower-case hex) a DER CRL lists.
+pub fn crl_serials(crl: &[u8]) -> Vec<String> {
+    let (_, parsed) = x509_parser::parse_x509_crl(crl).expect("a CRL");
+    parsed
+        .iter_revoked_certificates()
+        .map(|r| hex::encode(r.raw_serial()))
+        .collect()
+}
+
+/// The serial (lower-case hex) of a DER certificate.
+pub fn serial_of(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("a certificate");
+    hex::encode(cert.raw_serial())
+}
+
+/// Reads a stream past any further messages to how it ends: `None` for a
+/// clean end, `Some(Err(status))` for an error.
+pub async fn stream_end<T>(stream: &mut tonic::Streaming<T>) -> Option<Result<T, tonic::Status>> {
+    use tokio_stream::StreamExt;
+    loop {
+        match stream.next().await {
+            Some(Ok(_)) => continue,
+            other => return other,
+        }
+    }
+}
