@@ -101,6 +101,7 @@ fn main() {
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
         accepted_at_ticks: Some(now_in_ticks()),
+        start_time: None,
     };
     report(
         "attest a process (cached digest)",

@@ -43,6 +43,13 @@ pub enum Error {
         /// The pid the connection came from.
         pid: u32,
     },
+    /// The process at this pid is not the one that connected (its pidfd
+    /// says the connecting process had another start time).
+    #[error("process {pid} is not the process that connected: its pid was reused; refusing")]
+    PidReused {
+        /// The pid the connection came from.
+        pid: u32,
+    },
     /// The process's uid is not the uid it connected with.
     #[error("process {pid} connected as uid {peer_uid} but now runs as uid {proc_uid}; refusing")]
     CredentialsChanged {
@@ -88,6 +95,11 @@ pub struct PeerCred {
     /// When the connection was accepted, in clock ticks since boot (the unit
     /// of /proc/<pid>/stat's start time), if known.
     pub accepted_at_ticks: Option<u64>,
+    /// The start time of the very process that connected, pinned through
+    /// its pidfd (SO_PEERPIDFD, Linux 6.5+) when the connection was accepted.
+    /// With it, a recycled pid is refused exactly; without it, attestation
+    /// falls back on `accepted_at_ticks`.
+    pub start_time: Option<u64>,
 }
 
 /// An attested process: who it is and the selectors it was found to have.
@@ -137,6 +149,9 @@ impl Attestor {
     pub fn attest(&self, peer: &PeerCred) -> Result<Attestation, Error> {
         let pid = peer.pid;
         let start = process::start_time(pid)?;
+        if peer.start_time.is_some_and(|pinned| pinned != start) {
+            return Err(Error::PidReused { pid });
+        }
         if let Some(accepted) = peer.accepted_at_ticks {
             // One tick of slack: start times are rounded down to a tick.
             if start > accepted.saturating_add(1) {
@@ -237,6 +252,7 @@ mod tests {
             uid: nix::unistd::geteuid().as_raw(),
             gid: nix::unistd::getegid().as_raw(),
             accepted_at_ticks: Some(now_in_ticks()),
+            start_time: None,
         }
     }
 
@@ -270,6 +286,23 @@ mod tests {
         };
         let err = attestor.attest(&peer).unwrap_err();
         assert!(matches!(err, Error::StartedAfterConnect { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_process_other_than_the_pinned_one_is_refused() {
+        let attestor = Attestor::new().unwrap();
+        let start = process::start_time(std::process::id()).unwrap();
+        let reused = PeerCred {
+            start_time: Some(start + 1),
+            ..me()
+        };
+        let err = attestor.attest(&reused).unwrap_err();
+        assert!(matches!(err, Error::PidReused { .. }), "{err}");
+        let pinned = PeerCred {
+            start_time: Some(start),
+            ..me()
+        };
+        assert!(attestor.attest(&pinned).is_ok());
     }
 
     #[test]

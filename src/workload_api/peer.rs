@@ -25,6 +25,8 @@ pub struct PeerInfo {
     pub uds: UdsConnectInfo,
     /// When the connection was accepted, in clock ticks since boot.
     pub accepted_at_ticks: u64,
+    /// Start time of the connecting process, pinned through its pidfd.
+    pub start_time: Option<u64>,
 }
 
 impl PeerInfo {
@@ -36,6 +38,7 @@ impl PeerInfo {
             uid: cred.uid(),
             gid: cred.gid(),
             accepted_at_ticks: Some(self.accepted_at_ticks),
+            start_time: self.start_time,
         })
     }
 }
@@ -44,6 +47,7 @@ impl PeerInfo {
 pub struct AcceptedStream {
     inner: UnixStream,
     accepted_at_ticks: u64,
+    start_time: Option<u64>,
 }
 
 impl Connected for AcceptedStream {
@@ -53,6 +57,7 @@ impl Connected for AcceptedStream {
         PeerInfo {
             uds: self.inner.connect_info(),
             accepted_at_ticks: self.accepted_at_ticks,
+            start_time: self.start_time,
         }
     }
 }
@@ -97,6 +102,29 @@ impl AsyncWrite for AcceptedStream {
     }
 }
 
+/// The start time of the process at the other end of `stream`, pinned
+/// through its pidfd: the pidfd names the connecting process itself, so if
+/// it is still alive after its pid's start time was read, that start time
+/// is its own. `None` when the kernel has no SO_PEERPIDFD (before 6.5) or
+/// the process has already exited.
+fn peer_start_time(stream: &UnixStream) -> Option<u64> {
+    let pidfd = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd).ok()?;
+    let pid = pidfd_pid(&pidfd)?;
+    let start = attest::process::start_time(pid).ok()?;
+    (pidfd_pid(&pidfd)? == pid).then_some(start)
+}
+
+/// The pid a pidfd refers to, from /proc/self/fdinfo; `None` once that
+/// process has exited (the kernel then reports -1).
+fn pidfd_pid(pidfd: &std::os::fd::OwnedFd) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .and_then(|pid| u32::try_from(pid).ok())
+}
+
 /// How long the accept loop pauses after an accept error (e.g. out of file
 /// descriptors) before trying again, instead of spinning or giving up.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -132,9 +160,12 @@ impl Stream for Incoming {
             match self.listener.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok((inner, _))) => {
+                    let accepted_at_ticks = attest::now_in_ticks();
+                    let start_time = peer_start_time(&inner);
                     let stream = AcceptedStream {
                         inner,
-                        accepted_at_ticks: attest::now_in_ticks(),
+                        accepted_at_ticks,
+                        start_time,
                     };
                     return Poll::Ready(Some(Ok(AuthorityFix::new(stream))));
                 }
@@ -143,6 +174,26 @@ impl Stream for Incoming {
                     self.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_ERROR_PAUSE)));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_connecting_process_is_pinned_by_its_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let _client = UnixStream::connect(&path).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let ours = attest::process::start_time(std::process::id()).unwrap();
+        match peer_start_time(&accepted) {
+            Some(start) => assert_eq!(start, ours),
+            // Kernels before 6.5 have no SO_PEERPIDFD; the fallback applies.
+            None => eprintln!("no SO_PEERPIDFD on this kernel"),
         }
     }
 }
