@@ -95,6 +95,7 @@ async fn kill_9_mid_load_then_restart_leaves_a_readable_consistent_store() {
     daemon.kill().unwrap(); // SIGKILL
     daemon.wait().unwrap();
     let begun = load.await.unwrap();
+    eprintln!("tasks begun before the kill: {begun}");
     assert!(begun > 10, "the load ran ({begun} tasks begun)");
 
     // Restart on the same state directory: it opens its store and serves.
