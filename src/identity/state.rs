@@ -51,23 +51,7 @@ impl Live {
         attestation: Attestation,
         entries: Vec<Arc<Entry>>,
     ) -> Result<Self, Error> {
-        let now = SystemTime::now();
-        let record = InstanceRecord {
-            instance_id: attestation.instance_id.to_string(),
-            pid: attestation.facts.pid,
-            start_time: attestation.facts.start_time,
-            boot_id: shared.attestor.boot_id().to_owned(),
-            uid: attestation.facts.uid,
-            selectors: attestation
-                .selectors
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
-            first_seen: now,
-            last_seen: now,
-            ended_at: None,
-            end_reason: None,
-        };
+        let record = instance_record(shared, &attestation);
         let mut ev = event(
             AuditKind::Attestation,
             &format!("pid:{} uid:{}", record.pid, record.uid),
@@ -283,6 +267,10 @@ impl Live {
             .iter()
             .map(|e| &e.name)
             .eq(self.entries.iter().map(|e| &e.name));
+        // Re-attested just now: refresh what the store says of the process.
+        shared
+            .store
+            .upsert_instance(&instance_record(shared, &attestation))?;
         self.attestation = attestation;
         self.entries = entries;
         if !same_entries || self.instance_svids.iter().any(|h| h.rotate_at <= now) {
@@ -472,6 +460,28 @@ impl Live {
             shared.crl.refresh();
         }
         Ok(())
+    }
+}
+
+/// The store's view of an attested process, seen now. (The store keeps the
+/// first `first_seen` of an instance and refreshes `last_seen`.)
+fn instance_record(shared: &Shared, attestation: &Attestation) -> InstanceRecord {
+    let now = SystemTime::now();
+    InstanceRecord {
+        instance_id: attestation.instance_id.to_string(),
+        pid: attestation.facts.pid,
+        start_time: attestation.facts.start_time,
+        boot_id: shared.attestor.boot_id().to_owned(),
+        uid: attestation.facts.uid,
+        selectors: attestation
+            .selectors
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        first_seen: now,
+        last_seen: now,
+        ended_at: None,
+        end_reason: None,
     }
 }
 
