@@ -249,3 +249,55 @@ async fn a_second_daemon_on_a_live_socket_refuses_to_start() {
     assert!(err.to_string().contains("already serving"), "{err}");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_clients_that_hang_up_do_not_disturb_others() {
+    use tokio::io::AsyncWriteExt;
+    let daemon = TestDaemon::start().await;
+    // Not HTTP/2 at all.
+    let mut junk = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    // The HTTP/2 preface, then a malformed HEADERS frame (padding longer
+    // than the payload), then hang up.
+    let mut bad = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
+    bad.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    bad.write_all(&[0, 0, 1, 0x1, 0x8 | 0x4, 0, 0, 0, 1, 200])
+        .await
+        .unwrap();
+    drop(bad);
+    // A real request whose client goes away before reading the answer.
+    let mut impatient = raw_client(&daemon.socket).await;
+    let call = tokio::spawn(async move {
+        impatient
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+    });
+    call.abort();
+    // Everyone else is still served.
+    let mut client = raw_client(&daemon.socket).await;
+    let response = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.svids.len(), 1);
+    // A connection that never finishes its handshake does not hold up
+    // shutdown either.
+    let idle = tokio::net::UnixStream::connect(&daemon.socket)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), daemon.stop())
+        .await
+        .expect("the daemon stops despite idle and junk connections");
+    drop((junk, idle));
+}

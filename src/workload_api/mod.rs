@@ -54,6 +54,10 @@ pub enum Error {
     Server(String),
 }
 
+/// How long shutdown waits for connections that are still open once every
+/// stream has ended.
+pub const CONNECTION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Binds a Unix socket at `path` with the given mode, creating its parent
 /// directory (mode `dir_mode`) if needed. A stale socket left by a crashed
 /// daemon is replaced; a live one is not.
@@ -142,12 +146,28 @@ pub async fn serve(
     );
     let service = service::WorkloadService::new(identity, shutdown.clone(), tracker);
     let server = SpiffeWorkloadApiServer::with_interceptor(service, header::check_security_header);
-    tonic::transport::Server::builder()
+    let serving = tonic::transport::Server::builder()
         .add_service(server)
         .add_service(tasks)
-        .serve_with_incoming_shutdown(peer::Incoming::new(listener), shutdown.cancelled_owned())
-        .await
-        .map_err(|e| Error::Server(e.to_string()))
+        .serve_with_incoming_shutdown(
+            peer::Incoming::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    tokio::pin!(serving);
+    // Streams end when shutdown starts; what can remain are connections that
+    // never finish a request (an idle client, junk on the socket). They get a
+    // short grace, then the server stops waiting for them.
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(CONNECTION_GRACE).await;
+    };
+    tokio::select! {
+        result = &mut serving => result.map_err(|e| Error::Server(e.to_string())),
+        () = grace => {
+            tracing::warn!("connections still open after the grace period were dropped");
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
