@@ -57,6 +57,7 @@ pub enum Error {
 pub struct App {
     config: Config,
     identity: IdentityManager,
+    store: Arc<Store>,
     listener: UnixListener,
 }
 
@@ -75,7 +76,7 @@ impl App {
             attestor,
             entries: EntrySet::new(config.entries.clone()),
             ca,
-            store,
+            store: store.clone(),
             settings: SvidSettings {
                 instance_ttl: config.instance_ttl,
                 task_ttl: config.task_ttl,
@@ -93,6 +94,7 @@ impl App {
         Ok(Self {
             config,
             identity,
+            store,
             listener,
         })
     }
@@ -100,6 +102,11 @@ impl App {
     /// The identity manager (for in-process tests and future admin wiring).
     pub fn identity(&self) -> &IdentityManager {
         &self.identity
+    }
+
+    /// The durable store (for in-process tests and future admin wiring).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// Serves the Workload API until `shutdown` is cancelled, then removes

@@ -458,3 +458,58 @@ async fn revoking_an_instance_ends_its_tasks_and_its_stream_and_lists_its_svids(
     assert!(again.message().contains("revoked"), "{}", again.message());
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_new_tasks_cleanly_and_loses_nothing() {
+    let daemon = TestDaemon::start_with(&config("")).await;
+    let mut stream = open_stream(&daemon).await;
+    next_within_a_second(&mut stream).await;
+    let mut tasks = tasks_client(&daemon.socket).await;
+    tasks.begin(begin("job-1", 300)).await.unwrap();
+    until(&mut stream, Duration::from_secs(1), |m| m.svids.len() == 2).await;
+    let audited = daemon.store().audit(&Default::default()).unwrap().len();
+
+    // The disk is full: the store cannot grow by a single page.
+    let pages = daemon.store().page_count().unwrap();
+    daemon.store().limit_pages(pages).unwrap();
+    // Pages freed earlier may still take a few rows: begin and end tasks
+    // until a begin fails.
+    let mut refusal = None;
+    for i in 2..500 {
+        let id = format!("job-{i}");
+        match tasks.begin(begin(&id, 300)).await {
+            Err(status) => {
+                refusal = Some(status);
+                break;
+            }
+            Ok(_) => {
+                let end = EndRequest { task_id: id };
+                if let Err(status) = tasks.end(with_header(end)).await {
+                    refusal = Some(status);
+                    break;
+                }
+            }
+        }
+    }
+    let status = refusal.expect("a request was refused once the store was full");
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert!(status.message().contains("full"), "{}", status.message());
+    // Everyone keeps what they had: the live task is still listed and served.
+    let listed = tasks
+        .list(with_header(ListRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.tasks.iter().any(|t| t.task_id == "job-1"));
+
+    // Room again: work resumes, and nothing written before was lost.
+    daemon.store().limit_pages(0).unwrap();
+    let end = EndRequest {
+        task_id: "job-1".into(),
+    };
+    tasks.end(with_header(end)).await.unwrap();
+    tasks.begin(begin("job-after", 300)).await.unwrap();
+    let now_audited = daemon.store().audit(&Default::default()).unwrap().len();
+    assert!(now_audited > audited);
+    daemon.stop().await;
+}

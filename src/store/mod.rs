@@ -144,6 +144,38 @@ impl Store {
         &self.path
     }
 
+    /// Caps the database at `max_pages` pages (`PRAGMA max_page_count`; 0
+    /// lifts the cap to SQLite's maximum), as a quota would, and returns
+    /// the cap in force. Writes past it fail as on a full disk, which is
+    /// how the tests check that a full disk refuses cleanly and loses nothing.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] when the pragma fails.
+    pub fn limit_pages(&self, max_pages: u64) -> Result<u64, Error> {
+        let conn = self.lock();
+        let wanted = if max_pages == 0 {
+            u64::from(u32::MAX) - 1
+        } else {
+            max_pages
+        };
+        conn.query_row(&format!("PRAGMA max_page_count = {wanted}"), [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .map(|n| u64::try_from(n).unwrap_or(0))
+        .map_err(sqlite("set max_page_count"))
+    }
+
+    /// Pages the database uses now.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] when the pragma fails.
+    pub fn page_count(&self) -> Result<u64, Error> {
+        let conn = self.lock();
+        conn.query_row("PRAGMA page_count", [], |row| row.get::<_, i64>(0))
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(sqlite("read page_count"))
+    }
+
     /// Runs `f` in one transaction that commits if `f` returns `Ok` and rolls
     /// back otherwise, so related writes (an SVID and its audit event) land
     /// together or not at all. `f` must use the [`Tx`], not this `Store`:

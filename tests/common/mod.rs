@@ -32,6 +32,7 @@ pub struct TestDaemon {
     /// The state directory.
     pub state_dir: PathBuf,
     identity: IdentityManager,
+    store: std::sync::Arc<sigil::store::Store>,
     shutdown: Shutdown,
     task: tokio::task::JoinHandle<()>,
 }
@@ -69,6 +70,7 @@ impl TestDaemon {
         let shutdown = Shutdown::new();
         let app = App::build(config, &shutdown).await.expect("daemon starts");
         let identity = app.identity().clone();
+        let store = app.store().clone();
         let run_shutdown = shutdown.clone();
         let task = tokio::spawn(async move {
             app.run(run_shutdown).await.expect("daemon serves");
@@ -78,6 +80,7 @@ impl TestDaemon {
             socket,
             state_dir,
             identity,
+            store,
             shutdown,
             task,
         }
@@ -91,6 +94,11 @@ impl TestDaemon {
     /// The daemon's identity manager, to check its state.
     pub fn identity(&self) -> &IdentityManager {
         &self.identity
+    }
+
+    /// The daemon's store, to check what it recorded.
+    pub fn store(&self) -> &sigil::store::Store {
+        &self.store
     }
 
     /// Stops the daemon (as on SIGTERM) and returns its directory.
