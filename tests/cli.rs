@@ -120,6 +120,7 @@ fn fetch_writes_pem_files_that_openssl_verifies_and_sigterm_stops_the_daemon() {
 
     let health = sigil(&["healthcheck", "--socket", &socket_arg]);
     assert!(health.status.success(), "{}", text(&health.stdout));
+    assert!(text(&health.stdout).contains("serving the Workload API"));
 
     let out_dir = dir.path().join("out");
     let fetch = sigil(&[

@@ -301,3 +301,31 @@ async fn garbage_and_clients_that_hang_up_do_not_disturb_others() {
         .expect("the daemon stops despite idle and junk connections");
     drop((junk, idle));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthcheck_leaves_no_instance_svid_or_audit_row_behind() {
+    let daemon = TestDaemon::start().await;
+    let socket = daemon.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .args(["healthcheck", "--socket", &socket])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(daemon.identity().instances().is_empty());
+    assert!(
+        daemon
+            .store()
+            .audit(&Default::default())
+            .unwrap()
+            .is_empty()
+    );
+    daemon.stop().await;
+}

@@ -132,34 +132,43 @@ async fn fetch_bundle(args: FetchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Exit 0 when a daemon answers on the socket (with an identity for us or
-/// not: a refusal is still an answer), 1 otherwise.
+/// Exit 0 when a daemon answers the Workload API on the socket, 1
+/// otherwise. It asks without the security header on purpose: the daemon
+/// must then answer InvalidArgument before attesting anything, so a probe
+/// run every few seconds creates no instance, no SVID and no CRL entry.
 ///
 /// # Errors
 /// When the endpoint is malformed.
 pub async fn healthcheck(endpoint: &EndpointArg) -> anyhow::Result<ExitCode> {
     let socket = endpoint.resolve()?;
-    let answer = match client::connect(&socket).await {
-        Ok(mut api) => api
-            .fetch_x509_bundles(client::request(X509BundlesRequest {}))
-            .await
-            .map(|_| "serving; this process has an identity".to_owned()),
+    let mut api = match client::connect(&socket).await {
+        Ok(api) => api,
         Err(e) => {
             println!("unhealthy: {e:#}");
             return Ok(ExitCode::FAILURE);
         }
     };
-    match answer {
-        Ok(msg) => println!("{msg}"),
-        Err(s) if s.code() == tonic::Code::PermissionDenied => {
-            println!("serving; this process has no identity ({})", s.message());
+    let probe = tonic::Request::new(X509BundlesRequest {});
+    match api.fetch_x509_bundles(probe).await {
+        Err(s)
+            if s.code() == tonic::Code::InvalidArgument
+                && s.message() == crate::workload_api::header::HEADER_MISSING =>
+        {
+            println!("serving the Workload API on {}", socket.display());
+            Ok(ExitCode::SUCCESS)
         }
         Err(s) => {
             println!("unhealthy: {}: {}", s.code(), s.message());
-            return Ok(ExitCode::FAILURE);
+            Ok(ExitCode::FAILURE)
+        }
+        Ok(_) => {
+            println!(
+                "unhealthy: the server on {} does not check the Workload API security header",
+                socket.display()
+            );
+            Ok(ExitCode::FAILURE)
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn refusal(status: tonic::Status) -> anyhow::Error {
