@@ -18,7 +18,7 @@ use common::{
     with_header,
 };
 use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest, ListRequest};
-use sigil::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
+use sigil::proto::workload::{X509svidRequest, X509svidResponse};
 use tokio_stream::StreamExt;
 use tonic::Streaming;
 
@@ -161,16 +161,7 @@ async fn a_task_svid_appears_on_begin_and_is_revoked_on_end() {
         Err(webpki::Error::CertRevoked)
     );
     // The bundle stream carries the same CRL.
-    let bundles = raw_client(&daemon.socket)
-        .await
-        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .next()
-        .await
-        .unwrap()
-        .unwrap();
+    let bundles = common::first_bundles(&mut raw_client(&daemon.socket).await).await;
     assert!(crl_serials(&bundles.crl[0]).contains(&task_serial));
     openssl_rejects_revoked(&bundle, &after.crl[0], &task_leaf);
     daemon.stop().await;

@@ -84,15 +84,7 @@ async fn entries_on_uid_and_sha256_admit_this_process_and_refuse_a_wrong_digest(
     ];
     let daemon = TestDaemon::start_with(&config_with_selectors(&right)).await;
     let mut client = raw_client(&daemon.socket).await;
-    let first = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .next()
-        .await
-        .unwrap()
-        .unwrap();
+    let first = common::first_x509(&mut client).await;
     assert_eq!(first.svids.len(), 1);
     assert!(
         first.svids[0]
@@ -122,15 +114,7 @@ async fn every_stream_of_one_process_gets_the_same_svid() {
     for _ in 0..3 {
         // A fresh connection each time, as the rust X509Source does.
         let mut client = raw_client(&daemon.socket).await;
-        let response = client
-            .fetch_x509svid(with_header(X509svidRequest {}))
-            .await
-            .unwrap()
-            .into_inner()
-            .next()
-            .await
-            .unwrap()
-            .unwrap();
+        let response = common::first_x509(&mut client).await;
         serials.push(response.svids[0].x509_svid.clone());
     }
     assert_eq!(serials[0], serials[1]);
@@ -148,15 +132,7 @@ async fn a_process_matching_two_entries_gets_two_svids_instance_first() {
     );
     let daemon = TestDaemon::start_with(&toml).await;
     let mut client = raw_client(&daemon.socket).await;
-    let response = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .next()
-        .await
-        .unwrap()
-        .unwrap();
+    let response = common::first_x509(&mut client).await;
     let ids: Vec<_> = response
         .svids
         .iter()
@@ -173,15 +149,7 @@ async fn a_process_matching_two_entries_gets_two_svids_instance_first() {
 async fn the_bundle_stream_carries_the_trust_domain_ca() {
     let daemon = TestDaemon::start().await;
     let mut client = raw_client(&daemon.socket).await;
-    let response = client
-        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .next()
-        .await
-        .unwrap()
-        .unwrap();
+    let response = common::first_bundles(&mut client).await;
     let der = response
         .bundles
         .get("spiffe://sigil.test")
@@ -195,15 +163,7 @@ async fn the_bundle_stream_carries_the_trust_domain_ca() {
 async fn a_restarted_daemon_serves_the_same_bundle() {
     async fn bundle(daemon: &TestDaemon) -> Vec<u8> {
         let mut client = raw_client(&daemon.socket).await;
-        let response = client
-            .fetch_x509_bundles(with_header(X509BundlesRequest {}))
-            .await
-            .unwrap()
-            .into_inner()
-            .next()
-            .await
-            .unwrap()
-            .unwrap();
+        let response = common::first_bundles(&mut client).await;
         response.bundles["spiffe://sigil.test"].to_vec()
     }
     let daemon = TestDaemon::start().await;
@@ -281,15 +241,7 @@ async fn garbage_and_clients_that_hang_up_do_not_disturb_others() {
     call.abort();
     // Everyone else is still served.
     let mut client = raw_client(&daemon.socket).await;
-    let response = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .next()
-        .await
-        .unwrap()
-        .unwrap();
+    let response = common::first_x509(&mut client).await;
     assert_eq!(response.svids.len(), 1);
     // A connection that never finishes its handshake does not hold up
     // shutdown either.

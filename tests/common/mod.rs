@@ -202,3 +202,27 @@ pub async fn stream_end<T>(stream: &mut tonic::Streaming<T>) -> Option<Result<T,
         }
     }
 }
+
+/// The first message of a FetchX509SVID stream.
+pub async fn first_x509(
+    client: &mut SpiffeWorkloadApiClient<Channel>,
+) -> sigil::proto::workload::X509svidResponse {
+    use tokio_stream::StreamExt;
+    let request = with_header(sigil::proto::workload::X509svidRequest {});
+    let mut stream = client.fetch_x509svid(request).await.unwrap().into_inner();
+    stream.next().await.expect("a first message").unwrap()
+}
+
+/// The first message of a FetchX509Bundles stream.
+pub async fn first_bundles(
+    client: &mut SpiffeWorkloadApiClient<Channel>,
+) -> sigil::proto::workload::X509BundlesResponse {
+    use tokio_stream::StreamExt;
+    let request = with_header(sigil::proto::workload::X509BundlesRequest {});
+    let mut stream = client
+        .fetch_x509_bundles(request)
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.expect("a first message").unwrap()
+}
