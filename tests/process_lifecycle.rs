@@ -95,6 +95,16 @@ impl Agent {
     }
 }
 
+/// Waits until the child `pid` runs /bin/sleep (same pid, other binary).
+async fn wait_for_exec(pid: u32) {
+    let exec_done = eventually(Duration::from_secs(2), || {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|p| p.to_string_lossy().ends_with("/sleep"))
+    })
+    .await;
+    assert!(exec_done, "the child exec'd sleep");
+}
+
 /// The real path of the python3 binary (pyenv and Debian use symlinks and shims).
 fn python_exe() -> String {
     let out = Command::new("python3")
@@ -163,12 +173,7 @@ async fn a_process_that_execs_another_binary_gets_no_rotated_svid() {
     );
 
     agent.proceed(); // the child becomes /bin/sleep, same pid
-    let exec_done = eventually(Duration::from_secs(2), || {
-        std::fs::read_link(format!("/proc/{pid}/exe"))
-            .is_ok_and(|p| p.to_string_lossy().ends_with("/sleep"))
-    })
-    .await;
-    assert!(exec_done, "the child exec'd sleep");
+    wait_for_exec(pid).await;
 
     // At the rotation (half of 3s) the daemon re-attests: no new SVID, and
     // the stream ends with PermissionDenied.
@@ -299,12 +304,7 @@ async fn after_an_exec_the_next_request_is_refused_and_the_instance_ends_at_once
     stream.next().await.unwrap().unwrap();
 
     agent.proceed();
-    let exec_done = eventually(Duration::from_secs(2), || {
-        std::fs::read_link(format!("/proc/{pid}/exe"))
-            .is_ok_and(|p| p.to_string_lossy().ends_with("/sleep"))
-    })
-    .await;
-    assert!(exec_done, "the child exec'd sleep");
+    wait_for_exec(pid).await;
 
     // A task request on the same connection is refused: the caller is
     // attested afresh and no longer matches.
