@@ -102,6 +102,8 @@ fn main() {
         gid: nix::unistd::getegid().as_raw(),
         accepted_at_ticks: Some(now_in_ticks()),
         start_time: None,
+        exe: None,
+        foreign_writer: None,
     };
     report(
         "attest a process (cached digest)",

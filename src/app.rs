@@ -128,6 +128,7 @@ impl App {
         let result = workload_api::serve(
             self.listener,
             self.identity,
+            self.config.limits,
             shutdown.token.clone(),
             shutdown.tracker.clone(),
         )

@@ -23,6 +23,18 @@ pub const DEFAULT_TASK_TTL: Duration = Duration::from_secs(5 * 60); // 5 minutes
 pub const MIN_TTL: Duration = Duration::from_secs(2); // 2 seconds
 /// Longest SVID lifetime accepted: SVIDs are meant to be short-lived.
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600); // 30 days
+/// Default cap on the connections one uid may hold open on the workload socket.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 64;
+/// Default cap on the concurrent HTTP/2 streams of one connection.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// Default cap on the open Workload API streams of one agent instance.
+pub const DEFAULT_MAX_STREAMS_PER_INSTANCE: usize = 128;
+/// Default time a new connection has to get its first request to a handler.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5); // 5 seconds
+/// Default time a connection may stay open with no request or stream.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60); // 1 minute
+/// Upper bound for the per-uid, per-connection and per-instance caps.
+const MAX_LIMIT: usize = 1 << 20;
 /// Longest Unix socket path (sun_path is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 const EMBEDDED: &str = "<embedded defaults>";
@@ -75,6 +87,11 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawWorkloadApi {
     socket: Option<PathBuf>,
+    max_connections_per_uid: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    max_streams_per_instance: Option<usize>,
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -119,6 +136,33 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
 }
 
+/// What one client may hold on the workload socket (`[workload_api]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Connections one uid may hold open at once; more are closed at accept.
+    pub max_connections_per_uid: usize,
+    /// Concurrent HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
+    /// Open Workload API streams per agent instance, over all its connections.
+    pub max_streams_per_instance: usize,
+    /// Time from accept until the first request reaches a handler.
+    pub handshake_timeout: Duration,
+    /// Time a connection may stay open with no request or stream in flight.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_streams_per_instance: DEFAULT_MAX_STREAMS_PER_INSTANCE,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -130,6 +174,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Workload API socket path.
     pub workload_socket: PathBuf,
+    /// Per-client bounds on the workload socket.
+    pub limits: ClientLimits,
     /// Default instance SVID lifetime.
     pub instance_ttl: Duration,
     /// Default task SVID lifetime.
@@ -243,7 +289,7 @@ impl Validator<'_> {
         let workload_socket = overrides
             .socket
             .clone()
-            .or(raw.workload_api.socket)
+            .or(raw.workload_api.socket.clone())
             .unwrap_or(default_socket);
         self.check_path("state_dir", &state_dir)?;
         self.check_path("workload_api.socket", &workload_socket)?;
@@ -256,6 +302,7 @@ impl Validator<'_> {
                 ),
             ));
         }
+        let limits = self.limits(&raw.workload_api)?;
         let instance_ttl = self.ttl(
             "svid.instance_ttl",
             raw.svid.instance_ttl.as_deref(),
@@ -291,9 +338,60 @@ impl Validator<'_> {
             trust_domain,
             state_dir,
             workload_socket,
+            limits,
             instance_ttl,
             task_ttl,
             entries,
+        })
+    }
+
+    fn limits(&self, raw: &RawWorkloadApi) -> Result<ClientLimits, Error> {
+        let d = ClientLimits::default();
+        let count = |field: &str, value: Option<usize>, default: usize| match value {
+            None => Ok(default),
+            Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            Some(n) => Err(self.invalid(
+                format!("workload_api.{field}"),
+                format!("{n} is out of range: between 1 and {MAX_LIMIT}"),
+            )),
+        };
+        let timeout = |field: &str, text: Option<&str>, default: Duration| {
+            let Some(text) = text else { return Ok(default) };
+            let field = format!("workload_api.{field}");
+            let value = humantime::parse_duration(text).map_err(|e| {
+                self.invalid(
+                    &field,
+                    format!("{text:?} is not a duration ({e}); write e.g. \"5s\" or \"1m\""),
+                )
+            })?;
+            if !(Duration::from_millis(100)..=Duration::from_secs(24 * 3600)).contains(&value) {
+                return Err(self.invalid(&field, format!("{text:?} is out of range: 100ms to 24h")));
+            }
+            Ok(value)
+        };
+        let streams = count(
+            "max_streams_per_connection",
+            raw.max_streams_per_connection.map(|n| n as usize),
+            d.max_streams_per_connection as usize,
+        )?;
+        Ok(ClientLimits {
+            max_connections_per_uid: count(
+                "max_connections_per_uid",
+                raw.max_connections_per_uid,
+                d.max_connections_per_uid,
+            )?,
+            max_streams_per_connection: u32::try_from(streams).unwrap_or(u32::MAX),
+            max_streams_per_instance: count(
+                "max_streams_per_instance",
+                raw.max_streams_per_instance,
+                d.max_streams_per_instance,
+            )?,
+            handshake_timeout: timeout(
+                "handshake_timeout",
+                raw.handshake_timeout.as_deref(),
+                d.handshake_timeout,
+            )?,
+            idle_timeout: timeout("idle_timeout", raw.idle_timeout.as_deref(), d.idle_timeout)?,
         })
     }
 

@@ -9,6 +9,7 @@
 pub mod exit_watch;
 pub mod process;
 pub mod selectors;
+pub mod socket;
 
 use std::collections::BTreeSet;
 use std::io;
@@ -19,6 +20,7 @@ use nix::unistd::{Gid, Group, Uid, User};
 use crate::ids::InstanceId;
 pub use process::{DigestCache, ProcessFacts};
 pub use selectors::{Selector, SelectorKind};
+pub use socket::ExeId;
 
 /// Why a process could not be attested. Each is a refusal: the caller gets
 /// no identity.
@@ -60,6 +62,44 @@ pub enum Error {
         /// Effective uid in /proc now.
         proc_uid: u32,
     },
+    /// The process runs another program than the one that connected.
+    #[error(
+        "process {pid} executed another program after it connected; a connection belongs to the program that opened it, so open a new one"
+    )]
+    ExecutedAfterConnect {
+        /// The pid the connection came from.
+        pid: u32,
+    },
+    /// Bytes on the connection were written by a process that did not
+    /// connect (it inherited the socket, or was passed it).
+    #[error(
+        "bytes on the connection of process {pid} were written by process {writer}; a connection may be used only by the process that opened it"
+    )]
+    ForeignWriter {
+        /// The pid the connection came from.
+        pid: u32,
+        /// The pid that wrote bytes on it.
+        writer: u32,
+    },
+    /// Another process holds the client end of the connection, so it could
+    /// read an SVID's private key.
+    #[error(
+        "the connection of process {pid} is also held by process {holder}; an SVID and its key go only to the process that connected"
+    )]
+    SharedConnection {
+        /// The pid the connection came from.
+        pid: u32,
+        /// Another process holding the client end.
+        holder: u32,
+    },
+    /// The connecting process no longer holds its end of the connection.
+    #[error(
+        "process {pid} no longer holds the connection it opened (it was closed across an exec or handed to another process)"
+    )]
+    NotHeldByCaller {
+        /// The pid the connection came from.
+        pid: u32,
+    },
     /// The connection carries no peer credentials.
     #[error("the connection carries no peer credentials (only Unix socket peers can be attested)")]
     NoPeerCredentials,
@@ -100,6 +140,12 @@ pub struct PeerCred {
     /// With it, a recycled pid is refused exactly; without it, attestation
     /// falls back on `accepted_at_ticks`.
     pub start_time: Option<u64>,
+    /// The program the connecting process ran when the connection was
+    /// accepted; a process running another one now is refused.
+    pub exe: Option<ExeId>,
+    /// A process other than the connecting one that wrote bytes on the
+    /// connection, if any: every request on it is refused.
+    pub foreign_writer: Option<u32>,
 }
 
 /// An attested process: who it is and the selectors it was found to have.
@@ -148,6 +194,9 @@ impl Attestor {
     /// since connecting, or cannot be read.
     pub fn attest(&self, peer: &PeerCred) -> Result<Attestation, Error> {
         let pid = peer.pid;
+        if let Some(writer) = peer.foreign_writer {
+            return Err(Error::ForeignWriter { pid, writer });
+        }
         let start = process::start_time(pid)?;
         if peer.start_time.is_some_and(|pinned| pinned != start) {
             return Err(Error::PidReused { pid });
@@ -159,6 +208,13 @@ impl Attestor {
             }
         }
         let attestation = self.attest_process(pid, start)?;
+        // After the facts: an exec at any point before this is seen.
+        if peer
+            .exe
+            .is_some_and(|pinned| socket::exe_id(pid).ok() != Some(pinned))
+        {
+            return Err(Error::ExecutedAfterConnect { pid });
+        }
         if attestation.facts.uid != peer.uid {
             return Err(Error::CredentialsChanged {
                 pid,
@@ -253,6 +309,8 @@ mod tests {
             gid: nix::unistd::getegid().as_raw(),
             accepted_at_ticks: Some(now_in_ticks()),
             start_time: None,
+            exe: None,
+            foreign_writer: None,
         }
     }
 
@@ -303,6 +361,40 @@ mod tests {
             ..me()
         };
         assert!(attestor.attest(&pinned).is_ok());
+    }
+
+    #[test]
+    fn a_process_running_another_program_than_at_connect_is_refused() {
+        let attestor = Attestor::new().unwrap();
+        let ours = socket::exe_id(std::process::id()).unwrap();
+        let exec = PeerCred {
+            exe: Some(ExeId {
+                ino: ours.ino.wrapping_add(1),
+                ..ours
+            }),
+            ..me()
+        };
+        let err = attestor.attest(&exec).unwrap_err();
+        assert!(matches!(err, Error::ExecutedAfterConnect { .. }), "{err}");
+        let same = PeerCred {
+            exe: Some(ours),
+            ..me()
+        };
+        assert!(attestor.attest(&same).is_ok());
+    }
+
+    #[test]
+    fn bytes_written_by_another_process_are_refused_before_any_proc_read() {
+        let attestor = Attestor::new().unwrap();
+        let peer = PeerCred {
+            foreign_writer: Some(1),
+            ..me()
+        };
+        let err = attestor.attest(&peer).unwrap_err();
+        assert!(
+            matches!(err, Error::ForeignWriter { writer: 1, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -94,7 +94,7 @@ fn proc_error(pid: u32, what: &'static str, e: procfs::ProcError) -> Error {
     }
 }
 
-fn io_error(pid: u32, what: &'static str, e: io::Error) -> Error {
+pub(crate) fn io_error(pid: u32, what: &'static str, e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::NotFound {
         Error::ProcessGone { pid }
     } else {

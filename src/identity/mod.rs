@@ -303,6 +303,25 @@ impl IdentityManager {
         Ok(self.instance_for(peer).await?.0)
     }
 
+    /// Refuses `peer` unless it alone holds `client_inode`, the client end of
+    /// its connection: called before a message with private keys is
+    /// written. A refusal is audited like any other.
+    ///
+    /// # Errors
+    /// [`Error::Attest`] naming the other holder, or saying that the caller
+    /// no longer holds its connection.
+    pub async fn check_sole_holder(&self, peer: PeerCred, client_inode: u64) -> Result<(), Error> {
+        let checked = tokio::task::spawn_blocking(move || {
+            attest::socket::check_sole_holder(peer.pid, client_inode)
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)?;
+        checked.map_err(|e| {
+            self.shared.audit_refusal(&peer, &e.to_string(), None);
+            e.into()
+        })
+    }
+
     /// The trust bundle channel: the current bundle and CRL, and every change.
     pub fn bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
         self.bundle.clone()

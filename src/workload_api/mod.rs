@@ -11,6 +11,7 @@ pub mod header;
 pub mod peer;
 pub mod service;
 pub mod task;
+pub mod track;
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -21,6 +22,7 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::ClientLimits;
 use crate::identity::IdentityManager;
 use crate::proto::sigil::workload::v1::tasks_server::TasksServer;
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -53,6 +55,20 @@ pub enum Error {
     #[error("the Workload API server failed: {0}")]
     Server(String),
 }
+
+/// Largest request message on the workload socket: Workload API requests
+/// are nearly empty, and a task Begin with its most attributes (32 of at
+/// most 64 + 1024 bytes) fits with room to spare.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10; // 64 KiB
+/// Largest decoded header list a request may carry (hyper's default, kept
+/// explicit: the `:authority` adapter's limits are derived from it).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10; // 16 KiB
+/// Longest a request may take to be answered (a streaming call: to get its
+/// stream); a client that trickles its request body is cut off here.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most streams a client may reset before they are accepted (rapid-reset
+/// floods); hyper's default is 20.
+const MAX_PENDING_RESETS: usize = 20;
 
 /// How long shutdown waits for connections that are still open once every
 /// stream has ended.
@@ -91,6 +107,10 @@ pub async fn bind(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixListener,
         std::fs::remove_file(path).map_err(|e| io_err("remove the stale socket", e))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| io_err("bind", e))?;
+    // Before anyone can connect through the file's permissions: sockets
+    // accepted later inherit SO_PASSCRED from the listener when they connect.
+    crate::attest::socket::pass_credentials(&listener)
+        .map_err(|e| io_err("enable SO_PASSCRED on", e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_err("set permissions on", e))?;
     Ok(listener)
@@ -137,22 +157,37 @@ fn check_directory(dir: &Path) -> Result<(), Error> {
 pub async fn serve(
     listener: UnixListener,
     identity: IdentityManager,
+    limits: ClientLimits,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) -> Result<(), Error> {
-    let tasks = TasksServer::with_interceptor(
-        task::TaskService::new(identity.clone()),
-        header::check_security_header,
+    let incoming = peer::Incoming::new(listener, limits).map_err(|e| Error::Io {
+        action: "enable SO_PASSCRED on",
+        path: PathBuf::from("the workload socket"),
+        source: Arc::new(e),
+    })?;
+    let tasks = TasksServer::new(task::TaskService::new(identity.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let tasks =
+        tonic::service::interceptor::InterceptedService::new(tasks, header::check_security_header);
+    let service = service::WorkloadService::new(
+        identity,
+        shutdown.clone(),
+        tracker,
+        limits.max_streams_per_instance,
     );
-    let service = service::WorkloadService::new(identity, shutdown.clone(), tracker);
-    let server = SpiffeWorkloadApiServer::with_interceptor(service, header::check_security_header);
+    let server = SpiffeWorkloadApiServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let server =
+        tonic::service::interceptor::InterceptedService::new(server, header::check_security_header);
     let serving = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+        .timeout(REQUEST_TIMEOUT)
+        .layer(track::TrackLayer)
         .add_service(server)
         .add_service(tasks)
-        .serve_with_incoming_shutdown(
-            peer::Incoming::new(listener),
-            shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::pin!(serving);
     // Streams end when shutdown starts; what can remain are connections that
     // never finish a request (an idle client, junk on the socket). They get a

@@ -1,35 +1,68 @@
-//! Accepted connections, stamped with their peer credentials and accept time.
+//! Accepted connections: who is at the other end, who writes their bytes,
+//! and how long they may stay.
 //!
-//! The accept time lets attestation refuse a process that started after the
-//! connection was made: it cannot be the process that connected, so its pid
-//! was reused. tonic copies [`PeerInfo`] into every request's extensions.
+//! Owns the per-connection state that the I/O adapter and the handlers
+//! share ([`Connection`], reached from a request through [`PeerInfo`]), the
+//! per-uid connection cap applied at accept, and the watchdog that closes a
+//! connection which never gets a request through (an idle client, a
+//! slowloris) or stays open with nothing in flight. The kernel facts
+//! themselves (pidfd pinning, SO_PASSCRED reads, sock_diag) come from
+//! `attest::socket`; the rules they feed are in `attest`.
 
+use std::collections::HashMap;
 use std::io;
+use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
 use super::authority::AuthorityFix;
-use crate::attest::{self, PeerCred};
+use crate::attest::{self, PeerCred, socket::PinnedPeer};
+use crate::config::ClientLimits;
 
-/// What the kernel told us about a connection when it was accepted.
+/// What a request knows about its connection.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
+    /// The connection's shared state.
+    pub conn: Arc<Connection>,
+}
+
+impl PeerInfo {
+    /// The credentials attestation works from, if the kernel gave any.
+    pub fn peer_cred(&self) -> Option<PeerCred> {
+        self.conn.peer_cred()
+    }
+}
+
+/// One accepted connection, as the kernel described it at accept time,
+/// plus what has been seen on it since.
+#[derive(Debug)]
+pub struct Connection {
     /// SO_PEERCRED and the peer address, as tonic reads them.
     pub uds: UdsConnectInfo,
     /// When the connection was accepted, in clock ticks since boot.
     pub accepted_at_ticks: u64,
-    /// Start time of the connecting process, pinned through its pidfd.
-    pub start_time: Option<u64>,
+    /// The connecting process, pinned through its pidfd.
+    pub pinned: Option<PinnedPeer>,
+    /// Inode of the client's end of the socket (sock_diag), for the check
+    /// that nobody else holds it before a key is written.
+    pub client_inode: Option<u64>,
+    /// The first process other than the connecting one seen writing bytes
+    /// (0: none).
+    foreign_writer: AtomicU32,
+    activity: Activity,
+    _slot: UidSlot,
 }
 
-impl PeerInfo {
+impl Connection {
     /// The credentials attestation works from, if the kernel gave any.
     pub fn peer_cred(&self) -> Option<PeerCred> {
         let cred = self.uds.peer_cred?;
@@ -38,16 +71,204 @@ impl PeerInfo {
             uid: cred.uid(),
             gid: cred.gid(),
             accepted_at_ticks: Some(self.accepted_at_ticks),
-            start_time: self.start_time,
+            start_time: self.pinned.map(|p| p.start_time),
+            exe: self.pinned.and_then(|p| p.exe),
+            foreign_writer: match self.foreign_writer.load(Ordering::Acquire) {
+                0 => None,
+                pid => Some(pid),
+            },
         })
+    }
+
+    /// Marks a request (or a response stream) in flight until the guard is
+    /// dropped; a connection with none in flight is idle.
+    pub fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        self.activity.served.store(true, Ordering::Release);
+        self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        RequestGuard { conn: self.clone() }
+    }
+
+    fn peer_pid(&self) -> Option<u32> {
+        self.uds
+            .peer_cred
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok())
+    }
+
+    /// Records who wrote `n` bytes just read. The first foreign writer
+    /// sticks: every later request on the connection is refused.
+    fn note_writer(&self, writer: Option<u32>) {
+        if writer.is_some() && writer == self.peer_pid() {
+            return;
+        }
+        // An unknown writer (no credentials) is refused like a foreign one.
+        let writer = writer.unwrap_or(u32::MAX);
+        if self
+            .foreign_writer
+            .compare_exchange(0, writer, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            tracing::warn!(
+                pid = self.peer_pid(),
+                writer,
+                "bytes on a connection written by a process other than the one that connected; refusing its requests"
+            );
+        }
     }
 }
 
-/// A `UnixStream` with its accept time.
+/// Keeps its connection busy while alive (see [`Connection::begin_request`]).
+#[derive(Debug)]
+pub struct RequestGuard {
+    conn: Arc<Connection>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let activity = &self.conn.activity;
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *activity.idle_since() = Instant::now();
+        }
+    }
+}
+
+/// Requests in flight on a connection, and since when it has had none.
+#[derive(Debug)]
+struct Activity {
+    accepted: Instant,
+    served: AtomicBool,
+    in_flight: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+/// What the watchdog decides.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Look again at this time.
+    CheckAt(Instant),
+    /// Close the connection, for this reason.
+    Close(&'static str),
+}
+
+impl Activity {
+    fn new(now: Instant) -> Self {
+        Self {
+            accepted: now,
+            served: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle_since: Mutex::new(now),
+        }
+    }
+
+    fn idle_since(&self) -> std::sync::MutexGuard<'_, Instant> {
+        // Holds a plain Instant: a poisoned lock still holds a valid one.
+        self.idle_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The one rule for how long a connection may stay: its first request
+    /// must reach a handler within the handshake timeout; after that it may
+    /// stay while a request or stream is in flight, and for the idle timeout
+    /// after the last one ended.
+    fn verdict(&self, now: Instant, limits: &ClientLimits) -> Verdict {
+        if !self.served.load(Ordering::Acquire) {
+            let deadline = self.accepted + limits.handshake_timeout;
+            return if now >= deadline {
+                Verdict::Close("no request within the handshake timeout")
+            } else {
+                Verdict::CheckAt(deadline)
+            };
+        }
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Verdict::CheckAt(now + limits.idle_timeout);
+        }
+        let deadline = *self.idle_since() + limits.idle_timeout;
+        if now >= deadline {
+            Verdict::Close("idle with no request or stream for the idle timeout")
+        } else {
+            Verdict::CheckAt(deadline)
+        }
+    }
+}
+
+/// Open connections per uid, to cap them at accept.
+#[derive(Debug, Default)]
+struct UidCounts {
+    open: HashMap<u32, usize>,
+}
+
+/// Counts the connections of each uid.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionLimiter {
+    counts: Arc<Mutex<UidCounts>>,
+}
+
+impl ConnectionLimiter {
+    fn counts(&self) -> std::sync::MutexGuard<'_, UidCounts> {
+        // Counters only: a poisoned lock still holds usable numbers.
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for one more connection of `uid`, unless it holds `max`.
+    fn try_acquire(&self, uid: u32, max: usize) -> Option<UidSlot> {
+        let mut counts = self.counts();
+        let open = counts.open.entry(uid).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(UidSlot {
+            uid,
+            limiter: self.clone(),
+        })
+    }
+
+    /// Connections `uid` holds open now.
+    pub fn open(&self, uid: u32) -> usize {
+        self.counts().open.get(&uid).copied().unwrap_or(0)
+    }
+}
+
+/// One uid's claim on a connection; released on drop.
+#[derive(Debug)]
+struct UidSlot {
+    uid: u32,
+    limiter: ConnectionLimiter,
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut counts = self.limiter.counts();
+        if let Some(open) = counts.open.get_mut(&self.uid) {
+            *open -= 1;
+            if *open == 0 {
+                counts.open.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// A `UnixStream` whose reads say who wrote the bytes, with a watchdog.
 pub struct AcceptedStream {
     inner: UnixStream,
-    accepted_at_ticks: u64,
-    start_time: Option<u64>,
+    conn: Arc<Connection>,
+    limits: ClientLimits,
+    watchdog: Pin<Box<Sleep>>,
+}
+
+impl AcceptedStream {
+    /// Closes the connection (by failing the read) once the watchdog says so.
+    fn poll_watchdog(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        while self.watchdog.as_mut().poll(cx).is_ready() {
+            match self.conn.activity.verdict(Instant::now(), &self.limits) {
+                Verdict::CheckAt(at) => self.watchdog.as_mut().reset(at),
+                Verdict::Close(why) => {
+                    tracing::debug!(pid = self.conn.peer_pid(), why, "closing a connection");
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, why));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Connected for AcceptedStream {
@@ -55,20 +276,37 @@ impl Connected for AcceptedStream {
 
     fn connect_info(&self) -> PeerInfo {
         PeerInfo {
-            uds: self.inner.connect_info(),
-            accepted_at_ticks: self.accepted_at_ticks,
-            start_time: self.start_time,
+            conn: self.conn.clone(),
         }
     }
 }
 
 impl AsyncRead for AcceptedStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        this.poll_watchdog(cx)?;
+        loop {
+            ready!(this.inner.poll_read_ready(cx))?;
+            let inner = &this.inner;
+            let unfilled = buf.initialize_unfilled();
+            match inner.try_io(Interest::READABLE, || {
+                attest::socket::read_with_writer(inner.as_fd(), unfilled)
+            }) {
+                Ok((n, writer)) => {
+                    if n > 0 {
+                        this.conn.note_writer(writer);
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 }
 
@@ -102,47 +340,75 @@ impl AsyncWrite for AcceptedStream {
     }
 }
 
-/// The start time of the process at the other end of `stream`, pinned
-/// through its pidfd: the pidfd names the connecting process itself, so if
-/// it is still alive after its pid's start time was read, that start time
-/// is its own. `None` when the kernel has no SO_PEERPIDFD (before 6.5) or
-/// the process has already exited.
-fn peer_start_time(stream: &UnixStream) -> Option<u64> {
-    let pidfd = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd).ok()?;
-    let pid = pidfd_pid(&pidfd)?;
-    let start = attest::process::start_time(pid).ok()?;
-    (pidfd_pid(&pidfd)? == pid).then_some(start)
-}
-
-/// The pid a pidfd refers to, from /proc/self/fdinfo; `None` once that
-/// process has exited (the kernel then reports -1).
-fn pidfd_pid(pidfd: &std::os::fd::OwnedFd) -> Option<u32> {
-    use std::os::fd::AsRawFd;
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
-    info.lines()
-        .find_map(|line| line.strip_prefix("Pid:"))
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .and_then(|pid| u32::try_from(pid).ok())
-}
-
 /// How long the accept loop pauses after an accept error (e.g. out of file
 /// descriptors) before trying again, instead of spinning or giving up.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// The stream of accepted connections tonic serves. Accept errors are
 /// logged and retried, never passed on: tonic would stop serving on them.
+/// A uid over its connection cap has the new connection closed at once.
 pub struct Incoming {
     listener: UnixListener,
+    limits: ClientLimits,
+    limiter: ConnectionLimiter,
     pause: Option<Pin<Box<Sleep>>>,
 }
 
 impl Incoming {
-    /// Serves connections accepted on `listener`.
-    pub fn new(listener: UnixListener) -> Self {
-        Self {
+    /// Serves connections accepted on `listener` within `limits`. The
+    /// listener gets SO_PASSCRED, which accepted sockets inherit.
+    ///
+    /// # Errors
+    /// When SO_PASSCRED cannot be set: without it nobody could tell who
+    /// wrote a request, so the daemon must not serve.
+    pub fn new(listener: UnixListener, limits: ClientLimits) -> io::Result<Self> {
+        attest::socket::pass_credentials(&listener)?;
+        Ok(Self {
             listener,
+            limits,
+            limiter: ConnectionLimiter::default(),
             pause: None,
-        }
+        })
+    }
+
+    /// The per-uid connection counts (for tests and metrics).
+    pub fn limiter(&self) -> ConnectionLimiter {
+        self.limiter.clone()
+    }
+
+    fn admit(&self, inner: UnixStream) -> Option<AcceptedStream> {
+        let accepted_at_ticks = attest::now_in_ticks();
+        let uds = inner.connect_info();
+        let uid = uds.peer_cred.map(|c| c.uid())?;
+        let Some(slot) = self
+            .limiter
+            .try_acquire(uid, self.limits.max_connections_per_uid)
+        else {
+            tracing::debug!(
+                uid,
+                max = self.limits.max_connections_per_uid,
+                "connection refused: the uid holds its maximum of open connections"
+            );
+            return None;
+        };
+        let pinned = attest::socket::pin_peer(&inner);
+        let client_inode = attest::socket::peer_inode(&inner).ok();
+        let now = Instant::now();
+        let conn = Arc::new(Connection {
+            uds,
+            accepted_at_ticks,
+            pinned,
+            client_inode,
+            foreign_writer: AtomicU32::new(0),
+            activity: Activity::new(now),
+            _slot: slot,
+        });
+        Some(AcceptedStream {
+            inner,
+            conn,
+            limits: self.limits,
+            watchdog: Box::pin(tokio::time::sleep_until(now)),
+        })
     }
 }
 
@@ -160,14 +426,9 @@ impl Stream for Incoming {
             match self.listener.poll_accept(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok((inner, _))) => {
-                    let accepted_at_ticks = attest::now_in_ticks();
-                    let start_time = peer_start_time(&inner);
-                    let stream = AcceptedStream {
-                        inner,
-                        accepted_at_ticks,
-                        start_time,
-                    };
-                    return Poll::Ready(Some(Ok(AuthorityFix::new(stream))));
+                    if let Some(stream) = self.admit(inner) {
+                        return Poll::Ready(Some(Ok(AuthorityFix::new(stream))));
+                    }
                 }
                 Poll::Ready(Err(e)) => {
                     tracing::warn!(error = %e, "accept failed; retrying shortly");
@@ -182,18 +443,59 @@ impl Stream for Incoming {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_connecting_process_is_pinned_by_its_start_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let _client = UnixStream::connect(&path).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        let ours = attest::process::start_time(std::process::id()).unwrap();
-        match peer_start_time(&accepted) {
-            Some(start) => assert_eq!(start, ours),
-            // Kernels before 6.5 have no SO_PEERPIDFD; the fallback applies.
-            None => eprintln!("no SO_PEERPIDFD on this kernel"),
+    fn limits() -> ClientLimits {
+        ClientLimits {
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            ..ClientLimits::default()
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_request_is_closed_after_the_handshake_timeout() {
+        let activity = Activity::new(Instant::now());
+        let start = Instant::now();
+        assert_eq!(
+            activity.verdict(start, &limits()),
+            Verdict::CheckAt(start + Duration::from_secs(5))
+        );
+        assert!(matches!(
+            activity.verdict(start + Duration::from_secs(5), &limits()),
+            Verdict::Close(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_stays_while_a_stream_is_open_then_closes_when_idle() {
+        let activity = Activity::new(Instant::now());
+        activity.served.store(true, Ordering::Release);
+        activity.in_flight.store(1, Ordering::Release);
+        let later = Instant::now() + Duration::from_secs(3600);
+        assert!(matches!(
+            activity.verdict(later, &limits()),
+            Verdict::CheckAt(_)
+        ));
+        activity.in_flight.store(0, Ordering::Release);
+        *activity.idle_since() = later;
+        assert!(matches!(
+            activity.verdict(later + Duration::from_secs(59), &limits()),
+            Verdict::CheckAt(_)
+        ));
+        assert!(matches!(
+            activity.verdict(later + Duration::from_secs(60), &limits()),
+            Verdict::Close(_)
+        ));
+    }
+
+    #[test]
+    fn a_uid_gets_at_most_its_cap_of_connections_and_slots_are_given_back() {
+        let limiter = ConnectionLimiter::default();
+        let a = limiter.try_acquire(7, 2).unwrap();
+        let _b = limiter.try_acquire(7, 2).unwrap();
+        assert!(limiter.try_acquire(7, 2).is_none());
+        assert!(limiter.try_acquire(8, 2).is_some(), "other uids unaffected");
+        drop(a);
+        assert_eq!(limiter.open(7), 1);
+        assert!(limiter.try_acquire(7, 2).is_some());
     }
 }

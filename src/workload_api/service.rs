@@ -5,7 +5,8 @@
 //! state as it changes. The security header is checked by an interceptor
 //! (see `header`) before any handler runs.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::header::NO_IDENTITY_ISSUED;
 use super::peer::PeerInfo;
+use crate::attest::PeerCred;
 use crate::identity::{self, IdentityManager, IdentitySet, InstanceState, TrustBundle};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::proto::workload::{
@@ -28,46 +30,56 @@ pub struct WorkloadService {
     identity: IdentityManager,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    streams: StreamCounts,
 }
 
 impl WorkloadService {
     /// Serves identities from `identity`; open streams end on `shutdown`.
+    /// `max_streams_per_instance` caps the open streams of one process.
     pub fn new(
         identity: IdentityManager,
         shutdown: CancellationToken,
         tracker: TaskTracker,
+        max_streams_per_instance: usize,
     ) -> Self {
         Self {
             identity,
             shutdown,
             tracker,
+            streams: StreamCounts::new(max_streams_per_instance),
         }
     }
 
-    async fn subscribe<T>(
-        &self,
-        req: &Request<T>,
-    ) -> Result<watch::Receiver<InstanceState>, Status> {
-        let peer = req
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(PeerInfo::peer_cred)
-            .ok_or_else(|| {
-                status(&identity::Error::Attest(
-                    crate::attest::Error::NoPeerCredentials,
-                ))
-            })?;
-        self.identity.subscribe(peer).await.map_err(|e| {
+    /// Attests the caller and opens one of its streams: its instance's
+    /// state channel and a slot under the per-instance stream cap.
+    async fn subscribe<T>(&self, req: &Request<T>) -> Result<Subscription, Status> {
+        let info = req.extensions().get::<PeerInfo>();
+        let peer = info.and_then(PeerInfo::peer_cred).ok_or_else(|| {
+            status(&identity::Error::Attest(
+                crate::attest::Error::NoPeerCredentials,
+            ))
+        })?;
+        let state = self.identity.subscribe(peer).await.map_err(|e| {
             log_refusal(&e, peer.pid);
             status(&e)
+        })?;
+        let slot = self.streams.acquire(&peer)?;
+        Ok(Subscription {
+            state,
+            peer,
+            client_inode: info.and_then(|i| i.conn.client_inode),
+            slot,
         })
     }
 
     /// Streams messages built by `build` from the instance state and the
-    /// bundle, once now and again on every change of either.
+    /// bundle, once now and again on every change of either. When `keys` is
+    /// set the messages carry private keys, and each is sent only after the
+    /// check that the attested process alone holds the connection.
     fn stream<T: Send + 'static>(
         &self,
-        state: watch::Receiver<InstanceState>,
+        sub: Subscription,
+        keys: bool,
         build: fn(&IdentitySet, &TrustBundle) -> T,
     ) -> BoxStream<T> {
         // Room for one message: a client that has not read its last update
@@ -75,9 +87,92 @@ impl WorkloadService {
         let (tx, rx) = mpsc::channel(1);
         let bundle = self.identity.bundle();
         let shutdown = self.shutdown.clone();
-        self.tracker
-            .spawn(drive(state, bundle, tx, build, shutdown));
+        let holder_check = match (keys, sub.client_inode) {
+            (true, Some(inode)) => Some(HolderCheck {
+                identity: self.identity.clone(),
+                peer: sub.peer,
+                client_inode: inode,
+            }),
+            _ => None,
+        };
+        let Subscription { state, slot, .. } = sub;
+        self.tracker.spawn(async move {
+            drive(state, bundle, tx, build, holder_check, shutdown).await;
+            drop(slot);
+        });
         Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+/// An attested caller's open stream, before it is driven.
+struct Subscription {
+    state: watch::Receiver<InstanceState>,
+    peer: PeerCred,
+    client_inode: Option<u64>,
+    slot: StreamSlot,
+}
+
+/// What `drive` checks before a message with private keys goes out.
+struct HolderCheck {
+    identity: IdentityManager,
+    peer: PeerCred,
+    client_inode: u64,
+}
+
+/// Open streams per process (pid and start time), to cap them.
+#[derive(Clone)]
+struct StreamCounts {
+    max: usize,
+    open: Arc<Mutex<HashMap<(u32, Option<u64>), usize>>>,
+}
+
+impl StreamCounts {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, Option<u64>), usize>> {
+        // Counters only: a poisoned lock still holds usable numbers.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn acquire(&self, peer: &PeerCred) -> Result<StreamSlot, Status> {
+        let key = (peer.pid, peer.start_time);
+        let mut open = self.lock();
+        let count = open.entry(key).or_insert(0);
+        if *count >= self.max {
+            return Err(Status::resource_exhausted(format!(
+                "process {} already has {} open Workload API streams, the most one process may \
+                 hold (workload_api.max_streams_per_instance); close some and retry",
+                peer.pid, self.max
+            )));
+        }
+        *count += 1;
+        Ok(StreamSlot {
+            key,
+            counts: self.clone(),
+        })
+    }
+}
+
+/// One open stream of a process; given back on drop.
+struct StreamSlot {
+    key: (u32, Option<u64>),
+    counts: StreamCounts,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.counts.lock();
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -87,18 +182,20 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<BoxStream<X509svidResponse>>, Status> {
-        let state = self.subscribe(&request).await?;
-        Ok(Response::new(
-            self.stream(state, convert::x509_svid_response),
-        ))
+        let sub = self.subscribe(&request).await?;
+        Ok(Response::new(self.stream(
+            sub,
+            true,
+            convert::x509_svid_response,
+        )))
     }
 
     async fn fetch_x509_bundles(
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<BoxStream<X509BundlesResponse>>, Status> {
-        let state = self.subscribe(&request).await?;
-        Ok(Response::new(self.stream(state, |_, bundle| {
+        let sub = self.subscribe(&request).await?;
+        Ok(Response::new(self.stream(sub, false, |_, bundle| {
             convert::x509_bundles_response(bundle)
         })))
     }
@@ -112,6 +209,7 @@ async fn drive<T>(
     mut bundle: watch::Receiver<Arc<TrustBundle>>,
     tx: mpsc::Sender<Result<T, Status>>,
     build: fn(&IdentitySet, &TrustBundle) -> T,
+    holder_check: Option<HolderCheck>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -124,6 +222,17 @@ async fn drive<T>(
         };
         let current = state.borrow_and_update().clone();
         let trust = bundle.borrow_and_update().clone();
+        if let (InstanceState::Active(_), Some(check)) = (&current, &holder_check) {
+            let held = check
+                .identity
+                .check_sole_holder(check.peer, check.client_inode)
+                .await;
+            if let Err(e) = held {
+                log_refusal(&e, check.peer.pid);
+                permit.send(Err(status(&e)));
+                return;
+            }
+        }
         match current {
             InstanceState::Active(set) => permit.send(Ok(build(&set, &trust))),
             InstanceState::Revoked(reason) => {

@@ -1,0 +1,394 @@
+//! The kernel's facts about one connection to the workload socket: which
+//! program opened it, which process wrote each of its bytes, and which
+//! processes hold its client end.
+//!
+//! Why this exists: SO_PEERCRED names the process that called connect(2),
+//! but a connected socket can outlive that program or change hands. A
+//! process may connect, fork, and exec a trusted binary (which keeps the pid
+//! and start time), leaving the request to be written, or the response read,
+//! by a process that was never attested; it may pass the socket to another
+//! process with SCM_RIGHTS. SPIRE's and Teleport's Unix attestors read /proc
+//! of the SO_PEERCRED pid and have that hole. Sigil closes it with three
+//! checks, each cheap and each from the kernel's facts alone:
+//!
+//! 1. **Who wrote the bytes** ([`read_with_writer`]): the listening socket
+//!    has SO_PASSCRED, which accepted sockets inherit, so the kernel tags
+//!    every chunk of the client's bytes with the writer's pid and never
+//!    merges chunks of two writers into one read. Bytes written by any
+//!    process but the one that connected mark the connection, and every
+//!    request on it is refused. (SCM_PIDFD would name the writer more
+//!    exactly, but the pid is compared with a process pinned by its pidfd,
+//!    so a reused pid is already refused by the start-time check.)
+//! 2. **Which program connected** ([`ExeId`]): the executable's inode is
+//!    read when the connection is accepted (with the start time, under the
+//!    peer's pidfd). A process that exec's another program after that is
+//!    refused: the connection belongs to the program that opened it.
+//! 3. **Who can read the answer** ([`check_sole_holder`]): before a private
+//!    key is written, the client end of the connection (found with
+//!    sock_diag) must be held by the attested process and by no other
+//!    process or thread. This covers the fork-then-exec race where the exec
+//!    happens before the daemon accepts the connection.
+//!
+//! What remains (stated in the README): a file descriptor in flight in an
+//! SCM_RIGHTS message that nobody has received yet is in no process's fd
+//! table, so it escapes check 3; together with an exec that wins the race
+//! against accept(2), that could still leak a key to a patient attacker.
+//! And a process that may ptrace another (same uid, no Yama) can make it do
+//! anything, including connect: path and digest selectors do not defend
+//! against their own uid.
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+
+use nix::sys::socket::{self as sock, ControlMessageOwned, MsgFlags, UnixCredentials};
+
+use super::Error;
+
+/// The identity of the executable a process runs: the inode behind
+/// /proc/<pid>/exe. An exec of another program changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExeId {
+    /// Device of the executable file.
+    pub dev: u64,
+    /// Inode of the executable file.
+    pub ino: u64,
+}
+
+/// The executable `pid` runs now.
+///
+/// # Errors
+/// [`Error::ProcessGone`] or [`Error::ProcRead`].
+pub fn exe_id(pid: u32) -> Result<ExeId, Error> {
+    let meta = std::fs::metadata(format!("/proc/{pid}/exe"))
+        .map_err(|e| super::process::io_error(pid, "exe", e))?;
+    Ok(ExeId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+/// The connecting process as the kernel knew it when the connection was
+/// accepted, pinned through its pidfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinnedPeer {
+    /// Its start time: a later process at the same pid has another.
+    pub start_time: u64,
+    /// The program it ran.
+    pub exe: Option<ExeId>,
+}
+
+/// Pins the process at the other end of `socket` (SO_PEERPIDFD, Linux 6.5+):
+/// the pidfd names the connecting process itself, so if it is still alive
+/// after its start time and executable were read, they are its own. `None`
+/// on older kernels or when the process has already exited.
+pub fn pin_peer(socket: &impl AsFd) -> Option<PinnedPeer> {
+    let pidfd = sock::getsockopt(socket, sock::sockopt::PeerPidfd).ok()?;
+    let pid = pidfd_pid(&pidfd)?;
+    let start_time = super::process::start_time(pid).ok()?;
+    let exe = exe_id(pid).ok();
+    (pidfd_pid(&pidfd)? == pid).then_some(PinnedPeer { start_time, exe })
+}
+
+/// The pid a pidfd refers to, from /proc/self/fdinfo; `None` once that
+/// process has exited (the kernel then reports -1).
+fn pidfd_pid(pidfd: &std::os::fd::OwnedFd) -> Option<u32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .and_then(|pid| u32::try_from(pid).ok())
+}
+
+/// Turns on SO_PASSCRED, so that every read from this socket (and from
+/// every socket accepted on it, which inherit the flag) says who wrote the
+/// bytes.
+///
+/// # Errors
+/// The setsockopt(2) error.
+pub fn pass_credentials(socket: &impl AsFd) -> io::Result<()> {
+    sock::setsockopt(socket, sock::sockopt::PassCred, &true).map_err(io::Error::from)
+}
+
+/// Reads from a connected socket whose listener has SO_PASSCRED, and returns
+/// how many bytes were read and the pid of the process that wrote them
+/// (`None` when the kernel attached no credentials, which must be treated as
+/// an unknown writer). The kernel never returns bytes of two writers in one
+/// read. File descriptors a client tries to pass are never installed: the
+/// control buffer only has room for the credentials, so the kernel drops
+/// them (and any that did arrive are closed here).
+///
+/// # Errors
+/// The recvmsg(2) error, e.g. `WouldBlock`.
+pub fn read_with_writer(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Option<u32>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!(UnixCredentials);
+    let msg = sock::recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut writer = None;
+    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+        match cmsg {
+            ControlMessageOwned::ScmCredentials(cred) => writer = u32::try_from(cred.pid()).ok(),
+            ControlMessageOwned::ScmRights(fds) => {
+                for fd in fds {
+                    let _ = nix::unistd::close(fd);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((msg.bytes, writer.filter(|pid| *pid != 0)))
+}
+
+/// The inode of the socket at the other end of `socket` (the client's end of
+/// an accepted connection), from the kernel's sock_diag interface.
+///
+/// # Errors
+/// When sock_diag is unavailable or the socket has no peer.
+pub fn peer_inode(socket: &impl AsFd) -> io::Result<u64> {
+    let own = rustix::fs::fstat(socket.as_fd()).map_err(io::Error::from)?;
+    let own_ino = u32::try_from(own.st_ino)
+        .map_err(|_| io::Error::other("socket inode out of sock_diag's 32-bit range"))?;
+    let diag = sock::socket(
+        sock::AddressFamily::Netlink,
+        sock::SockType::Datagram,
+        sock::SockFlag::SOCK_CLOEXEC,
+        sock::SockProtocol::NetlinkSockDiag,
+    )
+    .map_err(io::Error::from)?;
+    let request = diag::request(own_ino);
+    sock::sendto(
+        diag.as_raw_fd(),
+        &request,
+        &sock::NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .map_err(io::Error::from)?;
+    let mut reply = [0u8; 1024];
+    let n = sock::recv(diag.as_raw_fd(), &mut reply, MsgFlags::empty()).map_err(io::Error::from)?;
+    diag::peer_of(&reply[..n]).map(u64::from)
+}
+
+/// Checks that the client end `client_inode` of `pid`'s connection is held
+/// by `pid` and by no other process or thread (every /proc/<pid>/task/<tid>/fd
+/// is looked at, since a thread may have its own fd table).
+///
+/// # Errors
+/// [`Error::NotHeldByCaller`] when `pid` does not hold it,
+/// [`Error::SharedConnection`] naming another holder.
+pub fn check_sole_holder(pid: u32, client_inode: u64) -> Result<(), Error> {
+    let target = format!("socket:[{client_inode}]");
+    if !holds(&format!("/proc/{pid}/task"), &target) {
+        return Err(Error::NotHeldByCaller { pid });
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Ok(());
+    };
+    for entry in procs.flatten() {
+        let Some(other) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if other != pid && holds(&format!("/proc/{other}/task"), &target) {
+            return Err(Error::SharedConnection { pid, holder: other });
+        }
+    }
+    Ok(())
+}
+
+/// Whether any thread under `tasks_dir` has an fd whose link is `target`.
+/// Unreadable directories (a process that exited, or one a non-root daemon
+/// may not inspect) count as not holding it.
+fn holds(tasks_dir: &str, target: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(tasks_dir) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        let Ok(fds) = std::fs::read_dir(task.path().join("fd")) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|link| link.as_os_str().as_encoded_bytes() == target.as_bytes())
+        })
+    })
+}
+
+/// The sock_diag wire format for one AF_UNIX lookup by inode
+/// (linux/sock_diag.h, linux/unix_diag.h).
+mod diag {
+    use std::io;
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_HDR_LEN: usize = 16;
+    const AF_UNIX: u8 = 1;
+    const UDIAG_SHOW_PEER: u32 = 0x4;
+    const UNIX_DIAG_PEER: u16 = 2;
+    /// `struct unix_diag_msg`: family, type, state, pad, ino, cookie[2].
+    const DIAG_MSG_LEN: usize = 16;
+
+    /// A request for the socket with inode `ino`, asking for its peer.
+    pub(super) fn request(ino: u32) -> Vec<u8> {
+        let mut body = Vec::with_capacity(24);
+        body.extend_from_slice(&[AF_UNIX, 0, 0, 0]); // family, protocol, pad
+        body.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+        body.extend_from_slice(&ino.to_ne_bytes());
+        body.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
+        body.extend_from_slice(&u32::MAX.to_ne_bytes()); // no cookie
+        body.extend_from_slice(&u32::MAX.to_ne_bytes());
+        let len = u32::try_from(NLMSG_HDR_LEN + body.len()).unwrap_or(u32::MAX);
+        let mut msg = Vec::with_capacity(NLMSG_HDR_LEN + body.len());
+        msg.extend_from_slice(&len.to_ne_bytes());
+        msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    }
+
+    /// The peer inode in a reply to [`request`].
+    pub(super) fn peer_of(reply: &[u8]) -> io::Result<u32> {
+        let bad = |what: &str| io::Error::other(format!("sock_diag reply: {what}"));
+        let kind = u16_at(reply, 4).ok_or_else(|| bad("too short"))?;
+        if kind == NLMSG_ERROR {
+            let errno = u32_at(reply, NLMSG_HDR_LEN).map_or(0, |e| e as i32);
+            return Err(io::Error::from_raw_os_error(-errno));
+        }
+        if kind != SOCK_DIAG_BY_FAMILY {
+            return Err(bad("unexpected message type"));
+        }
+        let len = u32_at(reply, 0).ok_or_else(|| bad("too short"))? as usize;
+        let msg = reply.get(..len).ok_or_else(|| bad("truncated"))?;
+        let mut at = NLMSG_HDR_LEN + DIAG_MSG_LEN;
+        while let (Some(rta_len), Some(rta_type)) = (u16_at(msg, at), u16_at(msg, at + 2)) {
+            let rta_len = usize::from(rta_len);
+            if rta_len < 4 {
+                break;
+            }
+            if rta_type == UNIX_DIAG_PEER {
+                return u32_at(msg, at + 4).ok_or_else(|| bad("short peer attribute"));
+            }
+            at += (rta_len + 3) & !3;
+        }
+        Err(bad("the socket has no peer"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    #[test]
+    fn sock_diag_names_the_other_end_of_a_socket_pair() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let b_ino = std::fs::metadata(format!("/proc/self/fd/{}", b.as_raw_fd()))
+            .unwrap()
+            .ino();
+        assert_eq!(peer_inode(&a).unwrap(), b_ino);
+    }
+
+    #[test]
+    fn the_holder_of_both_ends_is_found_and_a_missing_end_is_reported() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let me = std::process::id();
+        let b_ino = peer_inode(&a).unwrap();
+        check_sole_holder(me, b_ino).unwrap();
+        drop(b);
+        // Nobody holds the client end any more (the socket is gone).
+        assert!(matches!(
+            check_sole_holder(me, b_ino),
+            Err(Error::NotHeldByCaller { .. })
+        ));
+    }
+
+    #[test]
+    fn a_child_holding_the_client_end_is_named() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let b_ino = peer_inode(&a).unwrap();
+        // A child that inherits `b` (as a forked process would).
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                b.try_clone().unwrap(),
+            )))
+            .spawn()
+            .unwrap();
+        let child_pid = child.id();
+        let verdict = check_sole_holder(std::process::id(), b_ino);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        match verdict {
+            Err(Error::SharedConnection { holder, .. }) => assert_eq!(holder, child_pid),
+            other => panic!("expected the child to be named, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_read_names_its_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        pass_credentials(&listener).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        std::io::Write::write_all(&mut client, b"hello").unwrap();
+        let mut buf = [0u8; 16];
+        let (n, writer) = read_with_writer(server.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(writer, Some(std::process::id()));
+    }
+
+    #[test]
+    fn the_connecting_process_is_pinned_by_its_start_time_and_program() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let me = std::process::id();
+        match pin_peer(&a) {
+            Some(pinned) => {
+                assert_eq!(
+                    pinned.start_time,
+                    super::super::process::start_time(me).unwrap()
+                );
+                assert_eq!(pinned.exe, Some(exe_id(me).unwrap()));
+            }
+            // Kernels before 6.5 have no SO_PEERPIDFD; the fallback applies.
+            None => eprintln!("no SO_PEERPIDFD on this kernel"),
+        }
+    }
+
+    #[test]
+    fn an_exec_changes_the_exe_id() {
+        let me = exe_id(std::process::id()).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let sleep = exe_id(child.id()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_ne!(me, sleep);
+    }
+}
