@@ -7,7 +7,7 @@ daemon's socket and run it, as user `nobody` where the attack needs another
 uid. Every subcommand is bounded in time, kills the processes it forked, and
 ends by printing one JSON line on stdout (the tests parse the last line).
 
-    h2attack.py fetch SOCKET                    fetch an SVID for this process
+    h2attack.py fetch SOCKET [--wait]           fetch an SVID for this process
     h2attack.py fork-child-writes SOCKET        1a/1e: parent execs sleep, forked child asks
     h2attack.py fork-parent-writes SOCKET       1b: parent asks then execs, child only reads
     h2attack.py scm-rights SOCKET               1c: socket passed with SCM_RIGHTS before exec
@@ -429,8 +429,11 @@ def pidfd_getfd(path):
     return facts
 
 
-def fetch(path):
-    """The control: this very process asks for its own SVID."""
+def fetch(path, wait):
+    """The control: this very process asks for its own SVID (once a line
+    arrives on stdin, with --wait)."""
+    if wait:
+        sys.stdin.readline()
     s = connect(path)
     facts = fetch_over(s)
     facts["connector_pid"] = os.getpid()
@@ -566,6 +569,11 @@ def many_streams(path, count, seconds):
 def flood(path, count, hold):
     """Opens `count` connections (preface + SETTINGS each), says so, then holds
     them `hold` seconds and reports how many the daemon closed, and when."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:  # the test may have lowered the limit it passed on
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     conns = []
     connect_errors = 0
     for _ in range(count):
@@ -615,9 +623,10 @@ def main():
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--fields", type=int, default=480)
     p.add_argument("--junk-blocks", type=int, default=0)
+    p.add_argument("--wait", action="store_true", help="fetch: wait for a line on stdin first")
     a = p.parse_args()
     run = {
-        "fetch": lambda: fetch(a.socket),
+        "fetch": lambda: fetch(a.socket, a.wait),
         "fork-child-writes": lambda: fork_child_writes(a.socket),
         "fork-parent-writes": lambda: fork_parent_writes(a.socket, a.junk_blocks),
         "scm-rights": lambda: scm_rights(a.socket),
