@@ -214,10 +214,15 @@ def connect(path, timeout=5.0):
 def fetch_over(sock, write=True, read_secs=4.0, may_write=True):
     """Sends the whole FetchX509SVID call (unless `write` is False) and reads the answer."""
     sock.settimeout(5.0)
+    reader = Reader(sock, may_write=may_write)
     if write:
-        sock.sendall(request_bytes())
+        try:
+            sock.sendall(request_bytes())
+        except OSError as e:  # the daemon may hang up on a thief at once
+            reader.closed, reader.close_error = True, errno.errorcode.get(e.errno, str(e))
+            return reader.report()
     sock.setblocking(False)
-    return Reader(sock, may_write=may_write).read_for(read_secs)
+    return reader.read_for(read_secs)
 
 
 # --- helpers for the process games ---------------------------------------------------
@@ -350,7 +355,10 @@ def fork_parent_writes(path, junk_blocks):
         junk = b"".join(
             frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, huffman_empty_fields(480)) for i in range(junk_blocks)
         )
-        s.sendall(PREFACE + frame(SETTINGS, 0, 0) + junk + request_bytes(stream=2 * junk_blocks + 1, preface=False))
+        try:
+            s.sendall(PREFACE + frame(SETTINGS, 0, 0) + junk + request_bytes(stream=2 * junk_blocks + 1, preface=False))
+        except OSError:
+            pass  # the child's reader reports what the daemon did
         exec_sleep()
 
     return attack(body)
@@ -576,21 +584,30 @@ def flood(path, count, hold):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     conns = []
     connect_errors = 0
+    closed_after = {}  # fd -> seconds from connect to the daemon hanging up
     for _ in range(count):
         try:
             s = connect(path, timeout=2.0)
-            s.sendall(PREFACE + frame(SETTINGS, 0, 0))
-            s.setblocking(False)
-            conns.append((s, time.monotonic()))
         except OSError:
             connect_errors += 1
+            continue
+        opened_at = time.monotonic()
+        conns.append((s, opened_at))
+        try:
+            s.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        except OSError:  # closed by the daemon already
+            closed_after[s.fileno()] = time.monotonic() - opened_at
+        s.setblocking(False)
     print(json.dumps({"phase": "opened", "opened": len(conns), "connect_errors": connect_errors}), flush=True)
-    closed_after = {}
+    by_fd = {s.fileno(): (s, t) for s, t in conns}
+    poller = select.poll()  # not select(): fds may pass FD_SETSIZE
+    for fd in by_fd:
+        if fd not in closed_after:
+            poller.register(fd, select.POLLIN)
     deadline = time.monotonic() + hold
     while time.monotonic() < deadline and len(closed_after) < len(conns):
-        live = [s for s, _ in conns if s.fileno() not in closed_after]
-        ready, _, _ = select.select(live, [], [], 0.1)
-        for s in ready:
+        for fd, _ in poller.poll(100):
+            s, opened_at = by_fd[fd]
             try:
                 chunk = s.recv(65536)
             except BlockingIOError:
@@ -598,8 +615,8 @@ def flood(path, count, hold):
             except OSError:
                 chunk = b""
             if not chunk:
-                opened_at = next(t for c, t in conns if c is s)
-                closed_after[s.fileno()] = time.monotonic() - opened_at
+                closed_after[fd] = time.monotonic() - opened_at
+                poller.unregister(fd)
     times = sorted(closed_after.values())
     for s, _ in conns:
         s.close()
