@@ -57,11 +57,16 @@ async fn time_to_close(
 /// A HEADERS frame (END_HEADERS) for FetchX509SVID on stream 1, HPACK
 /// literals without indexing.
 fn fetch_headers_frame() -> Vec<u8> {
+    headers_frame("/SpiffeWorkloadAPI/FetchX509SVID")
+}
+
+/// A HEADERS frame (END_HEADERS) for a gRPC call to `path` on stream 1.
+fn headers_frame(path: &str) -> Vec<u8> {
     let mut block = Vec::new();
     for (name, value) in [
         (":method", "POST"),
         (":scheme", "http"),
-        (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+        (":path", path),
         (":authority", "localhost"),
         ("content-type", "application/grpc"),
         ("te", "trailers"),
@@ -194,4 +199,91 @@ async fn a_slowloris_trickling_a_headers_frame_at_one_byte_a_second_is_closed() 
         closed.unwrap_or(limit)
     );
     daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_left_without_streams_after_a_call_is_closed_after_the_idle_timeout() {
+    let config = config_for_me(&limits(
+        "[workload_api]\nhandshake_timeout = \"2s\"\nidle_timeout = \"2s\"\n",
+    ));
+    let daemon = start_reachable(&config).await;
+    let mut stream = UnixStream::connect(&daemon.socket).await.unwrap();
+    // One complete unary call (the task extension's List), then silence.
+    let mut call = PREFACE.to_vec();
+    call.extend_from_slice(SETTINGS);
+    call.extend_from_slice(&headers_frame("/sigil.workload.v1.Tasks/List"));
+    call.extend_from_slice(&[0, 0, 5, 0, 0x1, 0, 0, 0, 1, 0, 0, 0, 0, 0]); // DATA, END_STREAM
+    stream.write_all(&call).await.unwrap();
+    let started = Instant::now();
+    // The answer first: a DATA frame (the ListResponse), then the trailers.
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let answered = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+            // Any frame on stream 1 (HEADERS or DATA) means the call ran.
+            if frames_on_stream_1(&answer) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok() && frames_on_stream_1(&answer),
+        "the List call was answered ({} bytes read)",
+        answer.len()
+    );
+    let limit = Duration::from_secs(7);
+    let closed = time_to_close(&mut stream, started, limit).await;
+    println!("a connection idle after one call was closed after {closed:?}");
+    assert!(
+        closed.is_some_and(|t| t < Duration::from_millis(4500)),
+        "a connection with no stream open was still open after {:?} (idle_timeout 2s)",
+        closed.unwrap_or(limit)
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_svid_stream_keeps_its_connection_past_the_idle_and_handshake_timeouts() {
+    use tokio_stream::StreamExt;
+    // The other side of the limits: a legitimate agent keeps one
+    // FetchX509SVID stream open for as long as it runs.
+    let config = config_for_me(&limits(
+        "[workload_api]\nhandshake_timeout = \"1s\"\nidle_timeout = \"1s\"\n",
+    ));
+    let daemon = start_reachable(&config).await;
+    let mut client = raw_client(&daemon.socket).await;
+    let mut svids = client
+        .fetch_x509svid(common::with_header(
+            sigil::proto::workload::X509svidRequest {},
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    svids.next().await.unwrap().unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(4), svids.next()).await;
+    assert!(
+        next.is_err(),
+        "the stream of a legitimate agent ended or errored within 4 s: {next:?}"
+    );
+    daemon.stop().await;
+}
+
+/// Whether the frames in `bytes` include one on stream 1.
+fn frames_on_stream_1(bytes: &[u8]) -> bool {
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = usize::from(bytes[at]) << 16
+            | usize::from(bytes[at + 1]) << 8
+            | usize::from(bytes[at + 2]);
+        if bytes[at + 5..at + 9] == [0, 0, 0, 1] {
+            return true;
+        }
+        at += 9 + len;
+    }
+    false
 }
