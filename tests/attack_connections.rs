@@ -287,3 +287,42 @@ fn frames_on_stream_1(bytes: &[u8]) -> bool {
     }
     false
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_gets_at_most_max_streams_per_instance_answered_across_connections() {
+    if !std::path::Path::new(common::ATTACK_PYTHON).exists() {
+        eprintln!("skipped: {} is missing", common::ATTACK_PYTHON);
+        return;
+    }
+    // 8 connections x 24 streams: under the per-connection cap (32), over
+    // the per-instance one (128).
+    let config = config_for_me(&limits(
+        "[workload_api]\nmax_streams_per_connection = 32\nmax_streams_per_instance = 128\n",
+    ));
+    let daemon = start_reachable(&config).await;
+    let socket = daemon.socket.to_string_lossy().into_owned();
+    let report = common::run_attack(
+        &daemon,
+        false,
+        &[
+            "instance-streams",
+            &socket,
+            "--connections",
+            "8",
+            "--n",
+            "24",
+            "--secs",
+            "4",
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    println!("one instance, 192 streams: {report}");
+    let answered = report["svid_streams"].as_u64().unwrap();
+    assert!(answered > 0, "the instance was served at all: {report}");
+    assert!(
+        answered <= 128,
+        "{answered} streams of one instance were answered with an SVID (max_streams_per_instance = 128)"
+    );
+    daemon.stop().await;
+}

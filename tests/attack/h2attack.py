@@ -15,6 +15,8 @@ ends by printing one JSON line on stdout (the tests parse the last line).
     h2attack.py hpack SOCKET                    2: Huffman-flagged empty fields, 4 connections
     h2attack.py streams SOCKET --n N            3: N streams on one connection
     h2attack.py flood SOCKET --n N --hold S     3: N idle connections held S seconds
+    h2attack.py instance-streams SOCKET --connections C --n N
+                                                3: one instance, N streams on each of C connections
 
 What "got_svid" means: a DATA frame carried a gRPC message longer than 100
 bytes. Sigil's only answer that long is an X509SVIDResponse, which holds the
@@ -95,6 +97,7 @@ class Reader:
         self.data_bytes = 0
         self.max_message = 0
         self.got_svid = False
+        self.svid_streams = set()
         self.spiffe_ids = []
         self.rst_streams = []
         self.goaway = None
@@ -109,6 +112,7 @@ class Reader:
         return {
             "data_bytes": self.data_bytes,
             "got_svid": self.got_svid,
+            "svid_streams": len(self.svid_streams),
             "max_grpc_message": self.max_message,
             "spiffe_ids": self.spiffe_ids,
             "rst_stream_codes": sorted(set(self.rst_streams)),
@@ -162,6 +166,7 @@ class Reader:
                 self.max_message = max(self.max_message, size)
                 if size > SVID_SIZED:
                     self.got_svid = True
+                    self.svid_streams.add(stream)
                 if len(pending) < 5 + size:
                     break
                 message = pending[5 : 5 + size]
@@ -574,6 +579,35 @@ def many_streams(path, count, seconds):
     return facts
 
 
+def instance_streams(path, connections, per_connection, seconds):
+    """One process (one instance) opens `per_connection` FetchX509SVID
+    streams on each of `connections` connections, and counts the streams
+    that were answered with an SVID."""
+    readers = []
+    for _ in range(connections):
+        s = connect(path)
+        calls = b"".join(request_bytes(stream=2 * i + 1, preface=False) for i in range(per_connection))
+        try:
+            s.sendall(PREFACE + frame(SETTINGS, 0, 0) + calls)
+        except OSError:
+            pass
+        s.setblocking(False)
+        readers.append(Reader(s))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not all(r.closed for r in readers):
+        for r in readers:
+            r.pump(0.01)
+    reports = [r.report() for r in readers]
+    return {
+        "connections": connections,
+        "streams_asked": connections * per_connection,
+        "svid_streams": sum(r["svid_streams"] for r in reports),
+        "rst_streams": sum(r["rst_streams"] for r in reports),
+        "ended_streams": sum(r["ended_streams"] for r in reports),
+        "goaways": sum(1 for r in reports if r["goaway"] is not None),
+    }
+
+
 def flood(path, count, hold):
     """Opens `count` connections (preface + SETTINGS each), says so, then holds
     them `hold` seconds and reports how many the daemon closed, and when."""
@@ -651,6 +685,7 @@ def main():
         "hpack": lambda: hpack_flood(a.socket, a.connections, a.secs, a.fields),
         "streams": lambda: many_streams(a.socket, a.n, a.secs),
         "flood": lambda: flood(a.socket, a.n, a.hold),
+        "instance-streams": lambda: instance_streams(a.socket, a.connections, a.n, a.secs),
     }[a.attack]
     facts = run()
     facts["attack"] = a.attack
