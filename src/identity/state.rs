@@ -13,8 +13,8 @@ use super::audit::{event, selectors_json};
 use super::{BeginTask, Error, INSTANCE_HINT, IdentitySet, Shared, TaskInfo, schedule};
 use crate::attest::Attestation;
 use crate::ca::{Svid, SvidRequest};
-use crate::ids::SpiffeId;
-use crate::policy::{Entry, Requester};
+use crate::ids::{Echo, SpiffeId};
+use crate::policy::{Entry, Requester, TaskRefusal};
 use crate::store::{AuditKind, InstanceRecord, SvidRecord, TaskRecord};
 
 /// An SVID and the moment it is due for rotation (jitter drawn once).
@@ -165,7 +165,7 @@ impl Live {
             .tasks
             .check(&entry.name, requester, &task_id, ttl, self.tasks.len())?;
         if self.tasks.contains_key(&task_id) {
-            return Err(crate::policy::TaskRefusal::DuplicateTask(task_id).into());
+            return Err(TaskRefusal::DuplicateTask(Echo::new(&task_id)).into());
         }
         let now = SystemTime::now();
         let info = TaskInfo {
@@ -228,7 +228,7 @@ impl Live {
         actor: &str,
     ) -> Result<TaskInfo, Error> {
         if !self.tasks.contains_key(task_id) {
-            return Err(Error::UnknownTask(task_id.to_owned()));
+            return Err(Error::UnknownTask(Echo::new(task_id)));
         }
         // Record first: a task leaves memory only once its end and its
         // revocations are in the store.
@@ -236,7 +236,7 @@ impl Live {
         let task = self
             .tasks
             .remove(task_id)
-            .ok_or_else(|| Error::UnknownTask(task_id.to_owned()))?;
+            .ok_or_else(|| Error::UnknownTask(Echo::new(task_id)))?;
         tracing::info!(instance = %self.attestation.instance_id, task = %task_id, %reason, "task ended");
         Ok(task.info)
     }
@@ -323,8 +323,7 @@ impl Live {
             .map(|h| h.svid.spiffe_id.to_string());
         let base = base.ok_or(Error::InstanceEnded)?;
         let text = format!("{base}/task/{task_id}");
-        SpiffeId::new(&text)
-            .map_err(|_| crate::policy::TaskRefusal::BadTaskId(task_id.to_owned()).into())
+        SpiffeId::new(&text).map_err(|_| TaskRefusal::BadTaskId(Echo::new(task_id)).into())
     }
 
     fn mint_instance_svids(&self, shared: &Shared, kind: AuditKind) -> Result<Vec<Held>, Error> {

@@ -3,11 +3,12 @@
 //! Pure rules over values, applied before any task exists: who may declare
 //! a task, how long it may live, how many may run at once, and which ids
 //! are acceptable. Each refusal names the rule, so an agent author can tell
-//! which line of the entry to change.
+//! which line of the entry to change, and quotes client input only through
+//! [`Echo`], so a refusal stays short whatever the client sent.
 
 use std::time::Duration;
 
-use crate::ids::is_path_segment;
+use crate::ids::{Echo, is_path_segment};
 
 /// Default for `tasks.max_ttl`.
 pub const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(60 * 60); // 1 hour
@@ -79,12 +80,12 @@ pub enum TaskRefusal {
         max: usize,
     },
     /// The id does not match `tasks.id_pattern`.
-    #[error("task id {id:?} does not match entry {entry:?}'s tasks.id_pattern {pattern:?}")]
+    #[error("task id {id} does not match entry {entry:?}'s tasks.id_pattern {pattern:?}")]
     PatternMismatch {
         /// The entry.
         entry: String,
         /// The id asked for.
-        id: String,
+        id: Echo,
         /// The pattern.
         pattern: String,
     },
@@ -100,17 +101,17 @@ pub enum TaskRefusal {
     },
     /// The id is not a SPIFFE path segment.
     #[error(
-        "task id {0:?} is not valid: use 1 to {MAX_TASK_ID_LEN} of letters, digits, '-', '.', '_' (not '.' or '..')"
+        "task id {0} is not valid: use 1 to {MAX_TASK_ID_LEN} bytes of letters, digits, '-', '.', '_' (not '.' or '..')"
     )]
-    BadTaskId(String),
+    BadTaskId(Echo),
     /// Too many or too large attributes.
     #[error(
         "task attributes: {0} (at most {MAX_ATTRIBUTES} attributes, keys of 1 to {MAX_ATTRIBUTE_KEY} bytes, values up to {MAX_ATTRIBUTE_VALUE} bytes)"
     )]
     BadAttributes(String),
     /// A live task already has this id.
-    #[error("task {0:?} is already running for this instance")]
-    DuplicateTask(String),
+    #[error("task {0} is already running for this instance")]
+    DuplicateTask(Echo),
 }
 
 impl TaskRefusal {
@@ -135,7 +136,7 @@ pub fn check_task_id(id: &str) -> Result<(), TaskRefusal> {
     if id.len() <= MAX_TASK_ID_LEN && is_path_segment(id) {
         Ok(())
     } else {
-        Err(TaskRefusal::BadTaskId(id.to_owned()))
+        Err(TaskRefusal::BadTaskId(Echo::new(id)))
     }
 }
 
@@ -162,7 +163,8 @@ pub fn check_attributes(
         }
         if value.len() > MAX_ATTRIBUTE_VALUE {
             return Err(TaskRefusal::BadAttributes(format!(
-                "value of {key:?} has {} bytes",
+                "value of {} has {} bytes",
+                Echo::new(key),
                 value.len()
             )));
         }
@@ -194,7 +196,7 @@ impl TaskPolicy {
         {
             return Err(TaskRefusal::PatternMismatch {
                 entry: entry.to_owned(),
-                id: id.to_owned(),
+                id: Echo::new(id),
                 pattern: pattern.as_str().to_owned(),
             });
         }
@@ -315,6 +317,26 @@ mod tests {
         assert!(check_task_id(&"a".repeat(MAX_TASK_ID_LEN + 1)).is_err());
         for bad in ["", ".", "..", "a b", "a/b", "ü"] {
             assert!(check_task_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_quote_client_input_cut_short() {
+        use std::collections::BTreeMap;
+        let huge = "x".repeat(60_000);
+        let refusals = [
+            check_task_id(&huge).unwrap_err(),
+            policy()
+                .check("bot", Requester::Agent, &"y".repeat(100), TTL, 0)
+                .unwrap_err(),
+            check_attributes(&BTreeMap::from([(huge.clone(), String::new())])).unwrap_err(),
+            check_attributes(&BTreeMap::from([(huge.clone(), huge.clone())])).unwrap_err(),
+            check_attributes(&BTreeMap::from([("k".to_owned(), huge.clone())])).unwrap_err(),
+        ];
+        for refusal in refusals {
+            let message = refusal.to_string();
+            assert!(message.len() < 400, "{} bytes: {message}", message.len());
+            assert!(message.contains(" bytes"), "{message}");
         }
     }
 }
