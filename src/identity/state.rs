@@ -147,7 +147,8 @@ impl Live {
         self.tasks.values().map(|t| t.info.clone()).collect()
     }
 
-    /// Starts a task after checking the instance's entry policy.
+    /// Starts a task after checking the instance's entry policy (every
+    /// rule, attribute sizes included) before anything is stored or audited.
     pub(crate) fn begin(
         &mut self,
         shared: &Shared,
@@ -161,9 +162,14 @@ impl Live {
             None => format!("task-{}", hex::encode(rand::random::<[u8; 6]>())),
         };
         let ttl = req.ttl.unwrap_or(shared.settings.task_ttl);
-        entry
-            .tasks
-            .check(&entry.name, requester, &task_id, ttl, self.tasks.len())?;
+        entry.tasks.check(
+            &entry.name,
+            requester,
+            &task_id,
+            ttl,
+            &req.attributes,
+            self.tasks.len(),
+        )?;
         if self.tasks.contains_key(&task_id) {
             return Err(TaskRefusal::DuplicateTask(Echo::new(&task_id)).into());
         }

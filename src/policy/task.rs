@@ -6,6 +6,7 @@
 //! which line of the entry to change, and quotes client input only through
 //! [`Echo`], so a refusal stays short whatever the client sent.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::ids::{Echo, is_path_segment};
@@ -145,9 +146,7 @@ pub fn check_task_id(id: &str) -> Result<(), TaskRefusal> {
 ///
 /// # Errors
 /// [`TaskRefusal::BadAttributes`].
-pub fn check_attributes(
-    attributes: &std::collections::BTreeMap<String, String>,
-) -> Result<(), TaskRefusal> {
+pub fn check_attributes(attributes: &BTreeMap<String, String>) -> Result<(), TaskRefusal> {
     if attributes.len() > MAX_ATTRIBUTES {
         return Err(TaskRefusal::BadAttributes(format!(
             "{} attributes",
@@ -173,7 +172,8 @@ pub fn check_attributes(
 }
 
 impl TaskPolicy {
-    /// Applies every rule to a task request.
+    /// Applies every rule about the request itself (who asks, id, TTL,
+    /// attributes, live tasks) before anything is stored or audited.
     ///
     /// # Errors
     /// The first rule that refuses it.
@@ -183,6 +183,7 @@ impl TaskPolicy {
         requester: Requester,
         id: &str,
         ttl: Duration,
+        attributes: &BTreeMap<String, String>,
         live_tasks: usize,
     ) -> Result<(), TaskRefusal> {
         if requester == Requester::Agent && !self.self_declare {
@@ -191,6 +192,7 @@ impl TaskPolicy {
             });
         }
         check_task_id(id)?;
+        check_attributes(attributes)?;
         if let Some(pattern) = &self.id_pattern
             && !pattern.matches(id)
         {
@@ -230,12 +232,23 @@ mod tests {
         }
     }
 
+    fn no_attributes() -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
     const TTL: Duration = Duration::from_secs(60);
 
     #[test]
     fn a_task_within_every_rule_is_allowed() {
         assert_eq!(
-            policy().check("bot", Requester::Agent, "ticket-42", TTL, 1),
+            policy().check(
+                "bot",
+                Requester::Agent,
+                "ticket-42",
+                TTL,
+                &no_attributes(),
+                1
+            ),
             Ok(())
         );
     }
@@ -247,16 +260,30 @@ mod tests {
             ..policy()
         };
         assert!(matches!(
-            off.check("bot", Requester::Agent, "ticket-1", TTL, 0),
+            off.check(
+                "bot",
+                Requester::Agent,
+                "ticket-1",
+                TTL,
+                &no_attributes(),
+                0
+            ),
             Err(TaskRefusal::SelfDeclareOff { .. })
         ));
         assert_eq!(
-            off.check("bot", Requester::Operator, "ticket-1", TTL, 0),
+            off.check(
+                "bot",
+                Requester::Operator,
+                "ticket-1",
+                TTL,
+                &no_attributes(),
+                0
+            ),
             Ok(())
         );
         let p = policy();
         assert!(matches!(
-            p.check("bot", Requester::Agent, "other-1", TTL, 0),
+            p.check("bot", Requester::Agent, "other-1", TTL, &no_attributes(), 0),
             Err(TaskRefusal::PatternMismatch { .. })
         ));
         assert!(matches!(
@@ -265,16 +292,31 @@ mod tests {
                 Requester::Agent,
                 "ticket-1",
                 Duration::from_secs(601),
+                &no_attributes(),
                 0
             ),
             Err(TaskRefusal::TtlTooLong { .. })
         ));
         assert!(matches!(
-            p.check("bot", Requester::Agent, "ticket-1", TTL, 2),
+            p.check(
+                "bot",
+                Requester::Agent,
+                "ticket-1",
+                TTL,
+                &no_attributes(),
+                2
+            ),
             Err(TaskRefusal::TooManyTasks { max: 2, .. })
         ));
         assert!(matches!(
-            p.check("bot", Requester::Agent, "ticket/1", TTL, 0),
+            p.check(
+                "bot",
+                Requester::Agent,
+                "ticket/1",
+                TTL,
+                &no_attributes(),
+                0
+            ),
             Err(TaskRefusal::BadTaskId(_))
         ));
     }
@@ -282,7 +324,14 @@ mod tests {
     #[test]
     fn refusal_messages_name_the_rule() {
         let err = policy()
-            .check("bot", Requester::Agent, "ticket-1", TTL, 2)
+            .check(
+                "bot",
+                Requester::Agent,
+                "ticket-1",
+                TTL,
+                &no_attributes(),
+                2,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("tasks.max_concurrent"), "{err}");
         assert!(!err.is_invalid_request());
@@ -292,7 +341,6 @@ mod tests {
 
     #[test]
     fn attributes_are_bounded_in_number_and_size() {
-        use std::collections::BTreeMap;
         let ok: BTreeMap<_, _> = [("ticket".to_owned(), "42".to_owned())].into();
         assert!(check_attributes(&ok).is_ok());
         let many: BTreeMap<_, _> = (0..=MAX_ATTRIBUTES)
@@ -322,12 +370,18 @@ mod tests {
 
     #[test]
     fn refusals_quote_client_input_cut_short() {
-        use std::collections::BTreeMap;
         let huge = "x".repeat(60_000);
         let refusals = [
             check_task_id(&huge).unwrap_err(),
             policy()
-                .check("bot", Requester::Agent, &"y".repeat(100), TTL, 0)
+                .check(
+                    "bot",
+                    Requester::Agent,
+                    &"y".repeat(100),
+                    TTL,
+                    &no_attributes(),
+                    0,
+                )
                 .unwrap_err(),
             check_attributes(&BTreeMap::from([(huge.clone(), String::new())])).unwrap_err(),
             check_attributes(&BTreeMap::from([(huge.clone(), huge.clone())])).unwrap_err(),
@@ -338,5 +392,24 @@ mod tests {
             assert!(message.len() < 400, "{} bytes: {message}", message.len());
             assert!(message.contains(" bytes"), "{message}");
         }
+    }
+
+    #[test]
+    fn attributes_are_checked_with_the_request_before_anything_else_happens() {
+        let many: BTreeMap<_, _> = (0..=MAX_ATTRIBUTES)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
+        let err = policy()
+            .check("bot", Requester::Agent, "ticket-1", TTL, &many, 0)
+            .unwrap_err();
+        assert!(matches!(err, TaskRefusal::BadAttributes(_)), "{err}");
+        assert!(err.is_invalid_request());
+        assert!(err.to_string().contains("at most 32 attributes"), "{err}");
+        // An operator is held to the same sizes: the rows are the same.
+        assert!(
+            policy()
+                .check("bot", Requester::Operator, "ticket-1", TTL, &many, 0)
+                .is_err()
+        );
     }
 }
