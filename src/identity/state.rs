@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
@@ -14,7 +14,7 @@ use super::{BeginTask, Error, INSTANCE_HINT, IdentitySet, Shared, TaskInfo, sche
 use crate::attest::Attestation;
 use crate::ca::{Svid, SvidRequest};
 use crate::ids::{Echo, SpiffeId};
-use crate::policy::{Entry, Requester, TaskRefusal};
+use crate::policy::{Entry, Requester, TaskRefusal, TokenBucket};
 use crate::store::{AuditKind, InstanceRecord, SvidRecord, TaskRecord};
 
 /// An SVID and the moment it is due for rotation (jitter drawn once).
@@ -41,6 +41,8 @@ pub(crate) struct Live {
     entries: Vec<Arc<Entry>>,
     instance_svids: Vec<Held>,
     tasks: BTreeMap<String, LiveTask>,
+    /// The agent's own Begins, limited by its entry's `tasks.begin_*`.
+    begins: TokenBucket,
 }
 
 impl Live {
@@ -71,6 +73,7 @@ impl Live {
             entries,
             instance_svids: Vec::new(),
             tasks: BTreeMap::new(),
+            begins: TokenBucket::default(),
         };
         live.instance_svids = live.mint_instance_svids(shared, AuditKind::Issuance)?;
         live.restore_tasks(shared)?;
@@ -147,16 +150,18 @@ impl Live {
         self.tasks.values().map(|t| t.info.clone()).collect()
     }
 
-    /// Starts a task after checking the instance's entry policy (every
-    /// rule, attribute sizes included) before anything is stored or audited.
+    /// Starts a task after checking the instance's entry policy: every
+    /// rule, then (for the agent's own Begins) the rate, all before anything
+    /// is stored or audited. `now` is the monotonic clock the rate uses.
     pub(crate) fn begin(
         &mut self,
         shared: &Shared,
         req: BeginTask,
         requester: Requester,
         actor: &str,
+        now: Instant,
     ) -> Result<TaskInfo, Error> {
-        let entry = self.primary_entry()?;
+        let entry = self.primary_entry()?.clone();
         let task_id = match req.task_id.filter(|id| !id.is_empty()) {
             Some(id) => id,
             None => format!("task-{}", hex::encode(rand::random::<[u8; 6]>())),
@@ -172,6 +177,10 @@ impl Live {
         )?;
         if self.tasks.contains_key(&task_id) {
             return Err(TaskRefusal::DuplicateTask(Echo::new(&task_id)).into());
+        }
+        // Operators (admin API, authorised by uid) are not rate limited.
+        if requester == Requester::Agent {
+            entry.tasks.take_begin(&entry.name, &mut self.begins, now)?;
         }
         let now = SystemTime::now();
         let info = TaskInfo {

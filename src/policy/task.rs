@@ -1,14 +1,16 @@
 //! Task policy: whether and how an instance may run tasks.
 //!
 //! Pure rules over values, applied before any task exists: who may declare
-//! a task, how long it may live, how many may run at once, and which ids
-//! are acceptable. Each refusal names the rule, so an agent author can tell
-//! which line of the entry to change, and quotes client input only through
-//! [`Echo`], so a refusal stays short whatever the client sent.
+//! a task, how long it may live, how many may run at once, how fast they may
+//! begin, and which ids and attributes are acceptable. Each refusal names the
+//! rule, so an agent author can tell which line of the entry to change, and
+//! quotes client input only through [`Echo`], so a refusal stays short
+//! whatever the client sent.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::rate::{BeginRate, TokenBucket};
 use crate::ids::{Echo, is_path_segment};
 
 /// Default for `tasks.max_ttl`.
@@ -36,6 +38,9 @@ pub struct TaskPolicy {
     pub max_concurrent: usize,
     /// Glob a task id must match, if set.
     pub id_pattern: Option<glob::Pattern>,
+    /// How fast one instance may begin tasks (`tasks.begin_burst`,
+    /// `tasks.begin_per_second`).
+    pub begin_rate: BeginRate,
 }
 
 impl Default for TaskPolicy {
@@ -45,6 +50,7 @@ impl Default for TaskPolicy {
             max_ttl: DEFAULT_MAX_TASK_TTL,
             max_concurrent: DEFAULT_MAX_CONCURRENT_TASKS,
             id_pattern: None,
+            begin_rate: BeginRate::default(),
         }
     }
 }
@@ -113,6 +119,22 @@ pub enum TaskRefusal {
     /// A live task already has this id.
     #[error("task {0} is already running for this instance")]
     DuplicateTask(Echo),
+    /// The instance began tasks faster than its entry allows.
+    #[error(
+        "entry {entry:?} allows {burst} task begins at once and then one every {every} per instance (tasks.begin_burst, tasks.begin_per_second); retry in {retry_in}"
+    )]
+    BeginRateExceeded {
+        /// The entry.
+        entry: String,
+        /// `tasks.begin_burst`.
+        burst: u32,
+        /// `1 / tasks.begin_per_second`, for people.
+        every: String,
+        /// When a Begin would next be allowed, for people.
+        retry_in: String,
+        /// When a Begin would next be allowed.
+        retry_after: Duration,
+    },
 }
 
 impl TaskRefusal {
@@ -126,6 +148,11 @@ impl TaskRefusal {
                 | Self::BadAttributes(_)
                 | Self::DuplicateTask(_)
         )
+    }
+
+    /// True when the caller should slow down and retry (ResourceExhausted).
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::BeginRateExceeded { .. })
     }
 }
 
@@ -217,6 +244,34 @@ impl TaskPolicy {
         }
         Ok(())
     }
+
+    /// Takes one Begin from an instance's `bucket` at `now`, by the entry's
+    /// `tasks.begin_burst` and `tasks.begin_per_second`. Call it last, once
+    /// every other rule has passed, so only a Begin that will be recorded
+    /// costs a token.
+    ///
+    /// # Errors
+    /// [`TaskRefusal::BeginRateExceeded`], saying when to retry.
+    pub fn take_begin(
+        &self,
+        entry: &str,
+        bucket: &mut TokenBucket,
+        now: Instant,
+    ) -> Result<(), TaskRefusal> {
+        bucket.try_take(self.begin_rate, now).map_err(|wait| {
+            // Whole milliseconds, rounded up: retrying at the time said works.
+            let retry_after = Duration::from_millis(
+                u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX),
+            );
+            TaskRefusal::BeginRateExceeded {
+                entry: entry.to_owned(),
+                burst: self.begin_rate.burst,
+                every: humantime::format_duration(self.begin_rate.every).to_string(),
+                retry_in: humantime::format_duration(retry_after).to_string(),
+                retry_after,
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +284,7 @@ mod tests {
             max_ttl: Duration::from_secs(600),
             max_concurrent: 2,
             id_pattern: Some(glob::Pattern::new("ticket-*").unwrap()),
+            begin_rate: BeginRate::new(2, 1.0).unwrap(),
         }
     }
 
@@ -410,6 +466,38 @@ mod tests {
             policy()
                 .check("bot", Requester::Operator, "ticket-1", TTL, &many, 0)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn begins_beyond_the_burst_are_refused_with_the_rule_and_the_wait() {
+        let p = policy();
+        let mut bucket = TokenBucket::default();
+        let t0 = Instant::now();
+        assert_eq!(p.take_begin("bot", &mut bucket, t0), Ok(()));
+        assert_eq!(p.take_begin("bot", &mut bucket, t0), Ok(()));
+        let err = p.take_begin("bot", &mut bucket, t0).unwrap_err();
+        assert!(err.is_rate_limited());
+        assert!(!err.is_invalid_request());
+        let message = err.to_string();
+        for part in [
+            "\"bot\"",
+            "tasks.begin_burst",
+            "tasks.begin_per_second",
+            "retry in 1s",
+        ] {
+            assert!(message.contains(part), "{part:?} not in {message}");
+        }
+        let later = t0 + Duration::from_micros(999_999);
+        match p.take_begin("bot", &mut bucket, later).unwrap_err() {
+            TaskRefusal::BeginRateExceeded { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_millis(1));
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(
+            p.take_begin("bot", &mut bucket, t0 + Duration::from_secs(1)),
+            Ok(())
         );
     }
 }

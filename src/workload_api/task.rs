@@ -39,9 +39,21 @@ fn caller<T>(req: &Request<T>) -> Result<PeerCred, Status> {
         })
 }
 
+/// The Tasks service's status for a refusal: a Begin over the entry's rate
+/// is ResourceExhausted (slow down, then retry), logged at debug since a
+/// client that ignores it repeats it at will; everything else is mapped and
+/// logged as on the Workload API.
 fn refused(e: identity::Error, peer: &PeerCred) -> Status {
-    log_refusal(&e, peer.pid);
-    status(&e)
+    match &e {
+        identity::Error::Task(refusal) if refusal.is_rate_limited() => {
+            tracing::debug!(pid = peer.pid, error = %e, "refused");
+            Status::resource_exhausted(e.to_string())
+        }
+        _ => {
+            log_refusal(&e, peer.pid);
+            status(&e)
+        }
+    }
 }
 
 #[tonic::async_trait]
