@@ -1,6 +1,7 @@
 //! The documented limits of the task extension, enforced over the real
 //! socket against a hostile local client: attribute count and sizes (before
-//! anything is stored or audited), the task id length, a per-instance Begin rate, well-formed protobuf Durations, and
+//! anything is stored or audited), the size of a whole request, the task id
+//! length, a per-instance Begin rate, well-formed protobuf Durations, and
 //! refusals and log lines that quote client input cut short.
 
 #![allow(
@@ -159,6 +160,31 @@ async fn oversized_attributes_are_refused_before_anything_is_stored_or_audited()
         .task
         .unwrap();
     assert_eq!(task.attributes.len(), 32);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_request_over_64_kib_is_refused_and_the_daemon_keeps_serving() {
+    let daemon = TestDaemon::start_with(&config("")).await;
+    let mut tasks = tasks_client(&daemon.socket).await;
+    let huge: HashMap<_, _> = [("k".to_owned(), "v".repeat(100 * 1024))].into();
+    // serve() caps every message on the workload socket at 64 KiB
+    // (max_decoding_message_size), so tonic refuses it before decoding.
+    let status = refusal(tasks.begin(request("job-huge", huge)).await);
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "refused as too large before decoding: {status:?}"
+    );
+    assert!(status.message().len() < 512, "{}", status.message());
+    // The same connection and a new one are served.
+    tasks.begin(request("job-1", HashMap::new())).await.unwrap();
+    let mut other = tasks_client(&daemon.socket).await;
+    let listed = other
+        .list(with_header(ListRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.tasks.len(), 1);
     daemon.stop().await;
 }
 
