@@ -11,7 +11,8 @@ use serde::Deserialize;
 
 use crate::attest::Selector;
 use crate::ids::{InstanceId, TrustDomain, is_path_segment};
-use crate::policy::{Context, DEFAULT_TEMPLATE, Entry, TaskPolicy, Template};
+use crate::policy::rate::RateError;
+use crate::policy::{BeginRate, Context, DEFAULT_TEMPLATE, Entry, TaskPolicy, Template};
 
 /// The embedded default configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
@@ -122,6 +123,8 @@ struct RawTasks {
     max_ttl: Option<String>,
     max_concurrent: Option<u32>,
     id_pattern: Option<String>,
+    begin_burst: Option<u32>,
+    begin_per_second: Option<f64>,
 }
 
 /// Most concurrent tasks an entry may allow per instance.
@@ -512,11 +515,23 @@ impl Validator<'_> {
                 )
             })?),
         };
+        let burst = raw.begin_burst.unwrap_or(defaults.begin_rate.burst);
+        let per_second = raw
+            .begin_per_second
+            .unwrap_or(1.0 / defaults.begin_rate.every.as_secs_f64());
+        let begin_rate = BeginRate::new(burst, per_second).map_err(|e| {
+            let field = match e {
+                RateError::Burst(_) => "tasks.begin_burst",
+                RateError::PerSecond(_) => "tasks.begin_per_second",
+            };
+            self.invalid(at(field), e.to_string())
+        })?;
         Ok(TaskPolicy {
             self_declare: raw.self_declare,
             max_ttl,
             max_concurrent,
             id_pattern,
+            begin_rate,
         })
     }
 }
@@ -670,6 +685,30 @@ mod tests {
                 format!("{GOOD}[entry.tasks]\nself_declare = \"yes\""),
                 "self_declare",
             ),
+            (
+                format!("{GOOD}[entry.tasks]\nbegin_burst = 0"),
+                "entry \"research-bot\".tasks.begin_burst: 0 is out of range",
+            ),
+            (
+                format!("{GOOD}[entry.tasks]\nbegin_burst = 5000"),
+                "tasks.begin_burst",
+            ),
+            (
+                format!("{GOOD}[entry.tasks]\nbegin_per_second = 0.0"),
+                "entry \"research-bot\".tasks.begin_per_second: 0 is out of range",
+            ),
+            (
+                format!("{GOOD}[entry.tasks]\nbegin_per_second = -2"),
+                "tasks.begin_per_second",
+            ),
+            (
+                format!("{GOOD}[entry.tasks]\nbegin_per_second = nan"),
+                "tasks.begin_per_second",
+            ),
+            (
+                format!("{GOOD}[entry.tasks]\nbegin_per_second = \"fast\""),
+                "begin_per_second",
+            ),
         ];
         for (text, expected) in cases {
             let err = error_of(&text);
@@ -690,6 +729,27 @@ mod tests {
         assert_eq!(tasks.max_concurrent, TaskPolicy::default().max_concurrent);
         assert!(tasks.id_pattern.as_ref().unwrap().matches("ticket-9"));
         assert!(!parse(GOOD).unwrap().entries[0].tasks.self_declare);
+    }
+
+    #[test]
+    fn entry_begin_rate_is_read_with_defaults() {
+        let c = parse(&format!(
+            "{GOOD}[entry.tasks]\nbegin_burst = 5\nbegin_per_second = 4"
+        ))
+        .unwrap();
+        let rate = c.entries[0].tasks.begin_rate;
+        assert_eq!(rate.burst, 5);
+        assert_eq!(rate.every, Duration::from_millis(250));
+        let c = parse(&format!("{GOOD}[entry.tasks]\nbegin_per_second = 0.5")).unwrap();
+        assert_eq!(c.entries[0].tasks.begin_rate.every, Duration::from_secs(2));
+        assert_eq!(
+            c.entries[0].tasks.begin_rate.burst,
+            crate::policy::rate::DEFAULT_BEGIN_BURST
+        );
+        assert_eq!(
+            parse(GOOD).unwrap().entries[0].tasks.begin_rate,
+            BeginRate::default()
+        );
     }
 
     #[test]

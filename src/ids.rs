@@ -3,6 +3,8 @@
 //! SPIFFE IDs and trust domains come from the `spiffe` crate, so every ID we
 //! hold has already passed the SPIFFE-ID.md checks. [`InstanceId`] names one
 //! attested process; it is derived, never chosen, so a client cannot pick it.
+//! [`Echo`] is client input cut to a size fit to quote in an error or a log
+//! line: every message that repeats what a client sent goes through it.
 
 use std::fmt;
 
@@ -59,6 +61,51 @@ pub fn is_path_segment(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
+/// Most bytes of client input quoted back (after escaping) in a message.
+pub const ECHO_MAX: usize = 64;
+
+/// Client input as it may be quoted back in a refusal or a log line: quoted
+/// and escaped like `{:?}`, cut to [`ECHO_MAX`] bytes of escaped text, and
+/// then followed by `… (N bytes)` so the reader still learns the size.
+///
+/// A client may send a megabyte as a task id: echoing it whole would turn
+/// each refusal into a megabyte log line. An error that names client input
+/// holds an `Echo`, never the raw `String`, so it cannot do that.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Echo(String);
+
+impl Echo {
+    /// Quotes `input`, cut to [`ECHO_MAX`] bytes of escaped text.
+    pub fn new(input: &str) -> Self {
+        let mut kept = String::new();
+        let mut cut = false;
+        for c in input.chars() {
+            let escaped: String = c.escape_debug().collect();
+            if kept.len() + escaped.len() > ECHO_MAX {
+                cut = true;
+                break;
+            }
+            kept.push_str(&escaped);
+        }
+        if cut {
+            Self(format!("\"{kept}\"… ({} bytes)", input.len()))
+        } else {
+            Self(format!("\"{kept}\""))
+        }
+    }
+
+    /// The quoted text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Echo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +134,35 @@ mod tests {
         }
         for good in ["a", "A-b_c.d", "...", "0"] {
             assert!(is_path_segment(good), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn short_input_is_echoed_whole_and_quoted() {
+        assert_eq!(Echo::new("job-1").as_str(), "\"job-1\"");
+        assert_eq!(Echo::new("").as_str(), "\"\"");
+        let exact = "a".repeat(ECHO_MAX);
+        assert_eq!(Echo::new(&exact).as_str(), format!("\"{exact}\""));
+    }
+
+    #[test]
+    fn long_input_is_cut_and_its_size_is_told() {
+        let echo = Echo::new(&"a".repeat(1_000_000));
+        assert_eq!(
+            echo.as_str(),
+            format!("\"{}\"… (1000000 bytes)", "a".repeat(ECHO_MAX))
+        );
+    }
+
+    #[test]
+    fn escaping_counts_toward_the_cut_and_never_splits_a_character() {
+        // Escapes take several bytes (`\0`, `\u{202e}`), and `é` two: the
+        // quoted part stays within the cap whatever the input.
+        for input in ["\0".repeat(500), "é".repeat(500), "\u{202e}".repeat(500)] {
+            let echo = Echo::new(&input);
+            let quoted = echo.as_str().split('…').next().unwrap_or_default();
+            assert!(quoted.len() <= ECHO_MAX + 2, "{echo}");
+            assert!(echo.as_str().ends_with(&format!("({} bytes)", input.len())));
         }
     }
 }

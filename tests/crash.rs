@@ -26,7 +26,7 @@ fn start(dir: &Path) -> Child {
     std::fs::write(
         &config,
         format!(
-            "trust_domain = \"crash.test\"\n[[entry]]\nname = \"me\"\nselectors = [\"unix:uid:{}\"]\n[entry.tasks]\nself_declare = true\nmax_concurrent = 1024\n",
+            "trust_domain = \"crash.test\"\n[[entry]]\nname = \"me\"\nselectors = [\"unix:uid:{}\"]\n[entry.tasks]\nself_declare = true\nmax_concurrent = 1024\nbegin_burst = 1000\nbegin_per_second = 1000\n",
             nix::unistd::geteuid()
         ),
     )

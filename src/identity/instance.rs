@@ -132,7 +132,8 @@ impl InstanceTask {
                 actor,
                 reply,
             } => {
-                let result = blocking(|| self.live.begin(&shared, req, requester, &actor));
+                let now = tokio::time::Instant::now().into_std();
+                let result = blocking(|| self.live.begin(&shared, req, requester, &actor, now));
                 if result.is_ok() {
                     self.publish();
                 }

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::attest::{self, Attestation, Attestor, PeerCred, Selector};
 use crate::ca::{self, Ca, Svid};
-use crate::ids::{InstanceId, SpiffeId, TrustDomain};
+use crate::ids::{Echo, InstanceId, SpiffeId, TrustDomain};
 use crate::policy::{Entry, EntrySet, TaskRefusal, TemplateError};
 use crate::store::{self, Store};
 use instance::Command;
@@ -67,8 +67,8 @@ pub enum Error {
     #[error(transparent)]
     Task(#[from] TaskRefusal),
     /// No live task with this id for this instance.
-    #[error("no live task {0:?} for this instance")]
-    UnknownTask(String),
+    #[error("no live task {0} for this instance")]
+    UnknownTask(Echo),
     /// No live instance with this id.
     #[error("no live instance {0}")]
     UnknownInstance(String),

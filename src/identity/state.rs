@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
@@ -13,8 +13,8 @@ use super::audit::{event, selectors_json};
 use super::{BeginTask, Error, INSTANCE_HINT, IdentitySet, Shared, TaskInfo, schedule};
 use crate::attest::Attestation;
 use crate::ca::{Svid, SvidRequest};
-use crate::ids::SpiffeId;
-use crate::policy::{Entry, Requester};
+use crate::ids::{Echo, SpiffeId};
+use crate::policy::{Entry, Requester, TaskRefusal, TokenBucket};
 use crate::store::{AuditKind, InstanceRecord, SvidRecord, TaskRecord};
 
 /// An SVID and the moment it is due for rotation (jitter drawn once).
@@ -41,6 +41,8 @@ pub(crate) struct Live {
     entries: Vec<Arc<Entry>>,
     instance_svids: Vec<Held>,
     tasks: BTreeMap<String, LiveTask>,
+    /// The agent's own Begins, limited by its entry's `tasks.begin_*`.
+    begins: TokenBucket,
 }
 
 impl Live {
@@ -71,6 +73,7 @@ impl Live {
             entries,
             instance_svids: Vec::new(),
             tasks: BTreeMap::new(),
+            begins: TokenBucket::default(),
         };
         live.instance_svids = live.mint_instance_svids(shared, AuditKind::Issuance)?;
         live.restore_tasks(shared)?;
@@ -147,25 +150,37 @@ impl Live {
         self.tasks.values().map(|t| t.info.clone()).collect()
     }
 
-    /// Starts a task after checking the instance's entry policy.
+    /// Starts a task after checking the instance's entry policy: every
+    /// rule, then (for the agent's own Begins) the rate, all before anything
+    /// is stored or audited. `now` is the monotonic clock the rate uses.
     pub(crate) fn begin(
         &mut self,
         shared: &Shared,
         req: BeginTask,
         requester: Requester,
         actor: &str,
+        now: Instant,
     ) -> Result<TaskInfo, Error> {
-        let entry = self.primary_entry()?;
+        let entry = self.primary_entry()?.clone();
         let task_id = match req.task_id.filter(|id| !id.is_empty()) {
             Some(id) => id,
             None => format!("task-{}", hex::encode(rand::random::<[u8; 6]>())),
         };
         let ttl = req.ttl.unwrap_or(shared.settings.task_ttl);
-        entry
-            .tasks
-            .check(&entry.name, requester, &task_id, ttl, self.tasks.len())?;
+        entry.tasks.check(
+            &entry.name,
+            requester,
+            &task_id,
+            ttl,
+            &req.attributes,
+            self.tasks.len(),
+        )?;
         if self.tasks.contains_key(&task_id) {
-            return Err(crate::policy::TaskRefusal::DuplicateTask(task_id).into());
+            return Err(TaskRefusal::DuplicateTask(Echo::new(&task_id)).into());
+        }
+        // Operators (admin API, authorised by uid) are not rate limited.
+        if requester == Requester::Agent {
+            entry.tasks.take_begin(&entry.name, &mut self.begins, now)?;
         }
         let now = SystemTime::now();
         let info = TaskInfo {
@@ -228,7 +243,7 @@ impl Live {
         actor: &str,
     ) -> Result<TaskInfo, Error> {
         if !self.tasks.contains_key(task_id) {
-            return Err(Error::UnknownTask(task_id.to_owned()));
+            return Err(Error::UnknownTask(Echo::new(task_id)));
         }
         // Record first: a task leaves memory only once its end and its
         // revocations are in the store.
@@ -236,7 +251,7 @@ impl Live {
         let task = self
             .tasks
             .remove(task_id)
-            .ok_or_else(|| Error::UnknownTask(task_id.to_owned()))?;
+            .ok_or_else(|| Error::UnknownTask(Echo::new(task_id)))?;
         tracing::info!(instance = %self.attestation.instance_id, task = %task_id, %reason, "task ended");
         Ok(task.info)
     }
@@ -323,8 +338,7 @@ impl Live {
             .map(|h| h.svid.spiffe_id.to_string());
         let base = base.ok_or(Error::InstanceEnded)?;
         let text = format!("{base}/task/{task_id}");
-        SpiffeId::new(&text)
-            .map_err(|_| crate::policy::TaskRefusal::BadTaskId(task_id.to_owned()).into())
+        SpiffeId::new(&text).map_err(|_| TaskRefusal::BadTaskId(Echo::new(task_id)).into())
     }
 
     fn mint_instance_svids(&self, shared: &Shared, kind: AuditKind) -> Result<Vec<Held>, Error> {

@@ -1,9 +1,11 @@
 //! Policy: which attested processes get which identities.
 //!
-//! Owns registration entries, selector matching and SPIFFE ID templates.
+//! Owns registration entries, selector matching, SPIFFE ID templates, task
+//! rules (`task`) and the per-instance Begin rate (`rate`).
 //! Does not read config files (that is `config`) or the kernel (`attest`):
 //! it is plain logic over values, so it is tested without either.
 
+pub mod rate;
 pub mod task;
 pub mod template;
 
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use crate::attest::{Attestation, Selector};
 use crate::ids::{SpiffeId, TrustDomain};
+pub use rate::{BeginRate, TokenBucket};
 pub use task::{Requester, TaskPolicy, TaskRefusal};
 pub use template::{Context, DEFAULT_TEMPLATE, Template, TemplateError};
 

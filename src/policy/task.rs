@@ -1,13 +1,17 @@
 //! Task policy: whether and how an instance may run tasks.
 //!
 //! Pure rules over values, applied before any task exists: who may declare
-//! a task, how long it may live, how many may run at once, and which ids
-//! are acceptable. Each refusal names the rule, so an agent author can tell
-//! which line of the entry to change.
+//! a task, how long it may live, how many may run at once, how fast they may
+//! begin, and which ids and attributes are acceptable. Each refusal names the
+//! rule, so an agent author can tell which line of the entry to change, and
+//! quotes client input only through [`Echo`], so a refusal stays short
+//! whatever the client sent.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use crate::ids::is_path_segment;
+use super::rate::{BeginRate, TokenBucket};
+use crate::ids::{Echo, is_path_segment};
 
 /// Default for `tasks.max_ttl`.
 pub const DEFAULT_MAX_TASK_TTL: Duration = Duration::from_secs(60 * 60); // 1 hour
@@ -34,6 +38,9 @@ pub struct TaskPolicy {
     pub max_concurrent: usize,
     /// Glob a task id must match, if set.
     pub id_pattern: Option<glob::Pattern>,
+    /// How fast one instance may begin tasks (`tasks.begin_burst`,
+    /// `tasks.begin_per_second`).
+    pub begin_rate: BeginRate,
 }
 
 impl Default for TaskPolicy {
@@ -43,6 +50,7 @@ impl Default for TaskPolicy {
             max_ttl: DEFAULT_MAX_TASK_TTL,
             max_concurrent: DEFAULT_MAX_CONCURRENT_TASKS,
             id_pattern: None,
+            begin_rate: BeginRate::default(),
         }
     }
 }
@@ -79,12 +87,12 @@ pub enum TaskRefusal {
         max: usize,
     },
     /// The id does not match `tasks.id_pattern`.
-    #[error("task id {id:?} does not match entry {entry:?}'s tasks.id_pattern {pattern:?}")]
+    #[error("task id {id} does not match entry {entry:?}'s tasks.id_pattern {pattern:?}")]
     PatternMismatch {
         /// The entry.
         entry: String,
         /// The id asked for.
-        id: String,
+        id: Echo,
         /// The pattern.
         pattern: String,
     },
@@ -100,17 +108,33 @@ pub enum TaskRefusal {
     },
     /// The id is not a SPIFFE path segment.
     #[error(
-        "task id {0:?} is not valid: use 1 to {MAX_TASK_ID_LEN} of letters, digits, '-', '.', '_' (not '.' or '..')"
+        "task id {0} is not valid: use 1 to {MAX_TASK_ID_LEN} bytes of letters, digits, '-', '.', '_' (not '.' or '..')"
     )]
-    BadTaskId(String),
+    BadTaskId(Echo),
     /// Too many or too large attributes.
     #[error(
         "task attributes: {0} (at most {MAX_ATTRIBUTES} attributes, keys of 1 to {MAX_ATTRIBUTE_KEY} bytes, values up to {MAX_ATTRIBUTE_VALUE} bytes)"
     )]
     BadAttributes(String),
     /// A live task already has this id.
-    #[error("task {0:?} is already running for this instance")]
-    DuplicateTask(String),
+    #[error("task {0} is already running for this instance")]
+    DuplicateTask(Echo),
+    /// The instance began tasks faster than its entry allows.
+    #[error(
+        "entry {entry:?} allows {burst} task begins at once and then one every {every} per instance (tasks.begin_burst, tasks.begin_per_second); retry in {retry_in}"
+    )]
+    BeginRateExceeded {
+        /// The entry.
+        entry: String,
+        /// `tasks.begin_burst`.
+        burst: u32,
+        /// `1 / tasks.begin_per_second`, for people.
+        every: String,
+        /// When a Begin would next be allowed, for people.
+        retry_in: String,
+        /// When a Begin would next be allowed.
+        retry_after: Duration,
+    },
 }
 
 impl TaskRefusal {
@@ -125,6 +149,11 @@ impl TaskRefusal {
                 | Self::DuplicateTask(_)
         )
     }
+
+    /// True when the caller should slow down and retry (ResourceExhausted).
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::BeginRateExceeded { .. })
+    }
 }
 
 /// Checks a task id on its own: a SPIFFE path segment of bounded length.
@@ -135,7 +164,7 @@ pub fn check_task_id(id: &str) -> Result<(), TaskRefusal> {
     if id.len() <= MAX_TASK_ID_LEN && is_path_segment(id) {
         Ok(())
     } else {
-        Err(TaskRefusal::BadTaskId(id.to_owned()))
+        Err(TaskRefusal::BadTaskId(Echo::new(id)))
     }
 }
 
@@ -144,9 +173,7 @@ pub fn check_task_id(id: &str) -> Result<(), TaskRefusal> {
 ///
 /// # Errors
 /// [`TaskRefusal::BadAttributes`].
-pub fn check_attributes(
-    attributes: &std::collections::BTreeMap<String, String>,
-) -> Result<(), TaskRefusal> {
+pub fn check_attributes(attributes: &BTreeMap<String, String>) -> Result<(), TaskRefusal> {
     if attributes.len() > MAX_ATTRIBUTES {
         return Err(TaskRefusal::BadAttributes(format!(
             "{} attributes",
@@ -162,7 +189,8 @@ pub fn check_attributes(
         }
         if value.len() > MAX_ATTRIBUTE_VALUE {
             return Err(TaskRefusal::BadAttributes(format!(
-                "value of {key:?} has {} bytes",
+                "value of {} has {} bytes",
+                Echo::new(key),
                 value.len()
             )));
         }
@@ -171,7 +199,8 @@ pub fn check_attributes(
 }
 
 impl TaskPolicy {
-    /// Applies every rule to a task request.
+    /// Applies every rule about the request itself (who asks, id, TTL,
+    /// attributes, live tasks) before anything is stored or audited.
     ///
     /// # Errors
     /// The first rule that refuses it.
@@ -181,6 +210,7 @@ impl TaskPolicy {
         requester: Requester,
         id: &str,
         ttl: Duration,
+        attributes: &BTreeMap<String, String>,
         live_tasks: usize,
     ) -> Result<(), TaskRefusal> {
         if requester == Requester::Agent && !self.self_declare {
@@ -189,12 +219,13 @@ impl TaskPolicy {
             });
         }
         check_task_id(id)?;
+        check_attributes(attributes)?;
         if let Some(pattern) = &self.id_pattern
             && !pattern.matches(id)
         {
             return Err(TaskRefusal::PatternMismatch {
                 entry: entry.to_owned(),
-                id: id.to_owned(),
+                id: Echo::new(id),
                 pattern: pattern.as_str().to_owned(),
             });
         }
@@ -213,6 +244,34 @@ impl TaskPolicy {
         }
         Ok(())
     }
+
+    /// Takes one Begin from an instance's `bucket` at `now`, by the entry's
+    /// `tasks.begin_burst` and `tasks.begin_per_second`. Call it last, once
+    /// every other rule has passed, so only a Begin that will be recorded
+    /// costs a token.
+    ///
+    /// # Errors
+    /// [`TaskRefusal::BeginRateExceeded`], saying when to retry.
+    pub fn take_begin(
+        &self,
+        entry: &str,
+        bucket: &mut TokenBucket,
+        now: Instant,
+    ) -> Result<(), TaskRefusal> {
+        bucket.try_take(self.begin_rate, now).map_err(|wait| {
+            // Whole milliseconds, rounded up: retrying at the time said works.
+            let retry_after = Duration::from_millis(
+                u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX),
+            );
+            TaskRefusal::BeginRateExceeded {
+                entry: entry.to_owned(),
+                burst: self.begin_rate.burst,
+                every: humantime::format_duration(self.begin_rate.every).to_string(),
+                retry_in: humantime::format_duration(retry_after).to_string(),
+                retry_after,
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -225,7 +284,12 @@ mod tests {
             max_ttl: Duration::from_secs(600),
             max_concurrent: 2,
             id_pattern: Some(glob::Pattern::new("ticket-*").unwrap()),
+            begin_rate: BeginRate::new(2, 1.0).unwrap(),
         }
+    }
+
+    fn no_attributes() -> BTreeMap<String, String> {
+        BTreeMap::new()
     }
 
     const TTL: Duration = Duration::from_secs(60);
@@ -233,7 +297,14 @@ mod tests {
     #[test]
     fn a_task_within_every_rule_is_allowed() {
         assert_eq!(
-            policy().check("bot", Requester::Agent, "ticket-42", TTL, 1),
+            policy().check(
+                "bot",
+                Requester::Agent,
+                "ticket-42",
+                TTL,
+                &no_attributes(),
+                1
+            ),
             Ok(())
         );
     }
@@ -245,16 +316,30 @@ mod tests {
             ..policy()
         };
         assert!(matches!(
-            off.check("bot", Requester::Agent, "ticket-1", TTL, 0),
+            off.check(
+                "bot",
+                Requester::Agent,
+                "ticket-1",
+                TTL,
+                &no_attributes(),
+                0
+            ),
             Err(TaskRefusal::SelfDeclareOff { .. })
         ));
         assert_eq!(
-            off.check("bot", Requester::Operator, "ticket-1", TTL, 0),
+            off.check(
+                "bot",
+                Requester::Operator,
+                "ticket-1",
+                TTL,
+                &no_attributes(),
+                0
+            ),
             Ok(())
         );
         let p = policy();
         assert!(matches!(
-            p.check("bot", Requester::Agent, "other-1", TTL, 0),
+            p.check("bot", Requester::Agent, "other-1", TTL, &no_attributes(), 0),
             Err(TaskRefusal::PatternMismatch { .. })
         ));
         assert!(matches!(
@@ -263,16 +348,31 @@ mod tests {
                 Requester::Agent,
                 "ticket-1",
                 Duration::from_secs(601),
+                &no_attributes(),
                 0
             ),
             Err(TaskRefusal::TtlTooLong { .. })
         ));
         assert!(matches!(
-            p.check("bot", Requester::Agent, "ticket-1", TTL, 2),
+            p.check(
+                "bot",
+                Requester::Agent,
+                "ticket-1",
+                TTL,
+                &no_attributes(),
+                2
+            ),
             Err(TaskRefusal::TooManyTasks { max: 2, .. })
         ));
         assert!(matches!(
-            p.check("bot", Requester::Agent, "ticket/1", TTL, 0),
+            p.check(
+                "bot",
+                Requester::Agent,
+                "ticket/1",
+                TTL,
+                &no_attributes(),
+                0
+            ),
             Err(TaskRefusal::BadTaskId(_))
         ));
     }
@@ -280,7 +380,14 @@ mod tests {
     #[test]
     fn refusal_messages_name_the_rule() {
         let err = policy()
-            .check("bot", Requester::Agent, "ticket-1", TTL, 2)
+            .check(
+                "bot",
+                Requester::Agent,
+                "ticket-1",
+                TTL,
+                &no_attributes(),
+                2,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("tasks.max_concurrent"), "{err}");
         assert!(!err.is_invalid_request());
@@ -290,7 +397,6 @@ mod tests {
 
     #[test]
     fn attributes_are_bounded_in_number_and_size() {
-        use std::collections::BTreeMap;
         let ok: BTreeMap<_, _> = [("ticket".to_owned(), "42".to_owned())].into();
         assert!(check_attributes(&ok).is_ok());
         let many: BTreeMap<_, _> = (0..=MAX_ATTRIBUTES)
@@ -316,5 +422,82 @@ mod tests {
         for bad in ["", ".", "..", "a b", "a/b", "ü"] {
             assert!(check_task_id(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn refusals_quote_client_input_cut_short() {
+        let huge = "x".repeat(60_000);
+        let refusals = [
+            check_task_id(&huge).unwrap_err(),
+            policy()
+                .check(
+                    "bot",
+                    Requester::Agent,
+                    &"y".repeat(100),
+                    TTL,
+                    &no_attributes(),
+                    0,
+                )
+                .unwrap_err(),
+            check_attributes(&BTreeMap::from([(huge.clone(), String::new())])).unwrap_err(),
+            check_attributes(&BTreeMap::from([(huge.clone(), huge.clone())])).unwrap_err(),
+            check_attributes(&BTreeMap::from([("k".to_owned(), huge.clone())])).unwrap_err(),
+        ];
+        for refusal in refusals {
+            let message = refusal.to_string();
+            assert!(message.len() < 400, "{} bytes: {message}", message.len());
+            assert!(message.contains(" bytes"), "{message}");
+        }
+    }
+
+    #[test]
+    fn attributes_are_checked_with_the_request_before_anything_else_happens() {
+        let many: BTreeMap<_, _> = (0..=MAX_ATTRIBUTES)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
+        let err = policy()
+            .check("bot", Requester::Agent, "ticket-1", TTL, &many, 0)
+            .unwrap_err();
+        assert!(matches!(err, TaskRefusal::BadAttributes(_)), "{err}");
+        assert!(err.is_invalid_request());
+        assert!(err.to_string().contains("at most 32 attributes"), "{err}");
+        // An operator is held to the same sizes: the rows are the same.
+        assert!(
+            policy()
+                .check("bot", Requester::Operator, "ticket-1", TTL, &many, 0)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn begins_beyond_the_burst_are_refused_with_the_rule_and_the_wait() {
+        let p = policy();
+        let mut bucket = TokenBucket::default();
+        let t0 = Instant::now();
+        assert_eq!(p.take_begin("bot", &mut bucket, t0), Ok(()));
+        assert_eq!(p.take_begin("bot", &mut bucket, t0), Ok(()));
+        let err = p.take_begin("bot", &mut bucket, t0).unwrap_err();
+        assert!(err.is_rate_limited());
+        assert!(!err.is_invalid_request());
+        let message = err.to_string();
+        for part in [
+            "\"bot\"",
+            "tasks.begin_burst",
+            "tasks.begin_per_second",
+            "retry in 1s",
+        ] {
+            assert!(message.contains(part), "{part:?} not in {message}");
+        }
+        let later = t0 + Duration::from_micros(999_999);
+        match p.take_begin("bot", &mut bucket, later).unwrap_err() {
+            TaskRefusal::BeginRateExceeded { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_millis(1));
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(
+            p.take_begin("bot", &mut bucket, t0 + Duration::from_secs(1)),
+            Ok(())
+        );
     }
 }
