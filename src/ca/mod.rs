@@ -60,6 +60,9 @@ pub enum Error {
         /// The configured one.
         configured: String,
     },
+    /// The CA directory is somewhere another user could swap it.
+    #[error("the CA directory is not safe for a key: {0}")]
+    UnsafeDir(crate::fsutil::Error),
     /// rcgen refused to produce a certificate.
     #[error("cannot sign a certificate for {what}: {message}")]
     Signing {
@@ -134,13 +137,23 @@ impl Ca {
         }
     }
 
+    /// A CA file of `state_dir` (the certificate, else the key), if one is
+    /// there: proof the directory was used before, so the store must not
+    /// start afresh.
+    pub fn existing_file(state_dir: &Path) -> Option<PathBuf> {
+        [CA_CERT_FILE, CA_KEY_FILE]
+            .iter()
+            .map(|name| state_dir.join("ca").join(name))
+            .find(|path| std::fs::symlink_metadata(path).is_ok())
+    }
+
     fn create(
         dir: &Path,
         key_path: &Path,
         cert_path: &Path,
         trust_domain: &TrustDomain,
     ) -> Result<Self, Error> {
-        create_private_dir(dir)?;
+        crate::fsutil::create_private_dir(dir).map_err(Error::UnsafeDir)?;
         let key = KeyPair::generate().map_err(|e| signing_error("the CA key", e))?;
         let now = SystemTime::now();
         let not_after = now + CA_VALIDITY;
@@ -300,19 +313,6 @@ fn check_trust_domain(
             reason: "the CA certificate names no trust domain".into(),
         }),
     }
-}
-
-/// Creates `dir` (and parents) owned by us, mode 0700.
-///
-/// # Errors
-/// [`Error::Io`] when it cannot be created.
-pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| io_error("create directory", dir, e))
 }
 
 fn io_error(action: &'static str, path: &Path, e: io::Error) -> Error {

@@ -37,9 +37,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("the configuration is invalid; the daemon did not start")?;
     let shutdown = Shutdown::new();
     shutdown.cancel_on_signals();
-    let app = App::build(config, &shutdown)
-        .await
-        .context("the daemon could not start")?;
+    let app = match App::build(config, &shutdown).await {
+        Ok(app) => app,
+        Err(e) => {
+            // Tasks already started (the CRL publisher, restored instances)
+            // must end before the runtime does, or they panic as it goes.
+            shutdown.drain(GRACE_PERIOD).await;
+            return Err(anyhow::Error::new(e).context("the daemon could not start"));
+        }
+    };
     let result = app.run(shutdown.clone()).await;
     shutdown.drain(GRACE_PERIOD).await;
     result.context("the Workload API server failed")?;
