@@ -96,9 +96,14 @@ impl Drop for Daemon {
 impl Daemon {
     /// Starts `cmd` and waits for its socket to appear.
     fn start(cmd: &mut Command, socket: &Path) -> Daemon {
+        Self::start_logging(cmd, socket, Stdio::null())
+    }
+
+    /// As [`Daemon::start`], with the daemon's stderr (its log) to `log`.
+    fn start_logging(cmd: &mut Command, socket: &Path, log: impl Into<Stdio>) -> Daemon {
         let child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("sigil run starts");
         let mut daemon = Daemon(child);
@@ -410,4 +415,78 @@ fn a_state_directory_that_is_a_symlink_owned_by_nobody_is_refused() {
         0,
         "nothing written"
     );
+}
+
+fn healthcheck(setup: &Setup) -> Output {
+    Command::new(SIGIL)
+        .args(["healthcheck", "--socket", &setup.endpoint()])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn sighup_is_logged_and_ignored_then_sigterm_still_stops_cleanly() {
+    let setup = Setup::new();
+    let log_path = setup.dir.path().join("daemon.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut daemon = Daemon::start_logging(&mut setup.command(), &setup.socket, log);
+    for _ in 0..3 {
+        daemon.signal(rustix::process::Signal::HUP);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let died = daemon.0.try_wait().unwrap();
+    assert!(died.is_none(), "the daemon died of SIGHUP: {died:?}");
+    let health = healthcheck(&setup);
+    assert!(
+        health.status.success(),
+        "no longer serving after SIGHUP: {}",
+        text(&health.stdout)
+    );
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logged.contains("SIGHUP received"), "{logged}");
+
+    let status = daemon.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status:?}");
+    assert!(!setup.socket.exists(), "socket removed on exit");
+}
+
+/// The soft and hard "Max open files" of a process, from /proc.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_owned(),
+        fields.next().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    if hard.is_none_or(|h| h <= 256) {
+        eprintln!(
+            "the_soft_open_file_limit_is_raised_to_the_hard_limit: skipped, the hard limit ({hard:?}) leaves nothing to raise"
+        );
+        return;
+    }
+    let setup = Setup::new();
+    // A shell lowers the soft limit, then becomes the daemon.
+    let run = setup.command();
+    let mut line = String::from("ulimit -Sn 256 && exec");
+    line.push(' ');
+    line.push_str(SIGIL);
+    for arg in run.get_args() {
+        line.push_str(&format!(" '{}'", arg.to_string_lossy()));
+    }
+    let mut shell = Command::new("sh");
+    shell.args(["-c", &line]);
+    let daemon = Daemon::start(&mut shell, &setup.socket);
+    let (soft, hard) = open_file_limits(daemon.0.id());
+    assert_eq!(soft, hard, "the soft limit was not raised");
+    assert_ne!(soft, "256");
+    assert!(daemon.terminate().success());
 }

@@ -35,6 +35,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let config = Config::load(args.config.as_deref(), &overrides)
         .context("the configuration is invalid; the daemon did not start")?;
+    raise_fd_limit();
     let shutdown = Shutdown::new();
     shutdown.cancel_on_signals();
     let app = match App::build(config, &shutdown).await {
@@ -51,4 +52,35 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     result.context("the Workload API server failed")?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft limit on open files to the hard limit: every client
+/// connection and stream costs a descriptor, and the usual soft limit of
+/// 1024 is soon reached by idle connections alone. Logs the figure; a
+/// failure is logged and start-up goes on with the old limit.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit cannot be the soft one (the kernel caps it at
+    // fs.nr_open): keep the soft limit then.
+    let Some(hard) = limit.maximum else {
+        tracing::info!(soft = ?limit.current, "open file limit left as it is (no hard limit)");
+        return;
+    };
+    if limit.current == Some(hard) {
+        tracing::info!(limit = hard, "open file limit");
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(hard),
+        maximum: Some(hard),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::info!(limit = hard, was = ?limit.current, "raised the open file limit to the hard limit")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft = ?limit.current, hard, "cannot raise the open file limit")
+        }
+    }
 }
