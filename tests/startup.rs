@@ -490,3 +490,139 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
     assert_ne!(soft, "256");
     assert!(daemon.terminate().success());
 }
+
+/// Connects to the daemon from a child process (so SO_PEERCRED names the
+/// child), hands the connection over with SCM_RIGHTS, then exits on a line
+/// on stdin.
+const AGENT: &str = r#"
+import socket, sys
+daemon, handoff = sys.argv[1:3]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(daemon)
+h = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+h.connect(handoff)
+socket.send_fds(h, [b"x"], [s.fileno()])
+sys.stdin.readline()
+"#;
+
+/// Starts the agent child and receives its connection to the daemon.
+fn start_agent(daemon: &common::TestDaemon) -> (Child, tokio::net::UnixStream) {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    use std::io::IoSliceMut;
+    use std::mem::MaybeUninit;
+    let handoff = daemon.dir.path().join("handoff.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&handoff).unwrap();
+    let child = Command::new("python3")
+        .args(["-c", AGENT])
+        .arg(&daemon.socket)
+        .arg(&handoff)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let (conn, _) = listener.accept().unwrap();
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    recvmsg(
+        &conn,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::empty(),
+    )
+    .unwrap();
+    let fd = control
+        .drain()
+        .find_map(|msg| match msg {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })
+        .expect("the agent sent its socket");
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream.set_nonblocking(true).unwrap();
+    (child, tokio::net::UnixStream::from_std(stream).unwrap())
+}
+
+/// Fills the store up to a page quota of its current size, as a full disk
+/// would: audit rows go in until one no longer fits, large then small.
+fn fill_store(store: &sigil::store::Store) {
+    let pages = store.page_count().unwrap();
+    store.limit_pages(pages).unwrap();
+    for size in [64 * 1024, 4096, 256, 1] {
+        for _ in 0..10_000 {
+            let event = sigil::store::AuditEvent {
+                seq: 0,
+                at: std::time::SystemTime::now(),
+                kind: sigil::store::AuditKind::Admin,
+                actor: "test filling the disk".to_owned(),
+                instance_id: None,
+                task_id: None,
+                spiffe_id: None,
+                serial: None,
+                detail: serde_json::json!({ "padding": "x".repeat(size) }),
+            };
+            if store.append_audit(&event).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_that_meets_a_full_disk_is_revoked_once_there_is_room_again() {
+    use common::{client_over, crl_serials, eventually, first_x509, raw_client, serial_of};
+    use sigil::proto::workload::X509BundlesRequest;
+    use tokio_stream::StreamExt;
+
+    let daemon = common::TestDaemon::start().await;
+    // A verifier's view: the test's own bundle stream, carrying the CRL.
+    let mut verifier = raw_client(&daemon.socket).await;
+    let mut bundles = verifier
+        .fetch_x509_bundles(common::with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    bundles.next().await.unwrap().unwrap();
+
+    let (mut agent, connection) = start_agent(&daemon);
+    let pid = agent.id();
+    let mut client = client_over(connection).await;
+    let svid = first_x509(&mut client).await;
+    let serial = serial_of(&svid.svids[0].x509_svid);
+    drop(client);
+
+    fill_store(daemon.store());
+    use std::io::Write;
+    agent.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    agent.wait().unwrap();
+    // The disk is full: the exit cannot be recorded yet.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let record = daemon.store().svid(&serial).unwrap().unwrap();
+    assert!(
+        record.revoked_at.is_none(),
+        "the store was not full enough to refuse the revocation"
+    );
+
+    daemon.store().limit_pages(0).unwrap();
+    let revoked = eventually(Duration::from_secs(10), || {
+        daemon
+            .store()
+            .svid(&serial)
+            .unwrap()
+            .is_some_and(|r| r.revoked_at.is_some())
+    })
+    .await;
+    assert!(revoked, "the exited instance's SVID was never revoked");
+    let listed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(message) = bundles.next().await {
+            let crl = message.unwrap().crl;
+            if crl.iter().any(|c| crl_serials(c).contains(&serial)) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(listed, Ok(true), "the CRL never listed the revoked SVID");
+    assert!(daemon.identity().instances().iter().all(|i| i.pid != pid));
+    daemon.stop().await;
+}
