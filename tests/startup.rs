@@ -626,3 +626,38 @@ async fn an_exit_that_meets_a_full_disk_is_revoked_once_there_is_room_again() {
     assert!(daemon.identity().instances().iter().all(|i| i.pid != pid));
     daemon.stop().await;
 }
+
+#[test]
+fn a_failure_after_the_socket_is_bound_removes_it_and_never_panics() {
+    let setup = Setup::new();
+    used_state_dir(&setup);
+    let other = setup.dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        format!(
+            "trust_domain = \"other.test\"\n[[entry]]\nname = \"me\"\nselectors = [\"unix:uid:{}\"]\n",
+            uid()
+        ),
+    )
+    .unwrap();
+    for attempt in 0..5 {
+        let out = run_to_refusal(
+            Command::new(SIGIL)
+                .args(["run", "--config"])
+                .arg(&other)
+                .arg("--socket")
+                .arg(&setup.socket)
+                .arg("--state-dir")
+                .arg(&setup.state),
+        );
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("belongs to trust domain"),
+            "attempt {attempt}: {stderr}"
+        );
+        assert!(
+            !setup.socket.exists(),
+            "attempt {attempt}: the socket was left behind"
+        );
+    }
+}
