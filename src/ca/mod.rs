@@ -122,6 +122,9 @@ impl Ca {
     /// [`Error::Corrupt`], [`Error::TrustDomainMismatch`] or [`Error::Io`].
     pub fn load_or_create(state_dir: &Path, trust_domain: &TrustDomain) -> Result<Self, Error> {
         let dir = state_dir.join("ca");
+        // The key is read from (or written to) here: nobody but root or us
+        // may be able to swap the directory or a symlink on its path.
+        crate::fsutil::check_trusted_path(&dir).map_err(Error::UnsafeDir)?;
         let key_path = dir.join(CA_KEY_FILE);
         let cert_path = dir.join(CA_CERT_FILE);
         match (key_path.exists(), cert_path.exists()) {
@@ -376,6 +379,19 @@ mod tests {
             err.to_string().contains("only the ca_key.pem file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_ca_directory_writable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Ca::load_or_create(dir.path(), &td("example.org")).unwrap();
+        let ca_dir = dir.path().join("ca");
+        std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Ca::load_or_create(dir.path(), &td("example.org"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::UnsafeDir(_)), "{err}");
+        assert!(err.to_string().contains("chmod go-w"), "{err}");
     }
 
     #[test]
