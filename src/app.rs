@@ -1,10 +1,10 @@
 //! The single wiring point: config in, a serving daemon out.
 //!
-//! [`App::build`] does everything that can fail at start-up (state dir, CA,
-//! socket) so errors surface before anything is served; [`App::run`] serves
-//! until shutdown. Integration tests run the same two calls in process.
+//! [`App::build`] does everything that can fail at start-up (socket, state
+//! dir, store, CA) so errors surface before anything is served;
+//! [`App::run`] serves until shutdown. Integration tests run the same two
+//! calls in process.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use tokio::net::UnixListener;
 use crate::attest::{self, Attestor};
 use crate::ca::{self, Ca};
 use crate::config::Config;
+use crate::fsutil;
 use crate::identity::{self, IdentityManager, Parts, SvidSettings};
 use crate::policy::EntrySet;
 use crate::shutdown::Shutdown;
@@ -28,14 +29,13 @@ pub const SOCKET_DIR_MODE: u32 = 0o755;
 /// Why the daemon could not start.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
+    /// The workload socket cannot be bound (in use, something else at its
+    /// path, an unsafe directory).
+    #[error("the workload socket cannot be served: {0}")]
+    Socket(fsutil::Error),
     /// The state directory is unsafe or unusable.
-    #[error("state directory {path}: {message}")]
-    StateDir {
-        /// The directory.
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
+    #[error("the state directory cannot hold the CA key and the store: {0}")]
+    StateDir(fsutil::Error),
     /// The CA could not be loaded or created.
     #[error(transparent)]
     Ca(#[from] ca::Error),
@@ -67,9 +67,34 @@ impl App {
     /// # Errors
     /// [`Error`] saying which part failed and why.
     pub async fn build(config: Config, shutdown: &Shutdown) -> Result<Self, Error> {
+        // The socket first: a second daemon stops here, before it reads or
+        // writes anything of the live daemon's state.
+        let socket = config.workload_socket.clone();
+        let listener = fsutil::bind_socket(&socket, WORKLOAD_SOCKET_MODE, SOCKET_DIR_MODE)
+            .await
+            .map_err(Error::Socket)?;
+        let built = Self::build_with(config, listener, shutdown).await;
+        if built.is_err() {
+            // The socket is ours (just bound); do not leave it behind.
+            let _ = std::fs::remove_file(&socket);
+        }
+        built
+    }
+
+    async fn build_with(
+        config: Config,
+        listener: UnixListener,
+        shutdown: &Shutdown,
+    ) -> Result<Self, Error> {
         prepare_state_dir(&config.state_dir)?;
+        // The store before the CA: a refused store leaves the directory as
+        // it was, and an existing CA means an empty store is a lost one.
+        let earlier_run = Ca::existing_file(&config.state_dir);
+        let store = Arc::new(Store::open_after(
+            &config.state_dir,
+            earlier_run.as_deref(),
+        )?);
         let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain)?);
-        let store = Arc::new(Store::open(&config.state_dir)?);
         let attestor = Attestor::new()?;
         let parts = Parts {
             trust_domain: config.trust_domain.clone(),
@@ -85,12 +110,6 @@ impl App {
         let identity =
             IdentityManager::new(parts, shutdown.token.clone(), shutdown.tracker.clone());
         identity.restore().await?;
-        let listener = workload_api::bind(
-            &config.workload_socket,
-            WORKLOAD_SOCKET_MODE,
-            SOCKET_DIR_MODE,
-        )
-        .await?;
         Ok(Self {
             config,
             identity,
@@ -138,27 +157,9 @@ impl App {
     }
 }
 
-/// Creates the state directory 0700, or checks an existing one is ours and
-/// not writable by others (it holds the CA key).
+/// Creates the state directory 0700, or checks an existing one is ours, not
+/// writable by others, and on a path only root or we can change (it holds
+/// the CA key).
 fn prepare_state_dir(path: &Path) -> Result<(), Error> {
-    let fail = |message: String| Error::StateDir {
-        path: path.display().to_string(),
-        message,
-    };
-    ca::create_private_dir(path).map_err(|e| fail(e.to_string()))?;
-    let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(fail(format!(
-            "is owned by uid {}, not by the daemon's uid {me}; refusing to keep a CA key there",
-            meta.uid()
-        )));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(fail(format!(
-            "is writable by group or others (mode {:o}); run chmod 700 on it",
-            meta.mode() & 0o777
-        )));
-    }
-    Ok(())
+    fsutil::create_private_dir(path).map_err(Error::StateDir)
 }

@@ -20,6 +20,8 @@
 //! - [`workload_api`]: the gRPC server on the socket (thin adapters for the
 //!   Workload API and the task extension, and the `:authority` repair).
 //! - [`app`]: the single wiring point; [`shutdown`]: stop and drain.
+//! - [`fsutil`]: directories only root or the daemon's user can change, and
+//!   binding the socket only where nothing else lies.
 //! - [`cli`]: the `sigil` command line.
 
 #![forbid(unsafe_code)]
@@ -29,6 +31,7 @@ pub mod attest;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod fsutil;
 pub mod identity;
 pub mod ids;
 pub mod policy;

@@ -29,7 +29,10 @@ impl Shutdown {
     }
 
     /// Cancels the token on SIGINT or SIGTERM. A second signal exits at once.
+    /// SIGHUP, whose default action would kill the daemon and leave its
+    /// socket behind, is logged and otherwise ignored.
     pub fn cancel_on_signals(&self) {
+        ignore_hangups();
         let token = self.token.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -56,6 +59,26 @@ impl Shutdown {
             );
         }
         done
+    }
+}
+
+/// Installs a SIGHUP handler at once (before returning, so no SIGHUP can
+/// slip through with its default action) that logs each one and carries on.
+fn ignore_hangups() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!(
+                        "SIGHUP received; reloading is not supported yet, so it is ignored"
+                    );
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install a SIGHUP handler; SIGHUP will stop the daemon")
+        }
     }
 }
 

@@ -60,6 +60,9 @@ pub enum Error {
         /// The configured one.
         configured: String,
     },
+    /// The CA directory is somewhere another user could swap it.
+    #[error("the CA directory is not safe for a key: {0}")]
+    UnsafeDir(crate::fsutil::Error),
     /// rcgen refused to produce a certificate.
     #[error("cannot sign a certificate for {what}: {message}")]
     Signing {
@@ -119,6 +122,9 @@ impl Ca {
     /// [`Error::Corrupt`], [`Error::TrustDomainMismatch`] or [`Error::Io`].
     pub fn load_or_create(state_dir: &Path, trust_domain: &TrustDomain) -> Result<Self, Error> {
         let dir = state_dir.join("ca");
+        // The key is read from (or written to) here: nobody but root or us
+        // may be able to swap the directory or a symlink on its path.
+        crate::fsutil::check_trusted_path(&dir).map_err(Error::UnsafeDir)?;
         let key_path = dir.join(CA_KEY_FILE);
         let cert_path = dir.join(CA_CERT_FILE);
         match (key_path.exists(), cert_path.exists()) {
@@ -134,13 +140,23 @@ impl Ca {
         }
     }
 
+    /// A CA file of `state_dir` (the certificate, else the key), if one is
+    /// there: proof the directory was used before, so the store must not
+    /// start afresh.
+    pub fn existing_file(state_dir: &Path) -> Option<PathBuf> {
+        [CA_CERT_FILE, CA_KEY_FILE]
+            .iter()
+            .map(|name| state_dir.join("ca").join(name))
+            .find(|path| std::fs::symlink_metadata(path).is_ok())
+    }
+
     fn create(
         dir: &Path,
         key_path: &Path,
         cert_path: &Path,
         trust_domain: &TrustDomain,
     ) -> Result<Self, Error> {
-        create_private_dir(dir)?;
+        crate::fsutil::create_private_dir(dir).map_err(Error::UnsafeDir)?;
         let key = KeyPair::generate().map_err(|e| signing_error("the CA key", e))?;
         let now = SystemTime::now();
         let not_after = now + CA_VALIDITY;
@@ -302,19 +318,6 @@ fn check_trust_domain(
     }
 }
 
-/// Creates `dir` (and parents) owned by us, mode 0700.
-///
-/// # Errors
-/// [`Error::Io`] when it cannot be created.
-pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| io_error("create directory", dir, e))
-}
-
 fn io_error(action: &'static str, path: &Path, e: io::Error) -> Error {
     Error::Io {
         action,
@@ -376,6 +379,19 @@ mod tests {
             err.to_string().contains("only the ca_key.pem file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_ca_directory_writable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Ca::load_or_create(dir.path(), &td("example.org")).unwrap();
+        let ca_dir = dir.path().join("ca");
+        std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Ca::load_or_create(dir.path(), &td("example.org"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::UnsafeDir(_)), "{err}");
+        assert!(err.to_string().contains("chmod go-w"), "{err}");
     }
 
     #[test]

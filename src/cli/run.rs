@@ -35,14 +35,52 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let config = Config::load(args.config.as_deref(), &overrides)
         .context("the configuration is invalid; the daemon did not start")?;
+    raise_fd_limit();
     let shutdown = Shutdown::new();
     shutdown.cancel_on_signals();
-    let app = App::build(config, &shutdown)
-        .await
-        .context("the daemon could not start")?;
+    let app = match App::build(config, &shutdown).await {
+        Ok(app) => app,
+        Err(e) => {
+            // Tasks already started (the CRL publisher, restored instances)
+            // must end before the runtime does, or they panic as it goes.
+            shutdown.drain(GRACE_PERIOD).await;
+            return Err(anyhow::Error::new(e).context("the daemon could not start"));
+        }
+    };
     let result = app.run(shutdown.clone()).await;
     shutdown.drain(GRACE_PERIOD).await;
     result.context("the Workload API server failed")?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft limit on open files to the hard limit: every client
+/// connection and stream costs a descriptor, and the usual soft limit of
+/// 1024 is soon reached by idle connections alone. Logs the figure; a
+/// failure is logged and start-up goes on with the old limit.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit cannot be the soft one (the kernel caps it at
+    // fs.nr_open): keep the soft limit then.
+    let Some(hard) = limit.maximum else {
+        tracing::info!(soft = ?limit.current, "open file limit left as it is (no hard limit)");
+        return;
+    };
+    if limit.current == Some(hard) {
+        tracing::info!(limit = hard, "open file limit");
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(hard),
+        maximum: Some(hard),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::info!(limit = hard, was = ?limit.current, "raised the open file limit to the hard limit")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft = ?limit.current, hard, "cannot raise the open file limit")
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! change happens here, in order, and is published whole.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -59,12 +59,21 @@ pub(crate) async fn request<T>(
     answer.await.map_err(|_| Error::InstanceEnded)?
 }
 
+/// First pause before retrying to record an instance's end (e.g. on a
+/// full disk); it doubles up to [`END_RETRY_MAX`].
+const END_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Longest pause between attempts to record an instance's end.
+const END_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// The background task that owns one instance.
 pub(super) struct InstanceTask {
     shared: Arc<Shared>,
     live: Live,
     tx: watch::Sender<InstanceState>,
     commands: mpsc::Receiver<Command>,
+    /// The end (reason, actor) the store has not recorded yet: its SVIDs
+    /// are not revoked until it is.
+    unrecorded_end: Option<(String, String)>,
 }
 
 enum Step {
@@ -85,6 +94,7 @@ impl InstanceTask {
             live,
             tx,
             commands,
+            unrecorded_end: None,
         }
     }
 
@@ -118,6 +128,7 @@ impl InstanceTask {
                 other => other,
             };
             if let Step::Stop = step {
+                self.record_end(&shutdown).await;
                 return;
             }
         }
@@ -244,8 +255,10 @@ impl InstanceTask {
         Step::Stop
     }
 
-    /// Ends the instance whatever happens (streams are told, the instance is
-    /// forgotten), and says whether its end was recorded and its SVIDs revoked.
+    /// Ends the instance whatever happens (streams are told at once), and
+    /// says whether its end was recorded and its SVIDs revoked. If not, the
+    /// instance stays known (and refused) until [`Self::record_end`] has
+    /// recorded it.
     fn end_instance(
         &mut self,
         state: InstanceState,
@@ -255,14 +268,69 @@ impl InstanceTask {
         let shared = self.shared.clone();
         let id = self.live.attestation.instance_id.clone();
         let recorded = blocking(|| self.live.end_all(&shared, reason, actor));
-        if let Err(e) = &recorded {
-            tracing::error!(instance = %id, error = %e, "cannot record the end of an instance; its SVIDs expire on their own");
+        match &recorded {
+            Ok(()) => shared.remove_instance(&id, self.live.attestation.facts.start_time),
+            Err(e) => {
+                tracing::error!(instance = %id, error = %e, "cannot record the end of an instance; its SVIDs are not revoked yet: retrying until it is recorded");
+                self.unrecorded_end = Some((reason.to_owned(), actor.to_owned()));
+            }
         }
-        shared.remove_instance(&id, self.live.attestation.facts.start_time);
         if let InstanceState::Revoked(why) = &state {
             tracing::warn!(instance = %id, reason = %why, "instance lost its identity");
         }
         self.tx.send_replace(state);
         recorded
+    }
+
+    /// Retries recording an end that failed (a full disk, an I/O error),
+    /// backing off from 100 ms to 5 s, until the store has it and the SVIDs
+    /// are on the CRL; then forgets the instance. Commands meanwhile are
+    /// refused. If the daemon stops first, the store still holds the
+    /// instance as live, and the next start ends it (if the process is
+    /// gone) and revokes its SVIDs.
+    async fn record_end(&mut self, shutdown: &CancellationToken) {
+        let shared = self.shared.clone();
+        let id = self.live.attestation.instance_id.clone();
+        let mut delay = END_RETRY_FIRST;
+        while let Some((reason, actor)) = self.unrecorded_end.clone() {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    tracing::error!(instance = %id, "stopping before the end of an instance was recorded; the next start revokes its SVIDs if its process is gone");
+                    break;
+                }
+                Some(command) = self.commands.recv() => {
+                    refuse(command);
+                    continue;
+                }
+                () = tokio::time::sleep(delay) => {}
+            }
+            match blocking(|| self.live.end_all(&shared, &reason, &actor)) {
+                Ok(()) => {
+                    tracing::warn!(instance = %id, "recorded the end of an instance after retrying: its SVIDs are revoked");
+                    self.unrecorded_end = None;
+                }
+                Err(e) => {
+                    tracing::debug!(instance = %id, error = %e, retry_in = ?delay, "still cannot record the end of an instance");
+                    delay = (delay * 2).min(END_RETRY_MAX);
+                }
+            }
+        }
+        shared.remove_instance(&id, self.live.attestation.facts.start_time);
+    }
+}
+
+/// Answers a command sent to an instance that has ended.
+fn refuse(command: Command) {
+    match command {
+        Command::Begin { reply, .. } | Command::End { reply, .. } => {
+            let _ = reply.send(Err(Error::InstanceEnded));
+        }
+        Command::List { reply } => {
+            let _ = reply.send(Err(Error::InstanceEnded));
+        }
+        Command::Revoke { reply, .. } => {
+            let _ = reply.send(Err(Error::InstanceEnded));
+        }
+        Command::Recheck => {}
     }
 }

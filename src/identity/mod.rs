@@ -431,11 +431,16 @@ impl IdentityManager {
             return Err(Error::Revoked(reason));
         }
         // Another request of the same process may have won the race: keep its
-        // SVIDs, so every stream sees the same ones (ours expire unused).
-        if let Some(existing) = instances.get(&live.attestation.instance_id)
-            && matches!(*existing.state.borrow(), InstanceState::Active(_))
-        {
-            return Ok((existing.state.clone(), existing.commands.clone()));
+        // SVIDs, so every stream sees the same ones (ours expire unused). A
+        // revocation the store has not recorded yet (a full disk) still holds.
+        if let Some(existing) = instances.get(&live.attestation.instance_id) {
+            match &*existing.state.borrow() {
+                InstanceState::Active(_) => {
+                    return Ok((existing.state.clone(), existing.commands.clone()));
+                }
+                InstanceState::Revoked(reason) => return Err(Error::Revoked(reason.clone())),
+                _ => {}
+            }
         }
         let id = live.attestation.instance_id.clone();
         let (pid, start_time) = (

@@ -15,6 +15,7 @@ mod audit;
 mod fixtures;
 mod instances;
 mod open;
+mod preflight;
 mod records;
 mod schema;
 mod svids;
@@ -55,6 +56,32 @@ pub enum Error {
         path: PathBuf,
         /// What SQLite or the integrity check reported.
         message: String,
+    },
+    /// The file is empty although the state directory was used before: a new
+    /// store would forget every revocation. It was left untouched.
+    #[error(
+        "the Sigil store {} is empty, but {} shows this state directory was used before, so its revocations would be lost; it was left untouched: restore the store from a backup, or delete the empty file to start a fresh store (SVIDs revoked before are then forgotten by the CRL)",
+        path.display(), evidence.display()
+    )]
+    Emptied {
+        /// The database file.
+        path: PathBuf,
+        /// The file that shows an earlier run (the CA certificate).
+        evidence: PathBuf,
+    },
+    /// The write-ahead log beside the file is not one SQLite wrote; SQLite
+    /// would discard it silently. Both were left untouched.
+    #[error(
+        "the write-ahead log {} of the Sigil store {} is damaged ({problem}); SQLite would discard it and the transactions it holds, so both were left untouched: restore a backup, or move the -wal file aside to accept losing them",
+        wal.display(), path.display()
+    )]
+    BadWal {
+        /// The database file.
+        path: PathBuf,
+        /// The `-wal` file.
+        wal: PathBuf,
+        /// What is wrong with its header.
+        problem: String,
     },
     /// The file has a schema this build does not know; it was left untouched.
     #[error(
@@ -132,7 +159,17 @@ impl Store {
     /// file from a newer Sigil, [`Error::Open`] for anything else that stops
     /// the file from being opened, [`Error::Sqlite`] if a migration fails.
     pub fn open(state_dir: &Path) -> Result<Store, Error> {
-        let (conn, path) = open::open(state_dir)?;
+        Self::open_after(state_dir, None)
+    }
+
+    /// As [`Store::open`], for a state directory that `earlier_run` (the CA
+    /// certificate, when it exists) shows was used before: an existing but
+    /// empty store file is then refused instead of becoming a new store.
+    ///
+    /// # Errors
+    /// As [`Store::open`], plus [`Error::Emptied`] and [`Error::BadWal`].
+    pub fn open_after(state_dir: &Path, earlier_run: Option<&Path>) -> Result<Store, Error> {
+        let (conn, path) = open::open(state_dir, earlier_run)?;
         Ok(Store {
             conn: Mutex::new(conn),
             path,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use super::Error;
+use super::preflight::{self, SideFiles};
 use super::schema::{self, APPLICATION_ID, SUPPORTED_VERSION};
 
 /// The database file's name inside the state directory.
@@ -27,7 +28,12 @@ const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
 
 /// Opens or creates `state_dir/sigil.db`, ready for use at the newest schema.
-pub(crate) fn open(state_dir: &Path) -> Result<(Connection, PathBuf), Error> {
+/// `earlier_run` names a file that proves the directory was used before
+/// (the CA certificate): an empty store beside it is refused, not renewed.
+pub(crate) fn open(
+    state_dir: &Path,
+    earlier_run: Option<&Path>,
+) -> Result<(Connection, PathBuf), Error> {
     let path = state_dir.join(DB_FILE);
     let open_err = |message: String| Error::Open {
         path: path.clone(),
@@ -40,7 +46,13 @@ pub(crate) fn open(state_dir: &Path) -> Result<(Connection, PathBuf), Error> {
         .map_err(|e| open_err(format!("cannot create the state directory: {e}")))?;
     let created = create_file(&path).map_err(|e| open_err(e.to_string()))?;
     if !created {
-        check_existing(&path)?;
+        preflight::check_not_emptied(&path, earlier_run)?;
+        preflight::check_wal(&path)?;
+        let side_files = SideFiles::note(&path);
+        if let Err(e) = check_existing(&path) {
+            side_files.remove_created();
+            return Err(e);
+        }
     }
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(&path, flags).map_err(|e| classify(&path, e))?;
@@ -144,8 +156,7 @@ fn configure(conn: &Connection, path: &Path) -> rusqlite::Result<()> {
 fn restrict_permissions(path: &Path) -> std::io::Result<()> {
     fs::set_permissions(path, Permissions::from_mode(FILE_MODE))?;
     for suffix in ["-wal", "-shm"] {
-        let mut side = path.as_os_str().to_owned();
-        side.push(suffix);
+        let side = preflight::side_file(path, suffix);
         match fs::set_permissions(&side, Permissions::from_mode(FILE_MODE)) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -220,7 +231,7 @@ mod tests {
     #[test]
     fn the_store_uses_wal_and_full_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let (conn, _) = open(dir.path()).unwrap();
+        let (conn, _) = open(dir.path(), None).unwrap();
         let mode: String = conn
             .pragma_query_value(None, "journal_mode", |row| row.get(0))
             .unwrap();
@@ -335,6 +346,65 @@ mod tests {
         assert!(matches!(err, Error::Open { .. }), "{err}");
         assert!(err.to_string().contains("not a Sigil store"), "{err}");
         assert_eq!(snapshot(&path), before);
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn an_empty_file_beside_an_earlier_run_is_refused_and_left_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let ca = dir.path().join("ca_cert.pem");
+        fs::write(&ca, b"cert").unwrap();
+        fs::write(&path, b"").unwrap();
+        let before = (snapshot(&path), listing(dir.path()));
+        let err = Store::open_after(dir.path(), Some(&ca)).unwrap_err();
+        assert!(matches!(err, Error::Emptied { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("sigil.db") && text.contains("ca_cert.pem"),
+            "{text}"
+        );
+        assert_eq!((snapshot(&path), listing(dir.path())), before);
+    }
+
+    #[test]
+    fn a_garbage_wal_is_refused_and_both_files_are_left_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        drop(Store::open(dir.path()).unwrap());
+        let wal = dir.path().join("sigil.db-wal");
+        fs::write(&wal, b"not a write-ahead log, honest".repeat(50)).unwrap();
+        let before = (snapshot(&path), snapshot(&wal), listing(dir.path()));
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::BadWal { .. }), "{err}");
+        assert!(err.to_string().contains("sigil.db-wal"), "{err}");
+        assert_eq!(
+            (snapshot(&path), snapshot(&wal), listing(dir.path())),
+            before
+        );
+    }
+
+    #[test]
+    fn a_refused_wal_store_gets_no_side_files() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.pragma_update(None, "user_version", SUPPORTED_VERSION + 1)
+                .unwrap();
+        }
+        let before = listing(dir.path());
+        assert_eq!(before, vec![DB_FILE.to_owned()]);
+        Store::open(dir.path()).unwrap_err();
+        assert_eq!(listing(dir.path()), before);
     }
 
     #[test]
