@@ -27,6 +27,7 @@ use tonic::transport::server::{Connected, UdsConnectInfo};
 use super::authority::AuthorityFix;
 use crate::attest::{self, PeerCred, socket::PinnedPeer};
 use crate::config::ClientLimits;
+use crate::identity;
 
 /// What a request knows about its connection.
 #[derive(Clone, Debug)]
@@ -55,6 +56,9 @@ pub struct Connection {
     /// Inode of the client's end of the socket (sock_diag), for the check
     /// that nobody else holds it before a key is written.
     pub client_inode: Option<u64>,
+    /// The verdict of the check that the connecting process alone holds the
+    /// client end, made once before the connection's first private key.
+    pub sole_holder: tokio::sync::OnceCell<Result<(), identity::Error>>,
     /// The first process other than the connecting one seen writing bytes
     /// (0: none).
     foreign_writer: AtomicU32,
@@ -399,6 +403,7 @@ impl Incoming {
             accepted_at_ticks,
             pinned,
             client_inode,
+            sole_holder: tokio::sync::OnceCell::new(),
             foreign_writer: AtomicU32::new(0),
             activity: Activity::new(now),
             _slot: slot,

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::header::NO_IDENTITY_ISSUED;
-use super::peer::PeerInfo;
+use super::peer::{Connection, PeerInfo};
 use crate::attest::PeerCred;
 use crate::identity::{self, IdentityManager, IdentitySet, InstanceState, TrustBundle};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
@@ -67,7 +67,7 @@ impl WorkloadService {
         Ok(Subscription {
             state,
             peer,
-            client_inode: info.and_then(|i| i.conn.client_inode),
+            conn: info.map(|i| i.conn.clone()),
             slot,
         })
     }
@@ -87,11 +87,11 @@ impl WorkloadService {
         let (tx, rx) = mpsc::channel(1);
         let bundle = self.identity.bundle();
         let shutdown = self.shutdown.clone();
-        let holder_check = match (keys, sub.client_inode) {
-            (true, Some(inode)) => Some(HolderCheck {
+        let holder_check = match (keys, sub.conn) {
+            (true, Some(conn)) => Some(HolderCheck {
                 identity: self.identity.clone(),
                 peer: sub.peer,
-                client_inode: inode,
+                conn,
             }),
             _ => None,
         };
@@ -108,7 +108,7 @@ impl WorkloadService {
 struct Subscription {
     state: watch::Receiver<InstanceState>,
     peer: PeerCred,
-    client_inode: Option<u64>,
+    conn: Option<Arc<Connection>>,
     slot: StreamSlot,
 }
 
@@ -116,7 +116,25 @@ struct Subscription {
 struct HolderCheck {
     identity: IdentityManager,
     peer: PeerCred,
-    client_inode: u64,
+    conn: Arc<Connection>,
+}
+
+impl HolderCheck {
+    /// Whether the attested process alone holds the client end of its
+    /// connection. The /proc scan runs once per connection (before its first
+    /// key), and its verdict stands for the connection's life: a connection
+    /// found shared stays refused, and one found private can only be shared
+    /// later by the attested program's own doing.
+    async fn verdict(&self) -> Result<(), identity::Error> {
+        let Some(inode) = self.conn.client_inode else {
+            return Ok(());
+        };
+        self.conn
+            .sole_holder
+            .get_or_init(|| self.identity.check_sole_holder(self.peer, inode))
+            .await
+            .clone()
+    }
 }
 
 /// Open streams per process (pid and start time), to cap them.
@@ -223,11 +241,7 @@ async fn drive<T>(
         let current = state.borrow_and_update().clone();
         let trust = bundle.borrow_and_update().clone();
         if let (InstanceState::Active(_), Some(check)) = (&current, &holder_check) {
-            let held = check
-                .identity
-                .check_sole_holder(check.peer, check.client_inode)
-                .await;
-            if let Err(e) = held {
+            if let Err(e) = check.verdict().await {
                 log_refusal(&e, check.peer.pid);
                 permit.send(Err(status(&e)));
                 return;
