@@ -92,6 +92,9 @@ async fn assert_theft_refused(daemon: TestDaemon, report: &serde_json::Value) {
         audited,
         "the refused theft left a refusal audit row for uid {NOBODY}"
     );
+    for refusal in refusals_of(&daemon, NOBODY) {
+        println!("refused: {}", refusal.detail["reason"]);
+    }
     daemon.stop().await;
 }
 
@@ -182,5 +185,38 @@ async fn control_the_attack_client_gets_an_svid_when_it_is_the_attested_process(
         "{report}"
     );
     assert!(refusals_of(&daemon, NOBODY).is_empty());
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_also_held_by_a_forked_child_gets_no_svid_and_the_holder_is_named() {
+    // The connecting process is the entitled program itself and writes its
+    // own request (so the writer check and the exec pin both pass), but a
+    // forked child holds a copy of the connection and would read the key.
+    let python = real_path(common::ATTACK_PYTHON);
+    let config = nobody_entry("py", &format!("unix:path:{python}"));
+    let Some((daemon, report)) = attack_as_nobody(&config, &["fork-holder"]).await else {
+        return;
+    };
+    assert!(
+        report.get("error").is_none(),
+        "the attack script failed: {report}"
+    );
+    assert_eq!(
+        report["got_svid"], false,
+        "the connector got no SVID: {report}"
+    );
+    assert_eq!(
+        report["child_got_svid"], false,
+        "nor did the child: {report}"
+    );
+    let holder = report["holder_pid"].as_u64().unwrap();
+    let refusals = refusals_of(&daemon, NOBODY);
+    let named = refusals.iter().any(|r| {
+        r.detail["reason"]
+            .as_str()
+            .is_some_and(|why| why.contains(&format!("also held by process {holder}")))
+    });
+    assert!(named, "a refusal names the holder {holder}: {refusals:?}");
     daemon.stop().await;
 }

@@ -341,6 +341,26 @@ def fork_child_writes(path):
     return attack(body)
 
 
+def fork_holder(path):
+    """The connecting process stays itself (no exec) and asks for its own
+    SVID, but a forked child holds a copy of the connection and reads what
+    comes back: the answer would reach a process that was never attested."""
+
+    def body(w):
+        s = connect(path)
+        child = os.fork()
+        if child == 0:
+            def hold():
+                facts = fetch_over(s, write=False, read_secs=4.0, may_write=False)
+                put(w, child_got_svid=facts.get("got_svid", False))
+            guarded(w, hold)
+        put(w, pids=[child], holder_pid=child)
+        facts = fetch_over(s)
+        put(w, **facts)
+
+    return attack(body)
+
+
 def fork_parent_writes(path, junk_blocks):
     """1b: the connecting process writes the whole call, then execs sleep;
     the forked child only reads. `junk_blocks` expensive header blocks on
@@ -681,6 +701,7 @@ def main():
         "fork-child-writes": lambda: fork_child_writes(a.socket),
         "fork-parent-writes": lambda: fork_parent_writes(a.socket, a.junk_blocks),
         "scm-rights": lambda: scm_rights(a.socket),
+        "fork-holder": lambda: fork_holder(a.socket),
         "pidfd-getfd": lambda: pidfd_getfd(a.socket),
         "hpack": lambda: hpack_flood(a.socket, a.connections, a.secs, a.fields),
         "streams": lambda: many_streams(a.socket, a.n, a.secs),
