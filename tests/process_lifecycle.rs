@@ -293,6 +293,17 @@ impl Agent {
         }
     }
 
+    /// Every event read earlier or printed within `quiet` from now on.
+    async fn drain(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut events: Vec<Value> = self.pending.drain(..).collect();
+        while let Ok(Some(line)) = tokio::time::timeout(quiet, self.lines.recv()).await {
+            if let Some(at) = line.find(MARK) {
+                events.push(serde_json::from_str(&line[at + MARK.len()..]).unwrap());
+            }
+        }
+        events
+    }
+
     /// The next event named `name`.
     async fn event(&mut self, name: &str, limit: Duration) -> Value {
         self.find(limit, |e| e["event"] == name).await
@@ -439,13 +450,18 @@ fn minted_for(daemon: &TestDaemon, instance: &str) -> Vec<(SystemTime, String)> 
         .collect()
 }
 
-/// How many sockets this process (the daemon runs in it) has open.
-fn open_sockets() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .flatten()
-        .filter(|fd| {
-            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+/// How many connections the daemon listening on `socket` holds open: its
+/// accepted sockets carry the listener's path, so /proc/net/unix lists them
+/// under it, connected (state 03), until the daemon closes them.
+fn daemon_connections(socket: &Path) -> usize {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let path = socket.to_string_lossy();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() == 8 && fields[5] == "03" && fields[7] == path
         })
         .count()
 }
@@ -455,7 +471,6 @@ fn open_sockets() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_that_exits_is_gone_from_the_daemon_within_a_second_and_its_stream_ends() {
     let daemon = TestDaemon::start().await;
-    let sockets_before = open_sockets();
     let mut agent = Agent::start(&daemon).await;
     let pid = agent.pid();
     let svids = agent.fetch().await;
@@ -464,8 +479,9 @@ async fn a_process_that_exits_is_gone_from_the_daemon_within_a_second_and_its_st
         instance_of(&daemon, pid).is_some(),
         "the child is an instance"
     );
-    assert!(
-        open_sockets() > sockets_before,
+    assert_eq!(
+        daemon_connections(&daemon.socket),
+        1,
         "the daemon holds the child's connection while its stream is open"
     );
 
@@ -481,13 +497,16 @@ async fn a_process_that_exits_is_gone_from_the_daemon_within_a_second_and_its_st
         "instance still there {:?} after exit",
         exited.elapsed()
     );
-    // The daemon's end of the child's stream is closed: nothing of the
-    // process is left being served.
-    let closed = eventually(Duration::from_secs(1), || open_sockets() <= sockets_before).await;
+    // Its stream has ended and the daemon has closed its end of the
+    // connection: nothing of the process is left being served.
+    let closed = eventually(Duration::from_secs(1), || {
+        daemon_connections(&daemon.socket) == 0
+    })
+    .await;
     assert!(
         closed,
-        "the daemon still holds {} sockets ({sockets_before} before the child) {:?} after exit",
-        open_sockets(),
+        "the daemon still holds {} connections {:?} after exit",
+        daemon_connections(&daemon.socket),
         exited.elapsed()
     );
     drop(agent);
@@ -567,17 +586,26 @@ async fn a_process_that_execs_another_binary_is_revoked_at_rotation_and_gets_no_
             e["event"] == "svids" && e["svids"].as_array().is_some_and(|s| s.len() == 2)
         })
         .await;
-    let seen = serials(with_task["svids"].as_array().unwrap());
     let instance = instance_of(&daemon, pid).expect("the child is an instance");
     let mut bundles = bundles_stream(&daemon).await;
 
     agent.say("exec /bin/sleep 30"); // same pid, same start time, another program
     wait_for_exec(pid, "/sleep").await;
     let exec_seen = SystemTime::now();
+    // Everything the agent printed, it printed before the exec (sleep prints
+    // nothing): the SVIDs it held last, and every SVID it ever saw.
+    let mut held = serials(with_task["svids"].as_array().unwrap());
+    let mut seen = held.clone();
+    for event in agent.drain(Duration::from_millis(300)).await {
+        if event["event"] == "svids" {
+            held = serials(event["svids"].as_array().unwrap());
+            seen.extend(held.iter().cloned());
+        }
+    }
 
     // At rotation the daemon re-attests, finds /bin/sleep matching no entry,
     // ends the instance and revokes every SVID it held.
-    let revoked = wait_for_crl(&mut bundles, &seen, Duration::from_secs(8)).await;
+    let revoked = wait_for_crl(&mut bundles, &held, Duration::from_secs(8)).await;
     assert!(revoked.len() >= 2);
     let gone = eventually(Duration::from_secs(1), || {
         instance_of(&daemon, pid).is_none()
