@@ -632,12 +632,12 @@ async fn a_process_that_execs_another_binary_is_revoked_at_rotation_and_gets_no_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_exec_a_new_connection_of_the_new_program_is_attested_as_that_program() {
-    // The new program is this test binary under another path (a hard link,
-    // or a copy across file systems): it speaks the agent protocol, yet its
-    // path selector is another one's.
-    let scratch = tempfile::tempdir().unwrap();
-    let other_path = scratch.path().join("other-agent");
+    // The new program is this test binary under another path (a hard link
+    // beside it, or a copy): it speaks the agent protocol, yet its path
+    // selector is another one's.
     let exe = this_exe();
+    let scratch = tempfile::tempdir_in(Path::new(&exe).parent().unwrap()).unwrap();
+    let other_path = scratch.path().join("other-agent");
     if std::fs::hard_link(&exe, &other_path).is_err() {
         std::fs::copy(&exe, &other_path).unwrap();
     }
