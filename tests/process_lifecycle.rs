@@ -1,10 +1,14 @@
 //! Processes that come and go: a process that exits loses its instance at
-//! once, and one that execs another binary gets no rotated SVID.
+//! once, and one that execs another binary loses its identity.
 //!
-//! The agent here is a child process (python3, standard library only) that
-//! connects to the workload socket itself, so SO_PEERCRED names the child,
-//! and hands the connected socket to the test over SCM_RIGHTS. The test then
-//! speaks gRPC on that socket while the daemon attests the child.
+//! The agent here is a child process that makes its own requests on its own
+//! connections, as a real agent does (the daemon refuses a connection used by
+//! any process but the one that opened it). The child is this test binary
+//! run again in agent mode: the ignored test [`agent_child_obeys_commands_on_stdin`]
+//! with [`AGENT_ENV`] naming the socket. It reads one command a line on stdin
+//! (`fetch`, `begin <task> <ttl secs>`, `end <task>`, `list`,
+//! `exec <program> <args>...`, `exit`) and prints what happened as JSON lines
+//! after [`MARK`] on stdout, which [`Agent`] reads.
 
 #![allow(
     clippy::unwrap_used,
@@ -14,129 +18,478 @@
 
 mod common;
 
-use std::io::{IoSliceMut, Write};
-use std::mem::MaybeUninit;
-use std::os::unix::net::UnixListener;
+use std::collections::{BTreeSet, VecDeque};
+use std::io::{BufRead, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use common::{
-    TestDaemon, channel_over, client_over, config_for_me, crl_serials, eventually, serial_of,
-    stream_end, tasks_client, with_header,
+    TestDaemon, config_for_me, crl_serials, eventually, raw_client, serial_of, tasks_client,
+    with_header,
 };
-use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
-use sigil::proto::sigil::workload::v1::tasks_client::TasksClient;
+use serde_json::{Value, json};
 use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest, ListRequest};
-use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use sigil::proto::workload::{X509BundlesRequest, X509svidRequest};
+use sigil::proto::workload::{X509BundlesRequest, X509BundlesResponse, X509svidRequest};
+use sigil::store::{AuditKind, AuditQuery};
 use tokio_stream::StreamExt;
 
-/// Connects to the daemon, hands the socket over, then on a line on stdin
-/// either exits or execs /bin/sleep (same pid, same start time, other exe).
-const AGENT: &str = r#"
-import os, socket, sys
-daemon, handoff, then = sys.argv[1:4]
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(daemon)
-h = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-h.connect(handoff)
-socket.send_fds(h, [b"x"], [s.fileno()])
-sys.stdin.readline()
-if then == "exec":
-    os.execv("/bin/sleep", ["sleep", "30"])
-"#;
+/// Set in the agent child's environment: the daemon's socket.
+const AGENT_ENV: &str = "SIGIL_LIFECYCLE_AGENT_SOCKET";
+/// The ignored test that is the agent child.
+const AGENT_TEST: &str = "agent_child_obeys_commands_on_stdin";
+/// Starts each line the agent prints for the test (libtest may print its own
+/// words on the same line).
+const MARK: &str = "@agent ";
 
+// --- The agent child --------------------------------------------------------------------
+
+/// Prints one event for the parent.
+fn report(event: Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\n{MARK}{event}");
+    let _ = out.flush();
+}
+
+/// A gRPC status code by name (`Ok` for success).
+fn code_of<T>(result: &Result<T, tonic::Status>) -> String {
+    match result {
+        Ok(_) => "Ok".to_owned(),
+        Err(status) => format!("{:?}", status.code()),
+    }
+}
+
+/// Reports every message of one FetchX509SVID stream, then how it ended.
+async fn report_stream(mut stream: tonic::Streaming<sigil::proto::workload::X509svidResponse>) {
+    loop {
+        match stream.next().await {
+            Some(Ok(msg)) => {
+                let svids: Vec<Value> = msg
+                    .svids
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "spiffe_id": s.spiffe_id,
+                            "hint": s.hint,
+                            "serial": serial_of(&s.x509_svid),
+                            "has_key": !s.x509_svid_key.is_empty(),
+                        })
+                    })
+                    .collect();
+                report(json!({"event": "svids", "svids": svids}));
+            }
+            Some(Err(status)) => {
+                report(
+                    json!({"event": "stream_end", "code": format!("{:?}", status.code()), "message": status.message()}),
+                );
+                return;
+            }
+            None => {
+                report(json!({"event": "stream_end", "code": null}));
+                return;
+            }
+        }
+    }
+}
+
+/// Runs one command of the parent's.
+async fn obey(socket: &Path, line: &str) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["fetch"] => {
+            let mut client = raw_client(socket).await;
+            match client.fetch_x509svid(with_header(X509svidRequest {})).await {
+                Ok(response) => {
+                    tokio::spawn(report_stream(response.into_inner()));
+                }
+                Err(status) => report(
+                    json!({"event": "stream_end", "code": format!("{:?}", status.code()), "message": status.message()}),
+                ),
+            }
+        }
+        ["begin", task, ttl] => {
+            let result = tasks_client(socket)
+                .await
+                .begin(with_header(BeginRequest {
+                    task_id: (*task).to_owned(),
+                    ttl: Some(prost_types::Duration {
+                        seconds: ttl.parse().expect("a ttl in seconds"),
+                        nanos: 0,
+                    }),
+                    attributes: Default::default(),
+                }))
+                .await;
+            report(json!({"event": "begin", "task": task, "code": code_of(&result)}));
+        }
+        ["end", task] => {
+            let result = tasks_client(socket)
+                .await
+                .end(with_header(EndRequest {
+                    task_id: (*task).to_owned(),
+                }))
+                .await;
+            report(json!({"event": "end", "task": task, "code": code_of(&result)}));
+        }
+        ["list"] => {
+            let result = tasks_client(socket)
+                .await
+                .list(with_header(ListRequest {}))
+                .await;
+            let tasks: Vec<String> = result
+                .as_ref()
+                .map(|r| {
+                    r.get_ref()
+                        .tasks
+                        .iter()
+                        .map(|t| t.task_id.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            report(json!({"event": "list", "code": code_of(&result), "tasks": tasks}));
+        }
+        ["exec", program, args @ ..] => {
+            // Same pid and start time, another program; stdin and stdout
+            // stay the parent's pipes. Returns only if the exec failed.
+            let error = Command::new(program).args(args).exec();
+            report(json!({"event": "exec_failed", "error": error.to_string()}));
+        }
+        ["exit"] => std::process::exit(0),
+        _ => report(json!({"event": "unknown_command", "line": line})),
+    }
+}
+
+/// The agent child: run by the tests below as a child process, with
+/// [`AGENT_ENV`] set. Run on its own (`--ignored`), it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the agent child the other tests run; does nothing on its own"]
+async fn agent_child_obeys_commands_on_stdin() {
+    let Some(socket) = std::env::var_os(AGENT_ENV) else {
+        return;
+    };
+    let socket = PathBuf::from(socket);
+    let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let exe = std::fs::read_link("/proc/self/exe").unwrap();
+    report(json!({"event": "ready", "pid": std::process::id(), "exe": exe.to_string_lossy()}));
+    while let Some(line) = commands.recv().await {
+        obey(&socket, &line).await;
+    }
+}
+
+// --- The parent's side ------------------------------------------------------------------
+
+/// An agent child process; killed when dropped.
 struct Agent {
     child: Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Events read but not yet asked for.
+    pending: VecDeque<Value>,
+    stderr: Arc<Mutex<String>>,
 }
 
 impl Agent {
-    /// Starts the agent and receives its connection to the daemon.
-    fn start(daemon: &TestDaemon, then: &str) -> (Agent, tokio::net::UnixStream) {
-        let handoff = daemon.dir.path().join(format!("handoff-{then}.sock"));
-        let listener = UnixListener::bind(&handoff).unwrap();
-        let child = Command::new("python3")
-            .args(["-c", AGENT])
-            .arg(&daemon.socket)
-            .arg(&handoff)
-            .arg(then)
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        let (conn, _) = listener.accept().unwrap();
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let mut byte = [0u8; 1];
-        recvmsg(
-            &conn,
-            &mut [IoSliceMut::new(&mut byte)],
-            &mut control,
-            RecvFlags::empty(),
-        )
-        .unwrap();
-        let fd = control
-            .drain()
-            .find_map(|msg| match msg {
-                RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-                _ => None,
-            })
-            .expect("the agent sent its socket");
-        let std_stream = std::os::unix::net::UnixStream::from(fd);
-        std_stream.set_nonblocking(true).unwrap();
-        let stream = tokio::net::UnixStream::from_std(std_stream).unwrap();
-        (Agent { child }, stream)
+    /// Starts this test binary as an agent of `daemon` and waits until it is ready.
+    async fn start(daemon: &TestDaemon) -> Agent {
+        Self::start_program(daemon, &std::env::current_exe().unwrap()).await
     }
 
-    /// Lets the agent go on to exit or exec.
-    fn proceed(&mut self) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(b"go\n").unwrap();
+    /// Starts `program` (this test binary, or a link to it) as an agent.
+    async fn start_program(daemon: &TestDaemon, program: &Path) -> Agent {
+        let mut child = Command::new(program)
+            .args(["--exact", AGENT_TEST, "--ignored", "--nocapture"])
+            .env(AGENT_ENV, &daemon.socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the agent child starts");
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().expect("piped stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut agent = Agent {
+            child,
+            lines,
+            pending: VecDeque::new(),
+            stderr,
+        };
+        let ready = agent.event("ready", Duration::from_secs(10)).await;
+        assert_eq!(ready["pid"], agent.pid());
+        agent
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends one command line.
+    fn say(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("piped stdin");
+        writeln!(stdin, "{line}").unwrap();
         stdin.flush().unwrap();
     }
+
+    /// The first event (read earlier or to come) that `wanted` accepts,
+    /// within `limit`; the others are kept for later.
+    async fn find(&mut self, limit: Duration, wanted: impl Fn(&Value) -> bool) -> Value {
+        if let Some(at) = self.pending.iter().position(&wanted) {
+            return self.pending.remove(at).unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let line = match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => line,
+                outcome => {
+                    // Give the stderr reader a moment to collect the rest.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    panic!(
+                        "no wanted event from the agent within {limit:?} ({}); kept: {:?}; stderr:\n{}",
+                        if outcome.is_err() {
+                            "timed out"
+                        } else {
+                            "its stdout closed"
+                        },
+                        self.pending,
+                        self.stderr.lock().unwrap()
+                    );
+                }
+            };
+            let Some(at) = line.find(MARK) else { continue };
+            let event: Value = serde_json::from_str(&line[at + MARK.len()..])
+                .unwrap_or_else(|e| panic!("agent line {line:?}: {e}"));
+            if wanted(&event) {
+                return event;
+            }
+            self.pending.push_back(event);
+        }
+    }
+
+    /// Every event read earlier or printed within `quiet` from now on.
+    async fn drain(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut events: Vec<Value> = self.pending.drain(..).collect();
+        while let Ok(Some(line)) = tokio::time::timeout(quiet, self.lines.recv()).await {
+            if let Some(at) = line.find(MARK) {
+                events.push(serde_json::from_str(&line[at + MARK.len()..]).unwrap());
+            }
+        }
+        events
+    }
+
+    /// The next event named `name`.
+    async fn event(&mut self, name: &str, limit: Duration) -> Value {
+        self.find(limit, |e| e["event"] == name).await
+    }
+
+    /// Runs a task command and returns the gRPC code it got.
+    async fn task_command(&mut self, line: &str) -> String {
+        let name = line.split_whitespace().next().unwrap().to_owned();
+        self.say(line);
+        let reply = self.event(&name, Duration::from_secs(5)).await;
+        reply["code"].as_str().unwrap().to_owned()
+    }
+
+    /// Opens a FetchX509SVID stream and returns its first message's SVIDs.
+    async fn fetch(&mut self) -> Vec<Value> {
+        self.say("fetch");
+        let first = self.event("svids", Duration::from_secs(10)).await;
+        first["svids"].as_array().unwrap().clone()
+    }
+
+    /// Waits (bounded) for the child to exit.
+    async fn wait_exit(&mut self, limit: Duration) {
+        let exited = eventually(limit, || self.child.try_wait().unwrap().is_some()).await;
+        assert!(exited, "the agent exited within {limit:?}");
+    }
 }
 
-/// Waits until the child `pid` runs /bin/sleep (same pid, other binary).
-async fn wait_for_exec(pid: u32) {
-    let exec_done = eventually(Duration::from_secs(2), || {
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The serials of a list of reported SVIDs.
+fn serials(svids: &[Value]) -> BTreeSet<String> {
+    svids
+        .iter()
+        .map(|s| s["serial"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The SPIFFE IDs of a list of reported SVIDs.
+fn spiffe_ids(svids: &[Value]) -> Vec<String> {
+    svids
+        .iter()
+        .map(|s| s["spiffe_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The real path of this test binary, as /proc/<pid>/exe names it.
+fn this_exe() -> String {
+    std::fs::read_link("/proc/self/exe")
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A config with one entry per `(name, program path)`, admitting by path.
+fn config_by_path(instance_ttl: &str, entries: &[(&str, &str)]) -> String {
+    let mut config =
+        format!("trust_domain = \"sigil.test\"\n[svid]\ninstance_ttl = \"{instance_ttl}\"\n");
+    for (name, path) in entries {
+        config.push_str(&format!(
+            "[[entry]]\nname = \"{name}\"\nselectors = [\"unix:path:{path}\"]\n[entry.tasks]\nself_declare = true\n"
+        ));
+    }
+    config
+}
+
+/// Waits until the child `pid` runs a program whose path ends with `suffix`.
+async fn wait_for_exec(pid: u32, suffix: &str) {
+    let exec_done = eventually(Duration::from_secs(5), || {
         std::fs::read_link(format!("/proc/{pid}/exe"))
-            .is_ok_and(|p| p.to_string_lossy().ends_with("/sleep"))
+            .is_ok_and(|p| p.to_string_lossy().ends_with(suffix))
     })
     .await;
-    assert!(exec_done, "the child exec'd sleep");
+    assert!(exec_done, "the child exec'd {suffix}");
 }
 
-/// The real path of the python3 binary (pyenv and Debian use symlinks and shims).
-fn python_exe() -> String {
-    let out = Command::new("python3")
-        .args(["-c", "import os; print(os.readlink('/proc/self/exe'))"])
-        .output()
-        .expect("python3 runs");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+/// The instance the daemon tracks for `pid`, if any.
+fn instance_of(daemon: &TestDaemon, pid: u32) -> Option<String> {
+    daemon
+        .identity()
+        .instances()
+        .into_iter()
+        .find(|i| i.pid == pid)
+        .map(|i| i.instance_id.to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_that_exits_is_gone_from_the_daemon_within_a_second() {
-    let daemon = TestDaemon::start().await;
-    let (mut agent, connection) = Agent::start(&daemon, "exit");
-    let pid = agent.child.id();
-    let mut client = client_over(connection).await;
-    let mut stream = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
+/// Opens a verifier's FetchX509Bundles stream from this process.
+async fn bundles_stream(daemon: &TestDaemon) -> tonic::Streaming<X509BundlesResponse> {
+    raw_client(&daemon.socket)
+        .await
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
         .await
         .unwrap()
-        .into_inner();
-    stream.next().await.unwrap().unwrap();
-    let instances = daemon.identity().instances();
+        .into_inner()
+}
+
+/// Reads the bundles stream until its CRL lists every serial in `wanted`,
+/// within `limit`; returns the serials it lists.
+async fn wait_for_crl(
+    bundles: &mut tonic::Streaming<X509BundlesResponse>,
+    wanted: &BTreeSet<String>,
+    limit: Duration,
+) -> BTreeSet<String> {
+    let listed = tokio::time::timeout(limit, async {
+        loop {
+            let msg = bundles
+                .next()
+                .await
+                .expect("the bundles stream stays open")
+                .unwrap();
+            let listed: BTreeSet<String> = msg
+                .crl
+                .first()
+                .map(|c| crl_serials(c))
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            if wanted.is_subset(&listed) {
+                return listed;
+            }
+        }
+    })
+    .await;
+    listed.unwrap_or_else(|_| panic!("{wanted:?} on the CRL within {limit:?}"))
+}
+
+/// Every SVID serial the daemon ever minted for `instance` (issued or rotated).
+fn minted_for(daemon: &TestDaemon, instance: &str) -> Vec<(SystemTime, String)> {
+    [AuditKind::Issuance, AuditKind::Rotation]
+        .into_iter()
+        .flat_map(|kind| {
+            let query = AuditQuery {
+                instance_id: Some(instance.to_owned()),
+                kind: Some(kind),
+                ..Default::default()
+            };
+            daemon.store().audit(&query).expect("the audit trail reads")
+        })
+        .filter_map(|e| Some((e.at, e.serial?)))
+        .collect()
+}
+
+/// How many connections the daemon listening on `socket` holds open: its
+/// accepted sockets carry the listener's path, so /proc/net/unix lists them
+/// under it, connected (state 03), until the daemon closes them.
+fn daemon_connections(socket: &Path) -> usize {
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let path = socket.to_string_lossy();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() == 8 && fields[5] == "03" && fields[7] == path
+        })
+        .count()
+}
+
+// --- The tests --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_exits_is_gone_from_the_daemon_within_a_second_and_its_stream_ends() {
+    let daemon = TestDaemon::start().await;
+    let mut agent = Agent::start(&daemon).await;
+    let pid = agent.pid();
+    let svids = agent.fetch().await;
+    assert!(svids[0]["has_key"].as_bool().unwrap(), "{svids:?}");
     assert!(
-        instances.iter().any(|i| i.pid == pid),
+        instance_of(&daemon, pid).is_some(),
         "the child is an instance"
     );
+    assert_eq!(
+        daemon_connections(&daemon.socket),
+        1,
+        "the daemon holds the child's connection while its stream is open"
+    );
 
-    agent.proceed();
-    agent.child.wait().unwrap();
+    agent.say("exit");
+    agent.wait_exit(Duration::from_secs(5)).await;
     let exited = std::time::Instant::now();
     let gone = eventually(Duration::from_secs(1), || {
-        daemon.identity().instances().iter().all(|i| i.pid != pid)
+        instance_of(&daemon, pid).is_none()
     })
     .await;
     assert!(
@@ -144,183 +497,189 @@ async fn a_process_that_exits_is_gone_from_the_daemon_within_a_second() {
         "instance still there {:?} after exit",
         exited.elapsed()
     );
-    // Its stream ends too (after any CRL-only update still in flight).
-    let end = tokio::time::timeout(Duration::from_secs(1), stream_end(&mut stream)).await;
-    assert!(matches!(end, Ok(None)), "stream ended: {end:?}");
-    daemon.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_that_execs_another_binary_gets_no_rotated_svid() {
-    let config = format!(
-        "trust_domain = \"sigil.test\"\n[svid]\ninstance_ttl = \"3s\"\n[[entry]]\nname = \"py\"\nselectors = [\"unix:path:{}\"]\n",
-        python_exe()
-    );
-    let daemon = TestDaemon::start_with(&config).await;
-    let (mut agent, connection) = Agent::start(&daemon, "exec");
-    let pid = agent.child.id();
-    let mut client = client_over(connection).await;
-    let mut stream = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = stream.next().await.unwrap().unwrap();
-    assert!(
-        first.svids[0]
-            .spiffe_id
-            .starts_with("spiffe://sigil.test/agent/py/instance/")
-    );
-
-    agent.proceed(); // the child becomes /bin/sleep, same pid
-    wait_for_exec(pid).await;
-
-    // At the rotation (half of 3s) the daemon re-attests: no new SVID, and
-    // the stream ends with PermissionDenied.
-    let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("the daemon acted at rotation time")
-        .expect("an item, not a silent end");
-    let status = next.expect_err("no rotated SVID");
-    assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(
-        status.message().contains("no identity issued"),
-        "{}",
-        status.message()
-    );
-    assert!(daemon.identity().instances().iter().all(|i| i.pid != pid));
-    agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
-    daemon.stop().await;
-}
-
-fn begin(task_id: &str) -> tonic::Request<BeginRequest> {
-    with_header(BeginRequest {
-        task_id: task_id.into(),
-        ttl: Some(prost_types::Duration {
-            seconds: 600,
-            nanos: 0,
-        }),
-        attributes: Default::default(),
+    // Its stream has ended and the daemon has closed its end of the
+    // connection: nothing of the process is left being served.
+    let closed = eventually(Duration::from_secs(1), || {
+        daemon_connections(&daemon.socket) == 0
     })
+    .await;
+    assert!(
+        closed,
+        "the daemon still holds {} connections {:?} after exit",
+        daemon_connections(&daemon.socket),
+        exited.elapsed()
+    );
+    drop(agent);
+    daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_exit_ends_its_tasks_and_another_agent_cannot_end_them() {
+async fn a_process_exit_revokes_its_task_and_instance_svids_and_another_agent_cannot_end_its_task()
+{
     let daemon = TestDaemon::start_with(&format!(
         "{}[entry.tasks]\nself_declare = true\n",
         config_for_me("")
     ))
     .await;
-    // The child agent, on its own connection, starts a task.
-    let (mut agent, connection) = Agent::start(&daemon, "exit");
-    let child_channel = channel_over(connection).await;
-    let mut child_tasks = TasksClient::new(child_channel.clone());
-    let mut child_stream = SpiffeWorkloadApiClient::new(child_channel)
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    child_stream.next().await.unwrap().unwrap();
-    child_tasks.begin(begin("child-job")).await.unwrap();
-    let with_task = loop {
-        let msg = child_stream.next().await.unwrap().unwrap();
-        if msg.svids.len() == 2 {
-            break msg;
-        }
-    };
-    let child_serials: Vec<String> = with_task
-        .svids
-        .iter()
-        .map(|s| serial_of(&s.x509_svid))
-        .collect();
-
-    // This process (another instance) cannot see or end the child's task.
-    let mut mine = tasks_client(&daemon.socket).await;
-    let status = mine
-        .end(with_header(EndRequest {
-            task_id: "child-job".into(),
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::NotFound);
+    // The child agent, on its own connections, starts a task.
+    let mut agent = Agent::start(&daemon).await;
+    let pid = agent.pid();
+    let first = agent.fetch().await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(agent.task_command("begin child-job 600").await, "Ok");
+    let with_task = agent
+        .find(Duration::from_secs(5), |e| {
+            e["event"] == "svids" && e["svids"].as_array().is_some_and(|s| s.len() == 2)
+        })
+        .await;
+    let with_task = with_task["svids"].as_array().unwrap().clone();
     assert!(
-        mine.list(with_header(ListRequest {}))
-            .await
+        with_task[1]["spiffe_id"]
+            .as_str()
             .unwrap()
-            .into_inner()
-            .tasks
-            .is_empty()
+            .ends_with("/task/child-job"),
+        "{with_task:?}"
     );
+    let child_serials = serials(&with_task);
+
+    // Another agent (another process, so another instance) cannot see or
+    // end the child's task.
+    let mut other = Agent::start(&daemon).await;
+    assert_eq!(other.task_command("end child-job").await, "NotFound");
+    other.say("list");
+    let listed = other.event("list", Duration::from_secs(5)).await;
+    assert_eq!(listed["code"], "Ok");
+    assert_eq!(listed["tasks"], json!([]), "the other agent sees no task");
     // ... and the child's task is still there.
-    let listed = child_tasks
-        .list(with_header(ListRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(listed.tasks.len(), 1);
+    agent.say("list");
+    let listed = agent.event("list", Duration::from_secs(5)).await;
+    assert_eq!(listed["tasks"], json!(["child-job"]));
 
     // The child exits: its task ends and every SVID it held is revoked.
-    let mut bundles = common::raw_client(&daemon.socket)
-        .await
-        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    agent.proceed();
-    agent.child.wait().unwrap();
-    let revoked = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            let msg = bundles.next().await.unwrap().unwrap();
-            let listed = msg.crl.first().map(|c| crl_serials(c)).unwrap_or_default();
-            if child_serials.iter().all(|s| listed.contains(s)) {
-                return listed;
-            }
-        }
-    })
-    .await
-    .expect("the child's SVIDs are on the CRL soon after it exits");
+    let mut bundles = bundles_stream(&daemon).await;
+    agent.say("exit");
+    agent.wait_exit(Duration::from_secs(5)).await;
+    let revoked = wait_for_crl(&mut bundles, &child_serials, Duration::from_secs(2)).await;
     assert!(revoked.len() >= 2);
+    assert!(instance_of(&daemon, pid).is_none());
+    // The other agent's identity is untouched.
+    assert!(instance_of(&daemon, other.pid()).is_some());
+    drop(other);
     daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_an_exec_the_next_request_is_refused_and_the_instance_ends_at_once() {
-    // A long TTL: no rotation comes to the rescue, the request itself must.
-    let config = format!(
-        "trust_domain = \"sigil.test\"\n[svid]\ninstance_ttl = \"1h\"\n[[entry]]\nname = \"py\"\nselectors = [\"unix:path:{}\"]\n[entry.tasks]\nself_declare = true\n",
-        python_exe()
+async fn a_process_that_execs_another_binary_is_revoked_at_rotation_and_gets_no_further_svid() {
+    // Rotation between 50% and 60% of 4s: 2s at the earliest, time enough
+    // to fetch, begin a task and exec before it.
+    let daemon = TestDaemon::start_with(&config_by_path("4s", &[("agent", &this_exe())])).await;
+    let mut agent = Agent::start(&daemon).await;
+    let pid = agent.pid();
+    let first = agent.fetch().await;
+    assert!(
+        spiffe_ids(&first)[0].starts_with("spiffe://sigil.test/agent/agent/instance/"),
+        "{first:?}"
     );
-    let daemon = TestDaemon::start_with(&config).await;
-    let (mut agent, connection) = Agent::start(&daemon, "exec");
-    let pid = agent.child.id();
-    let channel = channel_over(connection).await;
-    let mut client = SpiffeWorkloadApiClient::new(channel.clone());
-    let mut stream = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
-    stream.next().await.unwrap().unwrap();
+    assert_eq!(agent.task_command("begin job 600").await, "Ok");
+    let with_task = agent
+        .find(Duration::from_secs(5), |e| {
+            e["event"] == "svids" && e["svids"].as_array().is_some_and(|s| s.len() == 2)
+        })
+        .await;
+    let instance = instance_of(&daemon, pid).expect("the child is an instance");
+    let mut bundles = bundles_stream(&daemon).await;
 
-    agent.proceed();
-    wait_for_exec(pid).await;
+    agent.say("exec /bin/sleep 30"); // same pid, same start time, another program
+    wait_for_exec(pid, "/sleep").await;
+    let exec_seen = SystemTime::now();
+    // Everything the agent printed, it printed before the exec (sleep prints
+    // nothing): the SVIDs it held last, and every SVID it ever saw.
+    let mut held = serials(with_task["svids"].as_array().unwrap());
+    let mut seen = held.clone();
+    for event in agent.drain(Duration::from_millis(300)).await {
+        if event["event"] == "svids" {
+            held = serials(event["svids"].as_array().unwrap());
+            seen.extend(held.iter().cloned());
+        }
+    }
 
-    // A task request on the same connection is refused: the caller is
-    // attested afresh and no longer matches.
-    let refused = TasksClient::new(channel)
-        .begin(begin("after-exec"))
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-    // ...and the open stream ends with PermissionDenied, long before rotation.
-    let end = tokio::time::timeout(Duration::from_secs(2), stream_end(&mut stream))
-        .await
-        .expect("the stream ended within two seconds");
-    let status = end.expect("an error, not a silent end").unwrap_err();
-    assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(daemon.identity().instances().iter().all(|i| i.pid != pid));
-    agent.child.kill().unwrap();
-    agent.child.wait().unwrap();
+    // At rotation the daemon re-attests, finds /bin/sleep matching no entry,
+    // ends the instance and revokes every SVID it held.
+    let revoked = wait_for_crl(&mut bundles, &held, Duration::from_secs(8)).await;
+    assert!(revoked.len() >= 2);
+    let gone = eventually(Duration::from_secs(1), || {
+        instance_of(&daemon, pid).is_none()
+    })
+    .await;
+    assert!(gone, "the instance ended");
+    // No SVID was minted for it after the exec, so none can have been
+    // delivered to anyone: every SVID it ever had is one the agent saw before.
+    let minted = minted_for(&daemon, &instance);
+    assert!(!minted.is_empty());
+    for (at, serial) in &minted {
+        assert!(
+            seen.contains(serial),
+            "SVID {serial} minted at {at:?} for the instance after the exec ({exec_seen:?}); the agent saw {seen:?}"
+        );
+    }
+    // Still nothing later (the daemon has forgotten it, but check anyway).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(minted_for(&daemon, &instance).len(), minted.len());
+    assert!(instance_of(&daemon, pid).is_none());
+    drop(agent);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_exec_a_new_connection_of_the_new_program_is_attested_as_that_program() {
+    // The new program is this test binary under another path (a hard link
+    // beside it, or a copy): it speaks the agent protocol, yet its path
+    // selector is another one's.
+    let exe = this_exe();
+    let scratch = tempfile::tempdir_in(Path::new(&exe).parent().unwrap()).unwrap();
+    let other_path = scratch.path().join("other-agent");
+    if std::fs::hard_link(&exe, &other_path).is_err() {
+        std::fs::copy(&exe, &other_path).unwrap();
+    }
+    let other = other_path.to_string_lossy().into_owned();
+    let daemon = TestDaemon::start_with(&config_by_path(
+        "1h",
+        &[("before", &exe), ("after", &other)],
+    ))
+    .await;
+    let mut agent = Agent::start(&daemon).await;
+    let pid = agent.pid();
+    let before = agent.fetch().await;
+    assert!(
+        spiffe_ids(&before)[0].starts_with("spiffe://sigil.test/agent/before/instance/"),
+        "{before:?}"
+    );
+    let before_serials = serials(&before);
+    let mut bundles = bundles_stream(&daemon).await;
+
+    // Same pid, another program, which starts afresh and says it is ready.
+    agent.say(&format!(
+        "exec {other} --exact {AGENT_TEST} --ignored --nocapture"
+    ));
+    let ready = agent.event("ready", Duration::from_secs(10)).await;
+    assert_eq!(ready["pid"], pid);
+    assert_eq!(ready["exe"], other.as_str());
+
+    // A request on a new connection of the new program gets the new
+    // program's identity, never the old one's SVIDs.
+    let after = agent.fetch().await;
+    assert!(
+        spiffe_ids(&after)
+            .iter()
+            .all(|id| id.starts_with("spiffe://sigil.test/agent/after/instance/")),
+        "the exec'd program got {after:?} (before the exec: {before:?})"
+    );
+    assert!(
+        serials(&after).is_disjoint(&before_serials),
+        "the exec'd program was given the old program's SVIDs: {after:?}"
+    );
+    // And the old program's SVIDs are revoked: it no longer runs.
+    wait_for_crl(&mut bundles, &before_serials, Duration::from_secs(2)).await;
+    drop(agent);
     daemon.stop().await;
 }
