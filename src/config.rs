@@ -454,7 +454,7 @@ impl Validator<'_> {
             .map_err(|e| self.invalid(at("spiffe_id"), format!("{e}")))?;
         // Render once with sample values so an ID that can never be valid is
         // caught now rather than at the first request.
-        let sample = InstanceId::derive("sample", 1, 1);
+        let sample = InstanceId::derive("sample", 1, 1, crate::ids::ExeId::new(1, 1, b"/bin/x"));
         template
             .render(&Context {
                 trust_domain: td,

@@ -24,16 +24,49 @@ pub struct InstanceId(String);
 /// concern for the processes of one node).
 const INSTANCE_ID_HEX_LEN: usize = 20;
 
+/// The identity of the program a process runs: the file behind
+/// /proc/<pid>/exe and the path it was run by (a hard link is another
+/// path, and path selectors tell them apart). An exec of another program
+/// changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExeId {
+    /// Device of the executable file.
+    pub dev: u64,
+    /// Inode of the executable file.
+    pub ino: u64,
+    /// The first 8 bytes of the SHA-256 of the path, as the kernel names it.
+    pub path_hash: u64,
+}
+
+impl ExeId {
+    /// The id of the file `dev`/`ino` run as `path`.
+    pub fn new(dev: u64, ino: u64, path: &[u8]) -> Self {
+        let digest = Sha256::digest(path);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        Self {
+            dev,
+            ino,
+            path_hash: u64::from_be_bytes(first),
+        }
+    }
+}
+
 impl InstanceId {
-    /// Derives the id of the process `pid` that started at `start_time`
-    /// (clock ticks since boot) during the boot `boot_id`.
-    pub fn derive(boot_id: &str, pid: u32, start_time: u64) -> Self {
+    /// Derives the id of one run of one program: the process `pid` that
+    /// started at `start_time` (clock ticks since boot) during the boot
+    /// `boot_id`, running the executable `exe`. A recycled pid is another
+    /// instance, and so is the same process after it exec's another program.
+    pub fn derive(boot_id: &str, pid: u32, start_time: u64, exe: ExeId) -> Self {
         let mut hasher = Sha256::new();
-        hasher.update(b"sigil-instance-v1\0");
+        hasher.update(b"sigil-instance-v2\0");
         hasher.update(boot_id.trim().as_bytes());
         hasher.update(b"\0");
         hasher.update(pid.to_be_bytes());
         hasher.update(start_time.to_be_bytes());
+        hasher.update(exe.dev.to_be_bytes());
+        hasher.update(exe.ino.to_be_bytes());
+        hasher.update(exe.path_hash.to_be_bytes());
         let mut hex = hex::encode(hasher.finalize());
         hex.truncate(INSTANCE_ID_HEX_LEN);
         Self(hex)
@@ -110,19 +143,34 @@ impl fmt::Display for Echo {
 mod tests {
     use super::*;
 
+    const EXE: ExeId = ExeId {
+        dev: 8,
+        ino: 77,
+        path_hash: 5,
+    };
+
     #[test]
     fn a_recycled_pid_gets_a_different_instance_id() {
-        let first = InstanceId::derive("boot-a", 4242, 1000);
-        let recycled = InstanceId::derive("boot-a", 4242, 9000);
-        let after_reboot = InstanceId::derive("boot-b", 4242, 1000);
+        let first = InstanceId::derive("boot-a", 4242, 1000, EXE);
+        let recycled = InstanceId::derive("boot-a", 4242, 9000, EXE);
+        let after_reboot = InstanceId::derive("boot-b", 4242, 1000, EXE);
         assert_ne!(first, recycled);
         assert_ne!(first, after_reboot);
-        assert_eq!(first, InstanceId::derive("boot-a\n", 4242, 1000));
+        assert_eq!(first, InstanceId::derive("boot-a\n", 4242, 1000, EXE));
+    }
+
+    #[test]
+    fn the_same_process_after_an_exec_of_another_program_is_another_instance() {
+        let before = InstanceId::derive("boot-a", 4242, 1000, EXE);
+        let other = ExeId { ino: 78, ..EXE };
+        assert_ne!(before, InstanceId::derive("boot-a", 4242, 1000, other));
+        let hard_link = ExeId::new(8, 77, b"/opt/other-name");
+        assert_ne!(before, InstanceId::derive("boot-a", 4242, 1000, hard_link));
     }
 
     #[test]
     fn an_instance_id_is_a_valid_path_segment() {
-        let id = InstanceId::derive("boot", 1, 2);
+        let id = InstanceId::derive("boot", 1, 2, EXE);
         assert_eq!(id.as_str().len(), INSTANCE_ID_HEX_LEN);
         assert!(is_path_segment(id.as_str()));
     }

@@ -208,10 +208,11 @@ impl Attestor {
             }
         }
         let attestation = self.attest_process(pid, start)?;
-        // After the facts: an exec at any point before this is seen.
+        // The facts are of one program, the one running now (checked last
+        // in `attest_process`); it must be the one that connected.
         if peer
             .exe
-            .is_some_and(|pinned| socket::exe_id(pid).ok() != Some(pinned))
+            .is_some_and(|pinned| pinned != attestation.facts.exe_id)
         {
             return Err(Error::ExecutedAfterConnect { pid });
         }
@@ -226,8 +227,9 @@ impl Attestor {
     }
 
     /// Attests again a process attested before (same pid and start time),
-    /// to see whether it still is what it was: it may have exec'd another
-    /// binary or changed uid. Blocking.
+    /// to see whether it still is what it was: it may have changed uid, or
+    /// exec'd another program, which makes it another instance (the caller
+    /// compares the instance id). Blocking.
     ///
     /// # Errors
     /// As [`Attestor::attest`]; [`Error::ProcessChanged`] if the pid now names
@@ -247,8 +249,13 @@ impl Attestor {
         if facts.start_time != start || process::start_time(pid)? != start {
             return Err(Error::ProcessChanged { pid });
         }
+        // And the program last: an exec while the facts were read would mix
+        // two programs' facts.
+        if socket::exe_id(pid)? != facts.exe_id {
+            return Err(Error::ProcessChanged { pid });
+        }
         Ok(Attestation {
-            instance_id: InstanceId::derive(&self.boot_id, pid, start),
+            instance_id: InstanceId::derive(&self.boot_id, pid, start, facts.exe_id),
             facts,
             selectors,
         })

@@ -33,6 +33,8 @@ pub struct ProcessFacts {
     pub exe: PathBuf,
     /// SHA-256 of the executable the process runs, lower-case hex.
     pub exe_sha256: String,
+    /// The executable's inode: which program this is.
+    pub exe_id: crate::ids::ExeId,
     /// Executable of the parent, when readable.
     pub parent_exe: Option<PathBuf>,
     /// Cgroup paths, one per hierarchy (one on cgroup v2).
@@ -59,6 +61,7 @@ pub fn read_facts(pid: u32, digests: &DigestCache) -> Result<ProcessFacts, Error
     let stat = process.stat().map_err(|e| proc_error(pid, "stat", e))?;
     let status = process.status().map_err(|e| proc_error(pid, "status", e))?;
     let exe = process.exe().map_err(|e| proc_error(pid, "exe", e))?;
+    let exe_id = super::socket::exe_id(pid)?;
     let exe_sha256 = digests.digest_of_exe(pid)?;
     let parent_exe = u32::try_from(stat.ppid)
         .ok()
@@ -73,6 +76,7 @@ pub fn read_facts(pid: u32, digests: &DigestCache) -> Result<ProcessFacts, Error
         supplementary_gids: status.groups,
         exe,
         exe_sha256,
+        exe_id,
         parent_exe,
         cgroups,
     })

@@ -45,27 +45,22 @@ use nix::sys::socket::{self as sock, ControlMessageOwned, MsgFlags, UnixCredenti
 
 use super::Error;
 
-/// The identity of the executable a process runs: the inode behind
-/// /proc/<pid>/exe. An exec of another program changes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ExeId {
-    /// Device of the executable file.
-    pub dev: u64,
-    /// Inode of the executable file.
-    pub ino: u64,
-}
+pub use crate::ids::ExeId;
 
 /// The executable `pid` runs now.
 ///
 /// # Errors
 /// [`Error::ProcessGone`] or [`Error::ProcRead`].
 pub fn exe_id(pid: u32) -> Result<ExeId, Error> {
-    let meta = std::fs::metadata(format!("/proc/{pid}/exe"))
-        .map_err(|e| super::process::io_error(pid, "exe", e))?;
-    Ok(ExeId {
-        dev: meta.dev(),
-        ino: meta.ino(),
-    })
+    let link = format!("/proc/{pid}/exe");
+    let gone = |e| super::process::io_error(pid, "exe", e);
+    let meta = std::fs::metadata(&link).map_err(gone)?;
+    let path = std::fs::read_link(&link).map_err(gone)?;
+    Ok(ExeId::new(
+        meta.dev(),
+        meta.ino(),
+        path.as_os_str().as_encoded_bytes(),
+    ))
 }
 
 /// The connecting process as the kernel knew it when the connection was

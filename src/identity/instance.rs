@@ -218,6 +218,12 @@ impl InstanceTask {
         let reattested =
             tokio::task::spawn_blocking(move || shared.attestor.reattest(pid, start)).await;
         let attestation = match reattested {
+            // The same process running another program is another instance:
+            // this one ended with its program (its SVIDs are revoked).
+            Ok(Ok(a)) if a.instance_id != self.live.attestation.instance_id => {
+                let reason = "the process executed another program";
+                return Err(self.finish(InstanceState::Exited, reason, "daemon"));
+            }
             Ok(Ok(a)) => a,
             Ok(Err(attest::Error::ProcessGone { .. } | attest::Error::ProcessChanged { .. })) => {
                 return Err(self.finish(InstanceState::Exited, "process exited", "daemon"));

@@ -384,6 +384,7 @@ impl IdentityManager {
         if let Some(live) = self.live_instance(&attestation) {
             return Ok(live);
         }
+        self.recheck_earlier_programs(&attestation);
         if let Some(reason) = blocking(|| self.shared.revocation_of(&attestation.instance_id))? {
             self.shared.audit_refusal(
                 &peer,
@@ -393,6 +394,18 @@ impl IdentityManager {
             return Err(Error::Revoked(reason));
         }
         self.start_instance(attestation, entries)
+    }
+
+    /// A live instance of the same pid under another id is the program this
+    /// process ran before an exec: it is told to re-attest now, and so ends
+    /// (its SVIDs revoked) at once rather than at its next rotation.
+    fn recheck_earlier_programs(&self, attestation: &Attestation) {
+        let instances = self.shared.lock_instances();
+        for (id, handle) in instances.iter() {
+            if handle.pid == attestation.facts.pid && *id != attestation.instance_id {
+                let _ = handle.commands.try_send(Command::Recheck);
+            }
+        }
     }
 
     /// Asks a live instance to re-attest now (it ends itself if the process

@@ -123,7 +123,7 @@ mod tests {
 
     fn attestation(selectors: &[&str]) -> Attestation {
         Attestation {
-            instance_id: InstanceId::derive("b", 1, 1),
+            instance_id: InstanceId::derive("b", 1, 1, crate::ids::ExeId::new(1, 1, b"/bin/x")),
             facts: ProcessFacts {
                 pid: 1,
                 start_time: 1,
@@ -132,6 +132,7 @@ mod tests {
                 supplementary_gids: vec![],
                 exe: "/bin/agent".into(),
                 exe_sha256: "00".repeat(32),
+                exe_id: crate::ids::ExeId::new(1, 1, b"/bin/x"),
                 parent_exe: None,
                 cgroups: vec![],
             },

@@ -164,7 +164,7 @@ mod tests {
 
     fn render(template: &str) -> Result<SpiffeId, TemplateError> {
         let td = TrustDomain::new("agents.example.org").unwrap();
-        let instance = InstanceId::derive("boot", 7, 9);
+        let instance = InstanceId::derive("boot", 7, 9, crate::ids::ExeId::new(1, 1, b"/bin/x"));
         let ctx = Context {
             trust_domain: &td,
             entry: "research-bot",
@@ -177,7 +177,7 @@ mod tests {
     #[test]
     fn the_default_template_names_entry_and_instance() {
         let id = render(DEFAULT_TEMPLATE).unwrap();
-        let instance = InstanceId::derive("boot", 7, 9);
+        let instance = InstanceId::derive("boot", 7, 9, crate::ids::ExeId::new(1, 1, b"/bin/x"));
         assert_eq!(
             id.to_string(),
             format!("spiffe://agents.example.org/agent/research-bot/instance/{instance}")

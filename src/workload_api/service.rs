@@ -137,11 +137,14 @@ impl HolderCheck {
     }
 }
 
-/// Open streams per process (pid and start time), to cap them.
+/// A process, as the stream cap counts it: pid and pinned start time.
+type ProcessKey = (u32, Option<u64>);
+
+/// Open streams per process, to cap them.
 #[derive(Clone)]
 struct StreamCounts {
     max: usize,
-    open: Arc<Mutex<HashMap<(u32, Option<u64>), usize>>>,
+    open: Arc<Mutex<HashMap<ProcessKey, usize>>>,
 }
 
 impl StreamCounts {
@@ -152,7 +155,7 @@ impl StreamCounts {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, Option<u64>), usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProcessKey, usize>> {
         // Counters only: a poisoned lock still holds usable numbers.
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -178,7 +181,7 @@ impl StreamCounts {
 
 /// One open stream of a process; given back on drop.
 struct StreamSlot {
-    key: (u32, Option<u64>),
+    key: ProcessKey,
     counts: StreamCounts,
 }
 
@@ -240,12 +243,12 @@ async fn drive<T>(
         };
         let current = state.borrow_and_update().clone();
         let trust = bundle.borrow_and_update().clone();
-        if let (InstanceState::Active(_), Some(check)) = (&current, &holder_check) {
-            if let Err(e) = check.verdict().await {
-                log_refusal(&e, check.peer.pid);
-                permit.send(Err(status(&e)));
-                return;
-            }
+        if let (InstanceState::Active(_), Some(check)) = (&current, &holder_check)
+            && let Err(e) = check.verdict().await
+        {
+            log_refusal(&e, check.peer.pid);
+            permit.send(Err(status(&e)));
+            return;
         }
         match current {
             InstanceState::Active(set) => permit.send(Ok(build(&set, &trust))),
