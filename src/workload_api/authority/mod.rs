@@ -38,6 +38,7 @@ use tonic::transport::server::Connected;
 
 use self::rewriter::Rewriter;
 
+mod hpack;
 mod rewriter;
 #[cfg(test)]
 mod tests;

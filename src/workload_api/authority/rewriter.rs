@@ -6,7 +6,9 @@
 use std::io;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use loona_hpack::{Decoder, Encoder};
+use loona_hpack::Encoder;
+
+use super::hpack::{self, Decoder};
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub(super) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -14,21 +16,20 @@ pub(super) const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub(super) const FRAME_HEADER_LEN: usize = 9;
 /// SETTINGS_MAX_FRAME_SIZE default; every server accepts frames this large.
 pub(super) const MAX_FRAME_PAYLOAD: usize = 16_384;
-/// hyper's default SETTINGS_MAX_HEADER_LIST_SIZE, which tonic keeps: the
-/// largest decoded header list (RFC 7541 sizes: name + value + 32 per field)
-/// the server accepts; it refuses larger ones on its own.
-const SERVER_MAX_HEADER_LIST: usize = 16 << 10;
-/// Largest header block fragment we buffer for one block. loona-hpack's
-/// Huffman decoder is slow (about 5 MB/s optimised), so blocks far beyond
-/// anything the server would accept are refused before decoding.
+/// The largest decoded header list (RFC 7541 sizes: name + value + 32 per
+/// field) the server accepts (SETTINGS_MAX_HEADER_LIST_SIZE); it refuses
+/// larger ones on its own, so we never build one larger either.
+const SERVER_MAX_HEADER_LIST: usize = crate::workload_api::MAX_HEADER_LIST_BYTES as usize;
+/// Largest header block fragment we buffer for one block: Huffman coding can
+/// make a list up to 3.75 times longer on the wire than decoded, so blocks
+/// beyond this cannot decode to a list the server would accept.
 const MAX_BLOCK_FRAGMENT: usize = 4 * SERVER_MAX_HEADER_LIST;
 /// Largest decoded header list we build; bounds what dynamic-table
-/// references can expand a small block to.
+/// references can expand a small block to. (The server refuses lists over
+/// its own limit with a clean stream error, so ours is looser.)
 const MAX_DECODED_LIST: usize = 4 * SERVER_MAX_HEADER_LIST;
 /// Most header fields in one block: every field counts at least 32 bytes
-/// against the server's list limit. Checked before decoding, because
-/// loona-hpack builds a Huffman table for each Huffman-coded string (about
-/// 20 µs each, so 1 MiB of empty strings would take 20 s).
+/// against the server's list limit.
 const MAX_FIELDS: usize = SERVER_MAX_HEADER_LIST / 32;
 /// The HPACK table size the server advertises (h2's default); a client may
 /// not grow its table past it.
@@ -45,7 +46,7 @@ pub(super) const FLAG_PRIORITY: u8 = 0x20;
 pub(super) const PRIORITY_LEN: usize = 5;
 const STREAM_ID_MASK: u32 = 0x7fff_ffff;
 
-pub(super) type HeaderList = Vec<(Vec<u8>, Vec<u8>)>;
+pub(super) use super::hpack::HeaderList;
 
 /// Where the rewriter is in the client's byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,14 +108,13 @@ struct PendingBlock {
 pub(super) struct Rewriter {
     pub(super) phase: Phase,
     pending: Option<PendingBlock>,
-    decoder: Decoder<'static>,
+    decoder: Decoder,
     encoder: Encoder<'static>,
 }
 
 impl Rewriter {
     pub(super) fn new() -> Self {
-        let mut decoder = Decoder::new();
-        decoder.set_max_allowed_table_size(CLIENT_TABLE_SIZE_LIMIT);
+        let decoder = Decoder::new(CLIENT_TABLE_SIZE_LIMIT);
         // loona-hpack's encoder indexes every literal whose name is not in
         // the static table into a dynamic table (4096 bytes by default) and
         // refers back to it. A table of size 0 keeps it to static-table
@@ -328,13 +328,16 @@ impl Rewriter {
         let Some(block) = self.pending.take() else {
             return Ok(());
         };
-        if has_too_many_fields(&block.fragment) {
-            return Err(invalid(format!(
-                "client header block on stream {} has more than {MAX_FIELDS} fields",
+        let limits = hpack::Limits {
+            max_fields: MAX_FIELDS,
+            max_list_size: MAX_DECODED_LIST,
+        };
+        let mut headers = self.decoder.decode(&block.fragment, limits).map_err(|e| {
+            invalid(format!(
+                "HPACK decoding of the client header block on stream {} failed: {e}",
                 block.stream_id
-            )));
-        }
-        let mut headers = decode_block(&mut self.decoder, &block.fragment)?;
+            ))
+        })?;
         repair_authority(&mut headers, block.stream_id);
         let mut encoded = Vec::with_capacity(block.fragment.len());
         self.encoder
@@ -346,96 +349,6 @@ impl Rewriter {
         write_block(out, &block, &encoded);
         Ok(())
     }
-}
-
-/// Counts the field representations of an HPACK block without decoding
-/// them (RFC 7541 §6) and tells whether there are more than [`MAX_FIELDS`].
-/// A malformed block counts as fine here: the decoder reports it.
-fn has_too_many_fields(block: &[u8]) -> bool {
-    let mut rest = block;
-    let mut fields = 0;
-    while let Some(&first) = rest.first() {
-        let (prefix, literal) = match first {
-            0x80.. => (7, false), // indexed field
-            0x40.. => (6, true),  // literal with incremental indexing
-            0x20.. => (5, false), // dynamic table size update: not a field
-            _ => (4, true),       // literal without indexing / never indexed
-        };
-        let Some((index, tail)) = hpack_integer(rest, prefix) else {
-            return false;
-        };
-        rest = tail;
-        if literal {
-            let name = if index == 0 {
-                skip_hpack_string(rest)
-            } else {
-                Some(rest)
-            };
-            let Some(tail) = name.and_then(skip_hpack_string) else {
-                return false;
-            };
-            rest = tail;
-        }
-        if prefix != 5 {
-            fields += 1;
-        }
-        if fields > MAX_FIELDS {
-            return true;
-        }
-    }
-    false
-}
-
-/// Reads an HPACK integer with a `prefix`-bit prefix (RFC 7541 §5.1), at
-/// most four continuation octets as loona-hpack allows.
-fn hpack_integer(buf: &[u8], prefix: u8) -> Option<(usize, &[u8])> {
-    let mask = (1u8 << prefix) - 1;
-    let (&first, mut rest) = buf.split_first()?;
-    let mut value = usize::from(first & mask);
-    if value < usize::from(mask) {
-        return Some((value, rest));
-    }
-    for shift in [0, 7, 14, 21] {
-        let (&octet, tail) = rest.split_first()?;
-        rest = tail;
-        value += usize::from(octet & 0x7f) << shift;
-        if octet & 0x80 == 0 {
-            return Some((value, rest));
-        }
-    }
-    None
-}
-
-/// Skips an HPACK string literal (RFC 7541 §5.2).
-fn skip_hpack_string(buf: &[u8]) -> Option<&[u8]> {
-    let (len, rest) = hpack_integer(buf, 7)?;
-    rest.get(len..)
-}
-
-/// Decodes one header block, refusing header lists whose decoded size
-/// exceeds [`MAX_DECODED_LIST`] (a small block can expand a lot through
-/// dynamic-table references).
-fn decode_block(decoder: &mut Decoder<'static>, fragment: &[u8]) -> io::Result<HeaderList> {
-    let mut headers = HeaderList::new();
-    let mut size = 0usize;
-    decoder
-        .decode_with_cb(fragment, |name, value| {
-            size = size.saturating_add(name.len() + value.len() + 32);
-            if size <= MAX_DECODED_LIST {
-                headers.push((name.into_owned(), value.into_owned()));
-            }
-        })
-        .map_err(|e| {
-            invalid(format!(
-                "HPACK decoding of a client header block failed: {e}"
-            ))
-        })?;
-    if size > MAX_DECODED_LIST {
-        return Err(invalid(format!(
-            "client header list decodes to more than {MAX_DECODED_LIST} bytes"
-        )));
-    }
-    Ok(headers)
 }
 
 /// Replaces an `:authority` that `h2` would reject with `localhost`.
