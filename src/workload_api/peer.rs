@@ -63,7 +63,7 @@ pub struct Connection {
     /// (0: none).
     foreign_writer: AtomicU32,
     activity: Activity,
-    _slot: UidSlot,
+    slot: UidSlot,
 }
 
 impl Connection {
@@ -194,10 +194,58 @@ impl Activity {
     }
 }
 
-/// Open connections per uid, to cap them at accept.
+/// What one uid may send, over all its connections: 1 MiB a second after a
+/// burst of 4 MiB. A legitimate request is a few hundred bytes (a task Begin
+/// with its most attributes about 35 KiB), so only a flood meets the limit,
+/// and it is then slowed down (its reads wait), not served faster than
+/// this. It bounds what one uid can make the daemon decode (HPACK, HTTP/2
+/// frames, protobuf) whatever it sends, so other users keep their share.
+pub const CLIENT_BYTES_PER_SECOND: u64 = 1 << 20; // 1 MiB/s per uid
+/// See [`CLIENT_BYTES_PER_SECOND`].
+pub const CLIENT_BYTES_BURST: u64 = 4 << 20; // 4 MiB per uid
+/// What a new connection costs against its uid's allowance: accepting,
+/// pinning the peer and the HTTP/2 handshake are work too, so a client that
+/// reconnects after every refused request is slowed like one that floods
+/// (at most 64 new connections a second once its burst is spent).
+pub const CONNECTION_COST_BYTES: usize = 16 << 10; // 16 KiB
+
+/// Open connections per uid, to cap them, and each uid's byte allowance.
 #[derive(Debug, Default)]
 struct UidCounts {
     open: HashMap<u32, usize>,
+    /// When each uid's allowance is full again (GCRA); absent: full now.
+    full_at: HashMap<u32, Instant>,
+}
+
+/// How long one byte of allowance takes to come back.
+const fn nanos_per_byte() -> u64 {
+    1_000_000_000 / CLIENT_BYTES_PER_SECOND
+}
+
+impl UidCounts {
+    /// Charges `bytes` to `uid` at `now`; the allowance may go into debt.
+    fn charge(&mut self, uid: u32, bytes: u64, now: Instant) {
+        let full_at = self
+            .full_at
+            .get(&uid)
+            .copied()
+            .filter(|t| *t > now)
+            .unwrap_or(now);
+        let cost = Duration::from_nanos(bytes.saturating_mul(nanos_per_byte()));
+        self.full_at.insert(uid, full_at + cost);
+        if self.full_at.len() > 1024 {
+            // Forget uids whose allowance is full again: they start full.
+            self.full_at.retain(|_, t| *t > now);
+        }
+    }
+
+    /// When `uid` may read again, if it is over its burst now.
+    fn resume_at(&self, uid: u32, now: Instant) -> Option<Instant> {
+        let window = Duration::from_nanos(CLIENT_BYTES_BURST.saturating_mul(nanos_per_byte()));
+        let full_at = *self.full_at.get(&uid)?;
+        let resume = full_at.checked_sub(window)?;
+        (resume > now).then_some(resume)
+    }
 }
 
 /// Counts the connections of each uid.
@@ -239,6 +287,17 @@ struct UidSlot {
     limiter: ConnectionLimiter,
 }
 
+impl UidSlot {
+    fn charge(&self, bytes: usize, now: Instant) {
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        self.limiter.counts().charge(self.uid, bytes, now);
+    }
+
+    fn resume_at(&self, now: Instant) -> Option<Instant> {
+        self.limiter.counts().resume_at(self.uid, now)
+    }
+}
+
 impl Drop for UidSlot {
     fn drop(&mut self) {
         let mut counts = self.limiter.counts();
@@ -257,6 +316,8 @@ pub struct AcceptedStream {
     conn: Arc<Connection>,
     limits: ClientLimits,
     watchdog: Pin<Box<Sleep>>,
+    /// Set while the uid is over its byte allowance.
+    throttle: Option<Pin<Box<Sleep>>>,
 }
 
 impl AcceptedStream {
@@ -272,6 +333,22 @@ impl AcceptedStream {
             }
         }
         Ok(())
+    }
+}
+
+impl AcceptedStream {
+    /// Waits while the connection's uid is over its byte allowance.
+    fn poll_allowance(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if let Some(throttle) = self.throttle.as_mut() {
+                ready!(throttle.as_mut().poll(cx));
+                self.throttle = None;
+            }
+            match self.conn.slot.resume_at(Instant::now()) {
+                Some(at) => self.throttle = Some(Box::pin(tokio::time::sleep_until(at))),
+                None => return Poll::Ready(()),
+            }
+        }
     }
 }
 
@@ -293,6 +370,7 @@ impl AsyncRead for AcceptedStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.poll_watchdog(cx)?;
+        ready!(this.poll_allowance(cx));
         loop {
             ready!(this.inner.poll_read_ready(cx))?;
             let inner = &this.inner;
@@ -303,6 +381,7 @@ impl AsyncRead for AcceptedStream {
                 Ok((n, writer)) => {
                     if n > 0 {
                         this.conn.note_writer(writer);
+                        this.conn.slot.charge(n, Instant::now());
                     }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -395,9 +474,17 @@ impl Incoming {
             );
             return None;
         };
+        let now = Instant::now();
+        if slot.resume_at(now).is_some() {
+            tracing::debug!(
+                uid,
+                "connection refused: the uid is over its byte allowance"
+            );
+            return None;
+        }
+        slot.charge(CONNECTION_COST_BYTES, now);
         let pinned = attest::socket::pin_peer(&inner);
         let client_inode = attest::socket::peer_inode(&inner).ok();
-        let now = Instant::now();
         let conn = Arc::new(Connection {
             uds,
             accepted_at_ticks,
@@ -406,13 +493,14 @@ impl Incoming {
             sole_holder: tokio::sync::OnceCell::new(),
             foreign_writer: AtomicU32::new(0),
             activity: Activity::new(now),
-            _slot: slot,
+            slot,
         });
         Some(AcceptedStream {
             inner,
             conn,
             limits: self.limits,
             watchdog: Box::pin(tokio::time::sleep_until(now)),
+            throttle: None,
         })
     }
 }
@@ -490,6 +578,27 @@ mod tests {
             activity.verdict(later + Duration::from_secs(60), &limits()),
             Verdict::Close(_)
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_uid_over_its_burst_waits_for_its_allowance_and_others_do_not() {
+        let mut counts = UidCounts::default();
+        let now = Instant::now();
+        counts.charge(7, CLIENT_BYTES_BURST, now);
+        assert_eq!(
+            counts.resume_at(7, now),
+            None,
+            "the burst itself is allowed"
+        );
+        counts.charge(7, CLIENT_BYTES_PER_SECOND, now);
+        let resume = counts.resume_at(7, now).unwrap();
+        let wait = resume - now;
+        assert!(
+            wait > Duration::from_millis(990) && wait <= Duration::from_secs(1),
+            "a second's worth over the burst waits a second: {wait:?}"
+        );
+        assert_eq!(counts.resume_at(8, now), None, "other uids are not slowed");
+        assert_eq!(counts.resume_at(7, resume), None);
     }
 
     #[test]
