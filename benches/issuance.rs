@@ -6,7 +6,13 @@
 //! - fetch: a new connection + FetchX509SVID first message over the real
 //!   socket, for an instance that already holds its SVID;
 //! - revocation: from a task's End call to the first stream message whose
-//!   CRL lists the task's SVID (the design's budget is one second).
+//!   CRL lists the task's SVID (the design's budget is one second);
+//! - the per-connection checks that bind an SVID to the attested process:
+//!   pinning the peer (pidfd, start time, program), finding the client end
+//!   (sock_diag), and the /proc scan for other holders of it;
+//! - HPACK: the flood block (480 Huffman-coded empty fields) through
+//!   the `:authority` adapter, against loona-hpack's decoder on the same
+//!   block (the decoder the adapter used before).
 
 #![allow(
     clippy::unwrap_used,
@@ -31,6 +37,106 @@ use sigil::shutdown::Shutdown;
 use tokio_stream::StreamExt;
 
 const RUN_FOR: Duration = Duration::from_secs(2);
+
+/// The checks made once per connection so that an SVID reaches only the
+/// process that connected.
+fn connection_checks(baseline: Option<f64>) {
+    use sigil::attest::socket;
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    report(
+        "pin peer (pidfd, start time, program)",
+        rate(|| {
+            std::hint::black_box(socket::pin_peer(&a));
+        }),
+        baseline,
+    );
+    report(
+        "find the client end (sock_diag)",
+        rate(|| {
+            let _ = std::hint::black_box(socket::peer_inode(&a));
+        }),
+        baseline,
+    );
+    let client = socket::peer_inode(&a).unwrap();
+    let (processes, fds) = proc_census();
+    report(
+        &format!("sole-holder scan ({processes} procs, {fds} fds)"),
+        rate(|| socket::check_sole_holder(std::process::id(), client).unwrap()),
+        baseline,
+    );
+    drop(b);
+}
+
+/// Processes and thread fd-table entries on this machine now.
+fn proc_census() -> (usize, usize) {
+    let mut processes = 0;
+    let mut fds = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        processes += 1;
+        for task in std::fs::read_dir(entry.path().join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            fds += std::fs::read_dir(task.path().join("fd")).map_or(0, |d| d.count());
+        }
+    }
+    (processes, fds)
+}
+
+/// The HPACK flood block through the `:authority` adapter (our decoder and
+/// the re-encoding), and through loona-hpack's decoder alone.
+fn hpack_flood_block() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let block: Vec<u8> = std::iter::repeat_n([0x00u8, 0x80, 0x80], 480)
+        .flatten()
+        .collect();
+    let kib = block.len() as f64 / 1024.0;
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&u32::try_from(block.len()).unwrap().to_be_bytes()[1..]);
+    frame.extend_from_slice(&[0x1, 0x4 | 0x1, 0, 0, 0, 1]);
+    frame.extend_from_slice(&block);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let per_sec = rate(|| {
+        runtime.block_on(async {
+            let (mut client, server) = tokio::io::duplex(64 << 10);
+            let mut fix = sigil::workload_api::authority::AuthorityFix::new(server);
+            client
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                .await
+                .unwrap();
+            client.write_all(&frame).await.unwrap();
+            drop(client);
+            let mut out = Vec::new();
+            fix.read_to_end(&mut out).await.unwrap();
+        });
+    });
+    println!(
+        "{:<40} {:>10.1} us/KiB   ({per_sec:.0} blocks/s)",
+        "HPACK flood block, :authority adapter",
+        1e6 / (per_sec * kib)
+    );
+    let loona = rate(|| {
+        let mut decoder = loona_hpack::Decoder::new();
+        drop(decoder.decode(&block).unwrap());
+    });
+    println!(
+        "{:<40} {:>10.1} us/KiB   ({loona:.0} blocks/s, {:.0}x slower)",
+        "HPACK flood block, loona-hpack decoder",
+        1e6 / (loona * kib),
+        per_sec / loona
+    );
+}
 
 /// Operations per second of `op`, run repeatedly for `RUN_FOR`.
 fn rate(mut op: impl FnMut()) -> f64 {
@@ -110,6 +216,9 @@ fn main() {
         rate(|| drop(attestor.attest(&me).unwrap())),
         baseline,
     );
+
+    connection_checks(baseline);
+    hpack_flood_block();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let fetch_rate = runtime.block_on(fetch_rate(&dir.path().join("fetch")));

@@ -491,55 +491,48 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
     assert!(daemon.terminate().success());
 }
 
-/// Connects to the daemon from a child process (so SO_PEERCRED names the
-/// child), hands the connection over with SCM_RIGHTS, then exits on a line
-/// on stdin.
-const AGENT: &str = r#"
-import socket, sys
-daemon, handoff = sys.argv[1:3]
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(daemon)
-h = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-h.connect(handoff)
-socket.send_fds(h, [b"x"], [s.fileno()])
-sys.stdin.readline()
-"#;
-
-/// Starts the agent child and receives its connection to the daemon.
-fn start_agent(daemon: &common::TestDaemon) -> (Child, tokio::net::UnixStream) {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
-    use std::io::IoSliceMut;
-    use std::mem::MaybeUninit;
-    let handoff = daemon.dir.path().join("handoff.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&handoff).unwrap();
-    let child = Command::new("python3")
-        .args(["-c", AGENT])
+/// Starts an ordinary agent (python, as this uid, speaking HTTP/2 on its
+/// own connection) that fetches its SVID and then waits for a line on
+/// stdin before it exits. Returns it and the serial of the SVID it got.
+fn start_agent(daemon: &common::TestDaemon) -> (Child, String) {
+    use std::io::BufRead;
+    let script = daemon.dir.path().join("h2attack.py");
+    std::fs::write(&script, common::ATTACK_SCRIPT).unwrap();
+    let mut child = Command::new(common::ATTACK_PYTHON)
+        .arg("-I")
+        .arg(&script)
+        .arg("fetch-hold")
         .arg(&daemon.socket)
-        .arg(&handoff)
         .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
         .expect("python3 runs");
-    let (conn, _) = listener.accept().unwrap();
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let mut byte = [0u8; 1];
-    recvmsg(
-        &conn,
-        &mut [IoSliceMut::new(&mut byte)],
-        &mut control,
-        RecvFlags::empty(),
-    )
-    .unwrap();
-    let fd = control
-        .drain()
-        .find_map(|msg| match msg {
-            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-            _ => None,
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(report["got_svid"], true, "the agent got its SVID: {report}");
+    let pid = child.id();
+    let instance = daemon
+        .identity()
+        .instances()
+        .into_iter()
+        .find(|i| i.pid == pid)
+        .expect("the agent's instance is live");
+    let issued = daemon
+        .store()
+        .audit(&sigil::store::AuditQuery {
+            instance_id: Some(instance.instance_id.to_string()),
+            kind: Some(sigil::store::AuditKind::Issuance),
+            ..Default::default()
         })
-        .expect("the agent sent its socket");
-    let stream = std::os::unix::net::UnixStream::from(fd);
-    stream.set_nonblocking(true).unwrap();
-    (child, tokio::net::UnixStream::from_std(stream).unwrap())
+        .unwrap();
+    let serial = issued[0]
+        .serial
+        .clone()
+        .expect("an issuance names its serial");
+    (child, serial)
 }
 
 /// Fills the store up to a page quota of its current size, as a full disk
@@ -569,7 +562,7 @@ fn fill_store(store: &sigil::store::Store) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exit_that_meets_a_full_disk_is_revoked_once_there_is_room_again() {
-    use common::{client_over, crl_serials, eventually, first_x509, raw_client, serial_of};
+    use common::{crl_serials, eventually, raw_client};
     use sigil::proto::workload::X509BundlesRequest;
     use tokio_stream::StreamExt;
 
@@ -583,12 +576,8 @@ async fn an_exit_that_meets_a_full_disk_is_revoked_once_there_is_room_again() {
         .into_inner();
     bundles.next().await.unwrap().unwrap();
 
-    let (mut agent, connection) = start_agent(&daemon);
+    let (mut agent, serial) = start_agent(&daemon);
     let pid = agent.id();
-    let mut client = client_over(connection).await;
-    let svid = first_x509(&mut client).await;
-    let serial = serial_of(&svid.svids[0].x509_svid);
-    drop(client);
 
     fill_store(daemon.store());
     use std::io::Write;

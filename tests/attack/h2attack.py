@@ -473,6 +473,19 @@ def fetch(path, wait):
     return facts
 
 
+def fetch_hold(path):
+    """An ordinary agent: asks for its own SVID, prints the report at once,
+    then keeps running until a line arrives on stdin (the test's cue to
+    exit)."""
+    s = connect(path)
+    facts = fetch_over(s, read_secs=1.0)
+    facts["connector_pid"] = os.getpid()
+    facts["attack"] = "fetch-hold"
+    print(json.dumps(facts), flush=True)
+    sys.stdin.readline()
+    return facts
+
+
 # --- section 2: HPACK CPU -------------------------------------------------------------
 
 
@@ -702,6 +715,7 @@ def main():
         "fork-parent-writes": lambda: fork_parent_writes(a.socket, a.junk_blocks),
         "scm-rights": lambda: scm_rights(a.socket),
         "fork-holder": lambda: fork_holder(a.socket),
+        "fetch-hold": lambda: fetch_hold(a.socket),
         "pidfd-getfd": lambda: pidfd_getfd(a.socket),
         "hpack": lambda: hpack_flood(a.socket, a.connections, a.secs, a.fields),
         "streams": lambda: many_streams(a.socket, a.n, a.secs),
