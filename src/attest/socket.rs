@@ -173,15 +173,17 @@ pub fn peer_inode(socket: &impl AsFd) -> io::Result<u64> {
 }
 
 /// Checks that the client end `client_inode` of `pid`'s connection is held
-/// by `pid` and by no other process or thread (every /proc/<pid>/task/<tid>/fd
-/// is looked at, since a thread may have its own fd table).
+/// by `pid` and by no other process or thread. A thread may have an fd table
+/// of its own (unshare(CLONE_FILES)), so every thread's table is looked at,
+/// but each table once: threads that share their process's table (kcmp(2)
+/// says so) are skipped.
 ///
 /// # Errors
 /// [`Error::NotHeldByCaller`] when `pid` does not hold it,
 /// [`Error::SharedConnection`] naming another holder.
 pub fn check_sole_holder(pid: u32, client_inode: u64) -> Result<(), Error> {
     let target = format!("socket:[{client_inode}]");
-    if !holds(&format!("/proc/{pid}/task"), &target) {
+    if !holds(pid, &target) {
         return Err(Error::NotHeldByCaller { pid });
     }
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -195,28 +197,46 @@ pub fn check_sole_holder(pid: u32, client_inode: u64) -> Result<(), Error> {
         else {
             continue;
         };
-        if other != pid && holds(&format!("/proc/{other}/task"), &target) {
+        if other != pid && holds(other, &target) {
             return Err(Error::SharedConnection { pid, holder: other });
         }
     }
     Ok(())
 }
 
-/// Whether any thread under `tasks_dir` has an fd whose link is `target`.
-/// Unreadable directories (a process that exited, or one a non-root daemon
-/// may not inspect) count as not holding it.
-fn holds(tasks_dir: &str, target: &str) -> bool {
-    let Ok(tasks) = std::fs::read_dir(tasks_dir) else {
+/// Whether any fd table of process `pid` (its own, or a thread's private
+/// one) has an fd whose link is `target`. Unreadable directories (a process
+/// that exited, or one a non-root daemon may not inspect) count as not
+/// holding it.
+fn holds(pid: u32, target: &str) -> bool {
+    if table_holds(&format!("/proc/{pid}/fd"), target) {
+        return true;
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
     };
     tasks.flatten().any(|task| {
-        let Ok(fds) = std::fs::read_dir(task.path().join("fd")) else {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             return false;
         };
-        fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|link| link.as_os_str().as_encoded_bytes() == target.as_bytes())
-        })
+        tid != pid
+            && crate::sys::same_fd_table(pid, tid) != Some(true)
+            && table_holds(&format!("/proc/{pid}/task/{tid}/fd"), target)
+    })
+}
+
+/// Whether the fd directory `dir` has an fd whose link is `target`.
+fn table_holds(dir: &str, target: &str) -> bool {
+    let Ok(fds) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|link| link.as_os_str().as_encoded_bytes() == target.as_bytes())
     })
 }
 
@@ -340,6 +360,51 @@ mod tests {
             Err(Error::SharedConnection { holder, .. }) => assert_eq!(holder, child_pid),
             other => panic!("expected the child to be named, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_copy_hidden_in_a_threads_private_fd_table_is_found() {
+        use std::io::{BufRead, BufReader};
+        let (a, b) = UnixStream::pair().unwrap();
+        let b_ino = peer_inode(&a).unwrap();
+        // The child gets `b` as stdin; a thread of it unshares its fd table
+        // (so it keeps a copy) and the main thread then closes its own.
+        let script = r#"
+import ctypes, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+ready = threading.Event()
+def hide():
+    assert libc.unshare(0x400) == 0  # CLONE_FILES
+    ready.set()
+    time.sleep(30)
+threading.Thread(target=hide, daemon=True).start()
+ready.wait()
+os.close(0)
+print("hidden", flush=True)
+time.sleep(30)
+"#;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(b)))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "hidden");
+        assert!(
+            !table_holds(
+                &format!("/proc/{}/fd", child.id()),
+                &format!("socket:[{b_ino}]")
+            ),
+            "the process's own table no longer has it"
+        );
+        let found = holds(child.id(), &format!("socket:[{b_ino}]"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(found, "the copy in the thread's own table is found");
     }
 
     #[test]

@@ -1,0 +1,65 @@
+//! The one module allowed `unsafe`: system calls that no safe crate wraps.
+//!
+//! Each function is a single system call taking plain integers, with its
+//! SAFETY argument beside it. Everything else in the crate stays safe
+//! (`unsafe_code` is denied at the crate root and allowed only here).
+#![allow(unsafe_code)]
+
+/// `KCMP_FILES` from linux/kcmp.h: compare file descriptor tables.
+const KCMP_FILES: libc::c_int = 2;
+
+/// Whether tasks `a` and `b` share one file descriptor table, by kcmp(2).
+/// `None` when the kernel cannot tell (no kcmp, no permission, a task gone):
+/// callers must then treat the tables as different.
+pub fn same_fd_table(a: u32, b: u32) -> Option<bool> {
+    let a = libc::pid_t::try_from(a).ok()?;
+    let b = libc::pid_t::try_from(b).ok()?;
+    // SAFETY: kcmp takes five integers and reads or writes no memory of
+    // this process; a bad pid is reported as an error return.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            a,
+            b,
+            KCMP_FILES,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    match result {
+        0 => Some(true),
+        1..=3 => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_share_their_table_and_a_child_process_does_not() {
+        let me = std::process::id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            tx.send(
+                rustix::thread::gettid()
+                    .as_raw_nonzero()
+                    .get()
+                    .unsigned_abs(),
+            )
+            .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        });
+        let tid = rx.recv().unwrap();
+        assert_eq!(same_fd_table(me, tid), Some(true));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(same_fd_table(me, child.id()), Some(false));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        thread.join().unwrap();
+    }
+}
