@@ -56,6 +56,11 @@ pub struct Connection {
     /// Inode of the client's end of the socket (sock_diag), for the check
     /// that nobody else holds it before a key is written.
     pub client_inode: Option<u64>,
+    /// Whether the client had written anything before the connecting
+    /// process was pinned. If not, every byte on the connection was written
+    /// by the pinned program itself, and the sole-holder scan is not needed
+    /// (see `attest::socket`).
+    pub wrote_before_pin: bool,
     /// The verdict of the check that the connecting process alone holds the
     /// client end, made once before the connection's first private key.
     pub sole_holder: tokio::sync::OnceCell<Result<(), identity::Error>>,
@@ -484,12 +489,15 @@ impl Incoming {
         }
         slot.charge(CONNECTION_COST_BYTES, now);
         let pinned = attest::socket::pin_peer(&inner);
+        // After the pin: nothing queued now means nothing was written before.
+        let wrote_before_pin = rustix::io::ioctl_fionread(&inner).map_or(true, |queued| queued > 0);
         let client_inode = attest::socket::peer_inode(&inner).ok();
         let conn = Arc::new(Connection {
             uds,
             accepted_at_ticks,
             pinned,
             client_inode,
+            wrote_before_pin,
             sole_holder: tokio::sync::OnceCell::new(),
             foreign_writer: AtomicU32::new(0),
             activity: Activity::new(now),

@@ -126,6 +126,12 @@ impl HolderCheck {
     /// found shared stays refused, and one found private can only be shared
     /// later by the attested program's own doing.
     async fn verdict(&self) -> Result<(), identity::Error> {
+        if self.conn.pinned.is_some() && !self.conn.wrote_before_pin {
+            // Every byte came from the program pinned at accept, which is
+            // still the one running (attestation checked): no other program
+            // wrote the request, so none prepared a reader for the answer.
+            return Ok(());
+        }
         let Some(inode) = self.conn.client_inode else {
             return Ok(());
         };
