@@ -188,35 +188,94 @@ async fn control_the_attack_client_gets_an_svid_when_it_is_the_attested_process(
     daemon.stop().await;
 }
 
+/// The daemon binary as a child; on drop (a failed assertion included) it
+/// is woken and killed, never left stopped.
+struct DaemonProcess(std::process::Child);
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            signal(self.0.id(), rustix::process::Signal::CONT);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Sends `signal` to process `pid`.
+fn signal(pid: u32, signal: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap()).unwrap();
+    rustix::process::kill_process(pid, signal).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_also_held_by_a_forked_child_gets_no_svid_and_the_holder_is_named() {
-    // The connecting process is the entitled program itself and writes its
-    // own request (so the writer check and the exec pin both pass), but a
-    // forked child holds a copy of the connection and would read the key.
-    let python = real_path(common::ATTACK_PYTHON);
-    let config = nobody_entry("py", &format!("unix:path:{python}"));
-    let Some((daemon, report)) = attack_as_nobody(&config, &["fork-holder"]).await else {
+async fn the_race_won_by_exec_ing_before_the_daemon_accepts_is_refused_by_the_holder_check() {
+    // The attacker's best case, made certain: the daemon (the real binary)
+    // is stopped while the attacker connects, writes the whole request,
+    // forks a reader and execs sleep; only then does the daemon accept, so
+    // it pins sleep, and the writer (the same pid) and the program both
+    // look right. What stops the theft is the check, made before the first
+    // key, that nobody but the attested process holds the client end.
+    use rustix::process::Signal;
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(why) = cannot_run_as_nobody() {
+        eprintln!("skipped: {why}");
         return;
-    };
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.path().join("h2attack.py"), common::ATTACK_SCRIPT).unwrap();
+    let config = dir.path().join("sigil.toml");
+    let sleeper = nobody_entry("sleeper", &format!("unix:path:{}", real_path(SLEEP)));
+    std::fs::write(&config, sleeper).unwrap();
+    let socket = dir.path().join("workload.sock");
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let mut daemon = DaemonProcess(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let up = common::eventually(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    })
+    .await;
+    assert!(up, "the daemon serves");
+    let socket_arg = socket.to_string_lossy().into_owned();
+    for inheritable in [false, true] {
+        signal(daemon.0.id(), Signal::STOP);
+        let mut args = vec!["fork-parent-writes", socket_arg.as_str()];
+        if inheritable {
+            args.push("--inheritable");
+        }
+        let mut attacker = common::Attacker::spawn_in(dir.path(), true, &args);
+        // Connect, write, fork and exec all happen while the daemon sleeps.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        signal(daemon.0.id(), Signal::CONT);
+        let report = attacker.json(Duration::from_secs(40)).await;
+        println!("exec before accept (inheritable: {inheritable}): {report}");
+        assert_eq!(report["exec_seen"], true, "{report}");
+        assert_eq!(
+            report["got_svid"], false,
+            "the reader got the key: {report}"
+        );
+    }
+    signal(daemon.0.id(), Signal::TERM);
+    daemon.0.wait().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(
-        report.get("error").is_none(),
-        "the attack script failed: {report}"
+        log.contains("no longer holds the connection it opened"),
+        "sleep without a copy: the caller no longer holds it:\n{log}"
     );
-    assert_eq!(
-        report["got_svid"], false,
-        "the connector got no SVID: {report}"
+    assert!(
+        log.contains("is also held by process"),
+        "sleep with a copy: the forked reader is named:\n{log}"
     );
-    assert_eq!(
-        report["child_got_svid"], false,
-        "nor did the child: {report}"
-    );
-    let holder = report["holder_pid"].as_u64().unwrap();
-    let refusals = refusals_of(&daemon, NOBODY);
-    let named = refusals.iter().any(|r| {
-        r.detail["reason"]
-            .as_str()
-            .is_some_and(|why| why.contains(&format!("also held by process {holder}")))
-    });
-    assert!(named, "a refusal names the holder {holder}: {refusals:?}");
-    daemon.stop().await;
 }

