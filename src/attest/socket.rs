@@ -229,14 +229,26 @@ fn holds(pid: u32, target: &str) -> bool {
     })
 }
 
-/// Whether the fd directory `dir` has an fd whose link is `target`.
+/// Whether the fd directory `dir` has an fd whose link is `target`. The
+/// links are read relative to the open directory into one reused buffer:
+/// this is the daemon's most repeated /proc read.
 fn table_holds(dir: &str, target: &str) -> bool {
-    let Ok(fds) = std::fs::read_dir(dir) else {
+    use rustix::fs::{Dir, Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let Ok(dir_fd) = rustix::fs::open(dir, flags, Mode::empty()) else {
         return false;
     };
-    fds.flatten().any(|fd| {
-        std::fs::read_link(fd.path())
-            .is_ok_and(|link| link.as_os_str().as_encoded_bytes() == target.as_bytes())
+    let Ok(entries) = Dir::read_from(&dir_fd) else {
+        return false;
+    };
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
+    entries.flatten().any(|entry| {
+        let name = entry.file_name();
+        if name.to_bytes().first() == Some(&b'.') {
+            return false;
+        }
+        rustix::fs::readlinkat_raw(&dir_fd, name, &mut buf)
+            .is_ok_and(|(link, _)| link == target.as_bytes())
     })
 }
 
