@@ -31,7 +31,13 @@ pub struct WorkloadService {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     streams: StreamCounts,
+    scans: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most sole-holder scans of /proc at once: each reads every fd table on the
+/// host, so a burst of new connections queues for them rather than taking
+/// every blocking thread.
+const CONCURRENT_HOLDER_SCANS: usize = 2;
 
 impl WorkloadService {
     /// Serves identities from `identity`; open streams end on `shutdown`.
@@ -47,6 +53,7 @@ impl WorkloadService {
             shutdown,
             tracker,
             streams: StreamCounts::new(max_streams_per_instance),
+            scans: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HOLDER_SCANS)),
         }
     }
 
@@ -92,6 +99,7 @@ impl WorkloadService {
                 identity: self.identity.clone(),
                 peer: sub.peer,
                 conn,
+                scans: self.scans.clone(),
             }),
             _ => None,
         };
@@ -117,6 +125,7 @@ struct HolderCheck {
     identity: IdentityManager,
     peer: PeerCred,
     conn: Arc<Connection>,
+    scans: Arc<tokio::sync::Semaphore>,
 }
 
 impl HolderCheck {
@@ -137,7 +146,10 @@ impl HolderCheck {
         };
         self.conn
             .sole_holder
-            .get_or_init(|| self.identity.check_sole_holder(self.peer, inode))
+            .get_or_init(|| async {
+                let _permit = self.scans.acquire().await;
+                self.identity.check_sole_holder(self.peer, inode).await
+            })
             .await
             .clone()
     }
