@@ -260,10 +260,14 @@ pub async fn bind_socket(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixLi
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(io_error("inspect", path)(e)),
         Ok(meta) if meta.file_type().is_socket() => {
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
-                return Err(Error::InUse(path.to_owned()));
+            // Only a refused connection proves nobody serves there: a busy
+            // daemon whose backlog is full answers EAGAIN, and is live.
+            match tokio::net::UnixStream::connect(path).await {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    fs::remove_file(path).map_err(io_error("remove the stale socket", path))?;
+                }
+                _ => return Err(Error::InUse(path.to_owned())),
             }
-            fs::remove_file(path).map_err(io_error("remove the stale socket", path))?;
         }
         Ok(meta) => {
             return Err(Error::NotASocket {

@@ -92,6 +92,31 @@ pub enum Error {
         /// Another process holding the client end.
         holder: u32,
     },
+    /// The scan for other holders of a connection did not finish in time.
+    #[error(
+        "cannot tell in time who else holds the connection of process {pid}; refusing to send a private key (retry)"
+    )]
+    HolderScanTooLong {
+        /// The pid the connection came from.
+        pid: u32,
+    },
+    /// The connecting process could not be pinned when it connected, so
+    /// nothing ties the connection to a program.
+    #[error(
+        "the program of process {pid} could not be read when it connected (a binary on another user's FUSE mount?), so no private key goes over that connection"
+    )]
+    NotPinned {
+        /// The pid the connection came from.
+        pid: u32,
+    },
+    /// The kernel could not name the client end of the connection.
+    #[error(
+        "the kernel's sock_diag cannot name the client end of the connection of process {pid}; refusing to send a private key"
+    )]
+    NoClientEnd {
+        /// The pid the connection came from.
+        pid: u32,
+    },
     /// The connecting process no longer holds its end of the connection.
     #[error(
         "process {pid} no longer holds the connection it opened (it was closed across an exec or handed to another process)"

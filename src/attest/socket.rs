@@ -64,25 +64,78 @@ pub fn exe_id(pid: u32) -> Result<ExeId, Error> {
 }
 
 /// The connecting process as the kernel knew it when the connection was
-/// accepted, pinned through its pidfd.
+/// accepted. A connection without a pin never receives a private key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PinnedPeer {
     /// Its start time: a later process at the same pid has another.
     pub start_time: u64,
     /// The program it ran.
-    pub exe: Option<ExeId>,
+    pub exe: ExeId,
+    /// Whether it is in the daemon's own pid namespace. Only then is the
+    /// writer pid SO_PASSCRED reports the kernel's word: a process with
+    /// CAP_SYS_ADMIN over its own pid namespace (anyone, through a user
+    /// namespace) may put another pid in SCM_CREDENTIALS.
+    pub same_pid_ns: bool,
 }
 
-/// Pins the process at the other end of `socket` (SO_PEERPIDFD, Linux 6.5+):
-/// the pidfd names the connecting process itself, so if it is still alive
-/// after its start time and executable were read, they are its own. `None`
-/// on older kernels or when the process has already exited.
+/// Pins the process at the other end of `socket`. With SO_PEERPIDFD (Linux
+/// 6.5+) the pidfd names the connecting process itself, so if it is still
+/// alive after its start time and program were read, they are its own; on
+/// older kernels the SO_PEERCRED pid is read between two reads of its start
+/// time. `None` when the process has exited or its program cannot be read
+/// (e.g. a binary on another user's FUSE mount): such a connection gets no
+/// keys.
 pub fn pin_peer(socket: &impl AsFd) -> Option<PinnedPeer> {
-    let pidfd = sock::getsockopt(socket, sock::sockopt::PeerPidfd).ok()?;
-    let pid = pidfd_pid(&pidfd)?;
+    let pidfd = sock::getsockopt(socket, sock::sockopt::PeerPidfd).ok();
+    let pid = match &pidfd {
+        Some(pidfd) => pidfd_pid(pidfd)?,
+        None => {
+            let cred = sock::getsockopt(socket, sock::sockopt::PeerCredentials).ok()?;
+            u32::try_from(cred.pid()).ok()?
+        }
+    };
     let start_time = super::process::start_time(pid).ok()?;
-    let exe = exe_id(pid).ok();
-    (pidfd_pid(&pidfd)? == pid).then_some(PinnedPeer { start_time, exe })
+    let exe = exe_id(pid).ok()?;
+    let same_pid_ns = same_pid_namespace(pid)?;
+    let still = match &pidfd {
+        Some(pidfd) => pidfd_pid(pidfd)? == pid,
+        None => super::process::start_time(pid).ok()? == start_time,
+    };
+    still.then_some(PinnedPeer {
+        start_time,
+        exe,
+        same_pid_ns,
+    })
+}
+
+/// Checks, before each message carrying private keys, that the connection
+/// was pinned to a program and that `pid` still runs it (an exec since the
+/// last message ends the connection's right to keys).
+///
+/// # Errors
+/// [`Error::NotPinned`] or [`Error::ExecutedAfterConnect`].
+pub fn check_program(pid: u32, pinned: Option<PinnedPeer>) -> Result<(), Error> {
+    let pinned = pinned.ok_or(Error::NotPinned { pid })?;
+    if exe_id(pid).ok() != Some(pinned.exe) {
+        return Err(Error::ExecutedAfterConnect { pid });
+    }
+    Ok(())
+}
+
+/// Whether a pinned connection needs the sole-holder scan before its first
+/// key. It does not when the client had written nothing before the pin and
+/// the writer pids are the kernel's word (same pid namespace): every byte
+/// then came from the pinned program, which is still the one running, so no
+/// other program wrote the request or prepared a reader for the answer.
+pub fn needs_holder_scan(pinned: &PinnedPeer, wrote_before_pin: bool) -> bool {
+    wrote_before_pin || !pinned.same_pid_ns
+}
+
+/// Whether `pid` is in the daemon's pid namespace.
+fn same_pid_namespace(pid: u32) -> Option<bool> {
+    let ours = std::fs::metadata("/proc/self/ns/pid").ok()?;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?;
+    Some(ours.dev() == theirs.dev() && ours.ino() == theirs.ino())
 }
 
 /// The pid a pidfd refers to, from /proc/self/fdinfo; `None` once that
@@ -182,14 +235,23 @@ pub fn peer_inode(socket: &impl AsFd) -> io::Result<u64> {
 /// [`Error::NotHeldByCaller`] when `pid` does not hold it,
 /// [`Error::SharedConnection`] naming another holder.
 pub fn check_sole_holder(pid: u32, client_inode: u64) -> Result<(), Error> {
+    let started = std::time::Instant::now();
     let target = format!("socket:[{client_inode}]");
     if !holds(pid, &target) {
         return Err(Error::NotHeldByCaller { pid });
     }
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Ok(());
-    };
+    let procs = std::fs::read_dir("/proc").map_err(|e| Error::ProcRead {
+        pid,
+        what: "list of processes",
+        source: std::sync::Arc::new(e),
+    })?;
     for entry in procs.flatten() {
+        // Fail closed: other users can make the scan long (many threads
+        // with private fd tables), and a scan that does not finish proves
+        // nothing.
+        if started.elapsed() > MAX_SCAN {
+            return Err(Error::HolderScanTooLong { pid });
+        }
         let Some(other) = entry
             .file_name()
             .to_str()
@@ -203,6 +265,9 @@ pub fn check_sole_holder(pid: u32, client_inode: u64) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// Longest a sole-holder scan may take before the key is refused.
+const MAX_SCAN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Whether any fd table of process `pid` (its own, or a thread's private
 /// one) has an fd whose link is `target`. Unreadable directories (a process
@@ -444,10 +509,10 @@ time.sleep(30)
                     pinned.start_time,
                     super::super::process::start_time(me).unwrap()
                 );
-                assert_eq!(pinned.exe, Some(exe_id(me).unwrap()));
+                assert_eq!(pinned.exe, exe_id(me).unwrap());
+                assert!(pinned.same_pid_ns);
             }
-            // Kernels before 6.5 have no SO_PEERPIDFD; the fallback applies.
-            None => eprintln!("no SO_PEERPIDFD on this kernel"),
+            None => panic!("this process can always be pinned"),
         }
     }
 

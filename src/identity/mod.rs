@@ -303,19 +303,19 @@ impl IdentityManager {
         Ok(self.instance_for(peer).await?.0)
     }
 
-    /// Refuses `peer` unless it alone holds `client_inode`, the client end of
-    /// its connection: called before a message with private keys is
-    /// written. A refusal is audited like any other.
+    /// Runs `check`, one of `attest::socket`'s checks of `peer`'s
+    /// connection made before a message with private keys is written, off
+    /// the async workers; a refusal is audited like any other.
     ///
     /// # Errors
-    /// [`Error::Attest`] naming the other holder, or saying that the caller
-    /// no longer holds its connection.
-    pub async fn check_sole_holder(&self, peer: PeerCred, client_inode: u64) -> Result<(), Error> {
-        let checked = tokio::task::spawn_blocking(move || {
-            attest::socket::check_sole_holder(peer.pid, client_inode)
-        })
-        .await
-        .map_err(|_| Error::ShuttingDown)?;
+    /// [`Error::Attest`] with the check's reason.
+    pub async fn check_connection<F>(&self, peer: PeerCred, check: F) -> Result<(), Error>
+    where
+        F: FnOnce() -> Result<(), attest::Error> + Send + 'static,
+    {
+        let checked = tokio::task::spawn_blocking(check)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         checked.map_err(|e| {
             self.shared.audit_refusal(&peer, &e.to_string(), None);
             e.into()

@@ -75,7 +75,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) -> Result<(), Error> {
     let incoming = peer::Incoming::new(listener, limits).map_err(|e| Error::Io {
-        action: "enable SO_PASSCRED on",
+        action: "prepare (SO_PASSCRED, sock_diag)",
         path: PathBuf::from("the workload socket"),
         source: Arc::new(e),
     })?;

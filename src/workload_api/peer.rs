@@ -81,7 +81,7 @@ impl Connection {
             gid: cred.gid(),
             accepted_at_ticks: Some(self.accepted_at_ticks),
             start_time: self.pinned.map(|p| p.start_time),
-            exe: self.pinned.and_then(|p| p.exe),
+            exe: self.pinned.map(|p| p.exe),
             foreign_writer: match self.foreign_writer.load(Ordering::Acquire) {
                 0 => None,
                 pid => Some(pid),
@@ -447,10 +447,20 @@ impl Incoming {
     /// listener gets SO_PASSCRED, which accepted sockets inherit.
     ///
     /// # Errors
-    /// When SO_PASSCRED cannot be set: without it nobody could tell who
-    /// wrote a request, so the daemon must not serve.
+    /// When SO_PASSCRED cannot be set or sock_diag does not answer: without
+    /// them nobody could tell who wrote a request or who holds a connection,
+    /// so the daemon must not serve.
     pub fn new(listener: UnixListener, limits: ClientLimits) -> io::Result<Self> {
         attest::socket::pass_credentials(&listener)?;
+        // Without sock_diag no private key could ever be sent (the holder
+        // check fails closed): say so at start rather than refuse every agent.
+        let (probe, _other) = std::os::unix::net::UnixStream::pair()?;
+        attest::socket::peer_inode(&probe).map_err(|e| {
+            io::Error::other(format!(
+                "the kernel's sock_diag for Unix sockets (unix_diag) does not answer ({e}); \
+                 Sigil needs it, and AF_NETLINK, to tell who holds a connection"
+            ))
+        })?;
         Ok(Self {
             listener,
             limits,
@@ -528,7 +538,10 @@ impl Stream for Incoming {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok((inner, _))) => {
                     if let Some(stream) = self.admit(inner) {
-                        return Poll::Ready(Some(Ok(AuthorityFix::new(stream))));
+                        let conn = stream.conn.clone();
+                        let fix = AuthorityFix::new(stream)
+                            .charging(move |decoded| conn.slot.charge(decoded, Instant::now()));
+                        return Poll::Ready(Some(Ok(fix)));
                     }
                 }
                 Poll::Ready(Err(e)) => {

@@ -129,26 +129,32 @@ struct HolderCheck {
 }
 
 impl HolderCheck {
-    /// Whether the attested process alone holds the client end of its
-    /// connection. The /proc scan runs once per connection (before its first
-    /// key), and its verdict stands for the connection's life: a connection
-    /// found shared stays refused, and one found private can only be shared
-    /// later by the attested program's own doing.
+    /// Whether a message with private keys may go over this connection:
+    /// it was pinned to a program, the process still runs that program
+    /// (checked before every such message), and, where needed, it alone
+    /// holds the client end. That /proc scan runs once per connection, and
+    /// its verdict stands for the connection's life: a connection found
+    /// shared stays refused, and one found private can only be shared later
+    /// by the attested program's own doing.
     async fn verdict(&self) -> Result<(), identity::Error> {
-        if self.conn.pinned.is_some() && !self.conn.wrote_before_pin {
-            // Every byte came from the program pinned at accept, which is
-            // still the one running (attestation checked): no other program
-            // wrote the request, so none prepared a reader for the answer.
+        use crate::attest::{self, socket};
+        let (peer, pid, pinned) = (self.peer, self.peer.pid, self.conn.pinned);
+        self.identity
+            .check_connection(peer, move || socket::check_program(pid, pinned))
+            .await?;
+        if pinned.is_some_and(|p| !socket::needs_holder_scan(&p, self.conn.wrote_before_pin)) {
             return Ok(());
         }
         let Some(inode) = self.conn.client_inode else {
-            return Ok(());
+            let no_end = move || Err(attest::Error::NoClientEnd { pid });
+            return self.identity.check_connection(peer, no_end).await;
         };
         self.conn
             .sole_holder
             .get_or_init(|| async {
                 let _permit = self.scans.acquire().await;
-                self.identity.check_sole_holder(self.peer, inode).await
+                let scan = move || socket::check_sole_holder(pid, inode);
+                self.identity.check_connection(peer, scan).await
             })
             .await
             .clone()

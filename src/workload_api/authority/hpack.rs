@@ -196,6 +196,11 @@ impl Reader<'_> {
         }
         let mut shift = 0;
         loop {
+            // RFC 7541 §5.1: refuse over-long encodings (and never shift
+            // past the word, whatever zero octets a client sends).
+            if shift > 28 {
+                return Err(Error::IntegerOverflow);
+            }
             let octet = self.byte()?;
             value += usize::from(octet & 0x7f) << shift;
             if value > MAX_INTEGER {
@@ -397,6 +402,11 @@ mod tests {
             d().decode(&[0x7f, 0xff, 0xff, 0xff, 0xff, 0x7f], LIMITS),
             Err(Error::IntegerOverflow)
         );
+        // Zero continuation octets forever must not shift out of the word.
+        let mut long = vec![0x7f];
+        long.extend([0x80; 20]);
+        long.push(0x01);
+        assert_eq!(d().decode(&long, LIMITS), Err(Error::IntegerOverflow));
         // A size update above what the server allows, or after a field.
         assert_eq!(
             d().decode(&[0x3f, 0xe1, 0x3f], LIMITS),

@@ -51,6 +51,8 @@ const READ_CHUNK: usize = 8192;
 /// HTTP/2 server. See the module documentation for how and why.
 pub struct AuthorityFix<S> {
     inner: S,
+    /// Told how many header bytes each read decoded (the client's bill).
+    charge: Option<Box<dyn Fn(usize) + Send + Sync>>,
     rewriter: Rewriter,
     /// Bytes read from `inner` and not yet processed.
     input: BytesMut,
@@ -65,11 +67,23 @@ impl<S> AuthorityFix<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
+            charge: None,
             rewriter: Rewriter::new(),
             input: BytesMut::new(),
             output: BytesMut::new(),
             eof: false,
         }
+    }
+}
+
+impl<S> AuthorityFix<S> {
+    /// Reports the decoded size of every header block to `charge`, so the
+    /// work a client causes through HPACK table references is billed to it,
+    /// not just the bytes it sent.
+    #[must_use]
+    pub fn charging(mut self, charge: impl Fn(usize) + Send + Sync + 'static) -> Self {
+        self.charge = Some(Box::new(charge));
+        self
     }
 }
 
@@ -123,7 +137,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for AuthorityFix<S> {
             }
             this.rewriter.ensure_usable()?;
             ready!(this.poll_fill(cx))?;
-            this.rewriter.process(&mut this.input, &mut this.output)?;
+            let processed = this.rewriter.process(&mut this.input, &mut this.output);
+            let decoded = this.rewriter.take_decoded();
+            if let (Some(charge), 1..) = (&this.charge, decoded) {
+                charge(decoded);
+            }
+            processed?;
         }
     }
 }

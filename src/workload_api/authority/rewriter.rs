@@ -110,6 +110,10 @@ pub(super) struct Rewriter {
     pending: Option<PendingBlock>,
     decoder: Decoder,
     encoder: Encoder<'static>,
+    /// Decoded header bytes not yet reported (see `take_decoded`): a small
+    /// block can decode to a large list through table references, and that
+    /// is the work the client makes the daemon do.
+    decoded: usize,
 }
 
 impl Rewriter {
@@ -126,6 +130,7 @@ impl Rewriter {
             pending: None,
             decoder,
             encoder,
+            decoded: 0,
         }
     }
 
@@ -139,6 +144,11 @@ impl Rewriter {
             input.clear();
         }
         result
+    }
+
+    /// The decoded header bytes since the last call.
+    pub(super) fn take_decoded(&mut self) -> usize {
+        std::mem::take(&mut self.decoded)
     }
 
     /// Refuses further reading once an error has been reported.
@@ -338,6 +348,10 @@ impl Rewriter {
                 block.stream_id
             ))
         })?;
+        self.decoded += headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 32)
+            .sum::<usize>();
         repair_authority(&mut headers, block.stream_id);
         let mut encoded = Vec::with_capacity(block.fragment.len());
         self.encoder
