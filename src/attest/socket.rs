@@ -312,8 +312,29 @@ fn table_holds(dir: &str, target: &str) -> bool {
         if name.to_bytes().first() == Some(&b'.') {
             return false;
         }
-        rustix::fs::readlinkat_raw(&dir_fd, name, &mut buf)
-            .is_ok_and(|(link, _)| link == target.as_bytes())
+        let Ok((link, _)) = rustix::fs::readlinkat_raw(&dir_fd, name, &mut buf) else {
+            return false;
+        };
+        link == target.as_bytes() || (link == IO_URING.as_bytes() && ring_holds(dir, name, target))
+    })
+}
+
+/// What /proc shows as the link of an io_uring instance's fd.
+const IO_URING: &str = "anon_inode:[io_uring]";
+
+/// Whether the io_uring instance at fd `name` of fd directory `dir` holds
+/// `target` as a registered ("fixed") file: such a file is in no fd table,
+/// yet the ring's owner can read from it. Its fdinfo lists them.
+fn ring_holds(dir: &str, name: &std::ffi::CStr, target: &str) -> bool {
+    let Some(base) = dir.strip_suffix("/fd") else {
+        return false;
+    };
+    let fdinfo = format!("{base}/fdinfo/{}", name.to_string_lossy());
+    std::fs::read_to_string(fdinfo).is_ok_and(|info| {
+        info.lines().any(|line| {
+            line.split_once(": ")
+                .is_some_and(|(_, file)| file == target)
+        })
     })
 }
 
@@ -482,6 +503,45 @@ time.sleep(30)
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(found, "the copy in the thread's own table is found");
+    }
+
+    #[test]
+    fn a_copy_registered_in_an_io_uring_and_closed_is_found() {
+        use std::io::{BufRead, BufReader};
+        let (a, b) = UnixStream::pair().unwrap();
+        let b_ino = peer_inode(&a).unwrap();
+        // The child registers its stdin (`b`) as an io_uring fixed file and
+        // closes the fd: the ring alone keeps the socket.
+        let script = r#"
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+params = ctypes.create_string_buffer(120)
+ring = libc.syscall(425, 4, params)  # io_uring_setup
+if ring < 0:
+    print("no-io-uring", flush=True); time.sleep(30)
+files = (ctypes.c_int * 1)(0)
+assert libc.syscall(427, ring, 2, files, 1) == 0  # IORING_REGISTER_FILES
+os.close(0)
+print("registered", flush=True)
+time.sleep(30)
+"#;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(b)))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let found = holds(child.id(), &format!("socket:[{b_ino}]"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        match line.trim() {
+            "registered" => assert!(found, "the ring's fixed file is found"),
+            other => eprintln!("skipped: {other} (io_uring unavailable here)"),
+        }
     }
 
     #[test]
