@@ -204,8 +204,20 @@ pub fn create_trusted_dir(dir: &Path, mode: u32) -> Result<(), Error> {
             .create(dir)
             .map_err(io_error("create the directory", dir))?;
         // The umask may have taken rights away that the mode asked for.
-        fs::set_permissions(dir, Permissions::from_mode(mode))
-            .map_err(io_error("set permissions on", dir))?;
+        // Through a descriptor opened without following a symlink: a path
+        // under a shared sticky directory could be swapped for a link to
+        // another file between the mkdir and the chmod.
+        let opened = rustix::fs::open(
+            dir,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| io_error("open the new directory", dir)(e.into()))?;
+        rustix::fs::fchmod(&opened, rustix::fs::Mode::from_raw_mode(mode))
+            .map_err(|e| io_error("set permissions on", dir)(e.into()))?;
     }
     check_trusted_path(dir)
 }
