@@ -683,3 +683,32 @@ async fn after_an_exec_a_new_connection_of_the_new_program_is_attested_as_that_p
     drop(agent);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_of_the_same_uid_does_not_get_a_fresh_begin_burst() {
+    // Begin churn by exiting and starting again: the allowance belongs to
+    // the entry and the uid, not to one process.
+    let exe = std::env::current_exe().unwrap();
+    let exe = exe.to_string_lossy().into_owned();
+    let config = config_by_path("1h", &[("worker", &exe)]).replace(
+        "self_declare = true\n",
+        "self_declare = true\nbegin_burst = 3\nbegin_per_second = 0.01\n",
+    );
+    let daemon = TestDaemon::start_with(&config).await;
+    let mut first = Agent::start(&daemon).await;
+    for i in 0..3 {
+        first.say(&format!("begin job-{i} 60"));
+        let done = first.event("begin", Duration::from_secs(10)).await;
+        assert_eq!(done["code"], "Ok", "begin {i} within the burst: {done}");
+    }
+    first.say("exit");
+    drop(first);
+    let mut second = Agent::start(&daemon).await;
+    second.say("begin job-again 60");
+    let refused = second.event("begin", Duration::from_secs(10)).await;
+    assert_eq!(
+        refused["code"], "ResourceExhausted",
+        "a new process of the same uid shares the spent burst: {refused}"
+    );
+    daemon.stop().await;
+}

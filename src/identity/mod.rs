@@ -184,6 +184,10 @@ pub(crate) struct Shared {
     pub(crate) crl: revoke::CrlTrigger,
     refusals: audit::RefusalLimiter,
     instances: Mutex<HashMap<InstanceId, InstanceHandle>>,
+    /// Begin allowances per entry and uid, shared by all that uid's
+    /// processes under the entry: a process that exits and is started
+    /// again does not get a fresh burst.
+    pub(crate) begins: Mutex<HashMap<(String, u32), crate::policy::TokenBucket>>,
 }
 
 /// The identity manager: attests callers, hands out their instance's state,
@@ -239,6 +243,7 @@ impl IdentityManager {
             crl,
             refusals: audit::RefusalLimiter::default(),
             instances: Mutex::new(HashMap::new()),
+            begins: Mutex::new(HashMap::new()),
         });
         Self {
             shared,

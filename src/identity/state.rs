@@ -14,7 +14,10 @@ use super::{BeginTask, Error, INSTANCE_HINT, IdentitySet, Shared, TaskInfo, sche
 use crate::attest::Attestation;
 use crate::ca::{Svid, SvidRequest};
 use crate::ids::{Echo, SpiffeId};
-use crate::policy::{Entry, Requester, TaskRefusal, TokenBucket};
+use crate::policy::{Entry, Requester, TaskRefusal};
+
+/// Most Begin allowances kept before full ones are forgotten.
+const MAX_BEGIN_BUCKETS: usize = 4096;
 use crate::store::{AuditKind, InstanceRecord, SvidRecord, TaskRecord};
 
 /// An SVID and the moment it is due for rotation (jitter drawn once).
@@ -41,8 +44,6 @@ pub(crate) struct Live {
     entries: Vec<Arc<Entry>>,
     instance_svids: Vec<Held>,
     tasks: BTreeMap<String, LiveTask>,
-    /// The agent's own Begins, limited by its entry's `tasks.begin_*`.
-    begins: TokenBucket,
 }
 
 impl Live {
@@ -73,7 +74,6 @@ impl Live {
             entries,
             instance_svids: Vec::new(),
             tasks: BTreeMap::new(),
-            begins: TokenBucket::default(),
         };
         live.instance_svids = live.mint_instance_svids(shared, AuditKind::Issuance)?;
         live.restore_tasks(shared)?;
@@ -180,7 +180,15 @@ impl Live {
         }
         // Operators (admin API, authorised by uid) are not rate limited.
         if requester == Requester::Agent {
-            entry.tasks.take_begin(&entry.name, &mut self.begins, now)?;
+            // Buckets only: a poisoned lock still holds usable state.
+            let mut begins = shared.begins.lock().unwrap_or_else(|p| p.into_inner());
+            if begins.len() > MAX_BEGIN_BUCKETS {
+                begins.retain(|_, bucket| !bucket.is_full(now));
+            }
+            let key = (entry.name.clone(), self.attestation.facts.uid);
+            entry
+                .tasks
+                .take_begin(&entry.name, begins.entry(key).or_default(), now)?;
         }
         let now = SystemTime::now();
         let info = TaskInfo {

@@ -1,4 +1,4 @@
-//! How fast one instance may begin tasks: a token bucket per instance.
+//! How fast an agent may begin tasks: a token bucket per entry and uid.
 //!
 //! Every task begun writes a task row, an SVID row and audit rows, and every
 //! task ended puts a serial on the CRL until it expires. Without a rate, one
@@ -6,7 +6,8 @@
 //! verifier. The bucket holds `burst` tokens and refills one every `every`;
 //! a Begin takes one. Pure arithmetic over an `Instant` the caller passes
 //! in, so it is tested without waiting. Does not know who the caller is or
-//! hold the buckets: the instance that owns its state holds its own.
+//! hold the buckets: the identity manager keeps one per entry and uid, so
+//! every process of that uid under the entry shares it.
 
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,12 @@ pub struct TokenBucket {
 }
 
 impl TokenBucket {
+    /// Whether the bucket is full at `now` (it can then be forgotten: a
+    /// new one starts full).
+    pub fn is_full(&self, now: Instant) -> bool {
+        self.full_at.is_none_or(|t| t <= now)
+    }
+
     /// Takes one token at `now` if there is one.
     ///
     /// # Errors
