@@ -123,12 +123,14 @@ pub fn check_program(pid: u32, pinned: Option<PinnedPeer>) -> Result<(), Error> 
 }
 
 /// Whether a pinned connection needs the sole-holder scan before its first
-/// key. It does not when the client had written nothing before the pin and
-/// the writer pids are the kernel's word (same pid namespace): every byte
-/// then came from the pinned program, which is still the one running, so no
-/// other program wrote the request or prepared a reader for the answer.
-pub fn needs_holder_scan(pinned: &PinnedPeer, wrote_before_pin: bool) -> bool {
-    wrote_before_pin || !pinned.same_pid_ns
+/// key. It does not when no request had been written before the pin
+/// (`early_request` false: bytes queued then held no HTTP/2 HEADERS frame)
+/// and the writer pids are the kernel's word (same pid namespace): every
+/// request then came from the pinned program, which is still the one
+/// running, so no other program asked for the key or prepared a reader for
+/// it. (A preface written before an exec asks for nothing.)
+pub fn needs_holder_scan(pinned: &PinnedPeer, early_request: bool) -> bool {
+    early_request || !pinned.same_pid_ns
 }
 
 /// Whether `pid` is in the daemon's pid namespace.

@@ -56,11 +56,14 @@ pub struct Connection {
     /// Inode of the client's end of the socket (sock_diag), for the check
     /// that nobody else holds it before a key is written.
     pub client_inode: Option<u64>,
-    /// Whether the client had written anything before the connecting
-    /// process was pinned. If not, every byte on the connection was written
-    /// by the pinned program itself, and the sole-holder scan is not needed
-    /// (see `attest::socket`).
-    pub wrote_before_pin: bool,
+    /// How many bytes the client had written before the connecting process
+    /// was pinned (unknown: all of them).
+    pub queued_at_pin: u64,
+    /// Whether a request (an HTTP/2 HEADERS frame) started within those
+    /// bytes. If not, every request on the connection was written by the
+    /// pinned program itself, and the sole-holder scan is not needed (see
+    /// `attest::socket`).
+    pub early_request: AtomicBool,
     /// The verdict of the check that the connecting process alone holds the
     /// client end, made once before the connection's first private key.
     pub sole_holder: tokio::sync::OnceCell<Result<(), identity::Error>>,
@@ -499,15 +502,17 @@ impl Incoming {
         }
         slot.charge(CONNECTION_COST_BYTES, now);
         let pinned = attest::socket::pin_peer(&inner);
-        // After the pin: nothing queued now means nothing was written before.
-        let wrote_before_pin = rustix::io::ioctl_fionread(&inner).map_or(true, |queued| queued > 0);
+        // After the pin: what is queued now includes all that was written
+        // before it.
+        let queued_at_pin = rustix::io::ioctl_fionread(&inner).unwrap_or(u64::MAX);
         let client_inode = attest::socket::peer_inode(&inner).ok();
         let conn = Arc::new(Connection {
             uds,
             accepted_at_ticks,
             pinned,
             client_inode,
-            wrote_before_pin,
+            queued_at_pin,
+            early_request: AtomicBool::new(false),
             sole_holder: tokio::sync::OnceCell::new(),
             foreign_writer: AtomicU32::new(0),
             activity: Activity::new(now),
@@ -538,9 +543,12 @@ impl Stream for Incoming {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok((inner, _))) => {
                     if let Some(stream) = self.admit(inner) {
-                        let conn = stream.conn.clone();
+                        let (billed, early) = (stream.conn.clone(), stream.conn.clone());
                         let fix = AuthorityFix::new(stream)
-                            .charging(move |decoded| conn.slot.charge(decoded, Instant::now()));
+                            .charging(move |decoded| billed.slot.charge(decoded, Instant::now()))
+                            .watching_early_headers(early.queued_at_pin, move || {
+                                early.early_request.store(true, Ordering::Release);
+                            });
                         return Poll::Ready(Some(Ok(fix)));
                     }
                 }

@@ -142,7 +142,11 @@ impl HolderCheck {
         self.identity
             .check_connection(peer, move || socket::check_program(pid, pinned))
             .await?;
-        if pinned.is_some_and(|p| !socket::needs_holder_scan(&p, self.conn.wrote_before_pin)) {
+        let early = self
+            .conn
+            .early_request
+            .load(std::sync::atomic::Ordering::Acquire);
+        if pinned.is_some_and(|p| !socket::needs_holder_scan(&p, early)) {
             return Ok(());
         }
         let Some(inode) = self.conn.client_inode else {

@@ -53,6 +53,8 @@ pub struct AuthorityFix<S> {
     inner: S,
     /// Told how many header bytes each read decoded (the client's bill).
     charge: Option<Box<dyn Fn(usize) + Send + Sync>>,
+    /// Told once if a request's HEADERS started within the watched bytes.
+    on_early_headers: Option<Box<dyn Fn() + Send + Sync>>,
     rewriter: Rewriter,
     /// Bytes read from `inner` and not yet processed.
     input: BytesMut,
@@ -68,6 +70,7 @@ impl<S> AuthorityFix<S> {
         Self {
             inner,
             charge: None,
+            on_early_headers: None,
             rewriter: Rewriter::new(),
             input: BytesMut::new(),
             output: BytesMut::new(),
@@ -83,6 +86,22 @@ impl<S> AuthorityFix<S> {
     #[must_use]
     pub fn charging(mut self, charge: impl Fn(usize) + Send + Sync + 'static) -> Self {
         self.charge = Some(Box::new(charge));
+        self
+    }
+}
+
+impl<S> AuthorityFix<S> {
+    /// Calls `on` (once) if a HEADERS frame, a request, starts within the
+    /// first `limit` bytes the client sent: bytes it had written before the
+    /// daemon pinned it (see `attest::socket`).
+    #[must_use]
+    pub fn watching_early_headers(
+        mut self,
+        limit: u64,
+        on: impl Fn() + Send + Sync + 'static,
+    ) -> Self {
+        self.rewriter.watch_early_headers(limit);
+        self.on_early_headers = Some(Box::new(on));
         self
     }
 }
@@ -138,6 +157,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for AuthorityFix<S> {
             this.rewriter.ensure_usable()?;
             ready!(this.poll_fill(cx))?;
             let processed = this.rewriter.process(&mut this.input, &mut this.output);
+            if this.rewriter.early_headers
+                && let Some(on) = this.on_early_headers.take()
+            {
+                on();
+            }
             let decoded = this.rewriter.take_decoded();
             if let (Some(charge), 1..) = (&this.charge, decoded) {
                 charge(decoded);

@@ -114,6 +114,12 @@ pub(super) struct Rewriter {
     /// block can decode to a large list through table references, and that
     /// is the work the client makes the daemon do.
     decoded: usize,
+    /// Client bytes consumed so far: the offset of the head of the input.
+    consumed: u64,
+    /// A HEADERS frame starting before this offset sets `early_headers`.
+    early_limit: u64,
+    /// Whether a HEADERS frame started before `early_limit`.
+    pub(super) early_headers: bool,
 }
 
 impl Rewriter {
@@ -131,6 +137,9 @@ impl Rewriter {
             decoder,
             encoder,
             decoded: 0,
+            consumed: 0,
+            early_limit: 0,
+            early_headers: false,
         }
     }
 
@@ -144,6 +153,12 @@ impl Rewriter {
             input.clear();
         }
         result
+    }
+
+    /// Watches for a HEADERS frame that starts within the first `limit`
+    /// bytes of the client's stream.
+    pub(super) fn watch_early_headers(&mut self, limit: u64) {
+        self.early_limit = limit;
     }
 
     /// The decoded header bytes since the last call.
@@ -161,6 +176,7 @@ impl Rewriter {
 
     fn process_inner(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> io::Result<()> {
         loop {
+            let before = input.len();
             let progressed = match self.phase {
                 Phase::Preface { matched } => self.step_preface(input, out, matched),
                 Phase::FrameHeader => self.step_frame(input, out)?,
@@ -171,6 +187,7 @@ impl Rewriter {
                 }
                 Phase::Failed => return self.ensure_usable(),
             };
+            self.consumed += u64::try_from(before - input.len()).unwrap_or(u64::MAX);
             if !progressed {
                 return Ok(());
             }
@@ -248,6 +265,9 @@ impl Rewriter {
         if input.len() < frame_len {
             input.reserve(frame_len - input.len());
             return Ok(false);
+        }
+        if header.kind == TYPE_HEADERS && self.consumed < self.early_limit {
+            self.early_headers = true;
         }
         let mut frame = input.split_to(frame_len).freeze();
         frame.advance(FRAME_HEADER_LEN);

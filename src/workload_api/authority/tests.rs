@@ -731,3 +731,28 @@ async fn with_the_adapter_tonic_answers_a_call_whose_authority_is_a_socket_path(
     assert_eq!(get(b":status").unwrap().1, b"200");
     assert_eq!(get(b"grpc-status").unwrap().1, b"12"); // UNIMPLEMENTED: routed
 }
+
+#[tokio::test]
+async fn a_request_written_within_the_watched_bytes_is_reported_and_one_after_is_not() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let settings = frame(0x4, 0, 0, &[]);
+    let block = encode(&mut Encoder::new(), &request("localhost"));
+    let headers = frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block);
+    let input = with_preface(&[settings.clone(), headers]);
+    let before_headers = (PREFACE.len() + settings.len()) as u64;
+    for (limit, expected) in [
+        (0, false),
+        (before_headers, false),
+        (before_headers + 1, true),
+        (u64::MAX, true),
+    ] {
+        let seen = Arc::new(AtomicBool::new(false));
+        let flag = seen.clone();
+        let mut fix = AuthorityFix::new(Trickle::new(input.clone(), 5))
+            .watching_early_headers(limit, move || flag.store(true, Ordering::Release));
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await.unwrap();
+        assert_eq!(seen.load(Ordering::Acquire), expected, "limit {limit}");
+    }
+}
