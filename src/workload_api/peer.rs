@@ -202,20 +202,22 @@ impl Activity {
     }
 }
 
-/// What one uid may send, over all its connections: 1 MiB a second after a
-/// burst of 4 MiB. A legitimate request is a few hundred bytes (a task Begin
-/// with its most attributes about 35 KiB), so only a flood meets the limit,
-/// and it is then slowed down (its reads wait), not served faster than
-/// this. It bounds what one uid can make the daemon decode (HPACK, HTTP/2
-/// frames, protobuf) whatever it sends, so other users keep their share.
-pub const CLIENT_BYTES_PER_SECOND: u64 = 1 << 20; // 1 MiB/s per uid
+/// What one uid may send, over all its connections: 2 MiB a second after a
+/// burst of 8 MiB, counting raw bytes and decoded header bytes. A
+/// legitimate request is a few hundred bytes (a task Begin with its most
+/// attributes about 35 KiB), so only a flood meets the limit, and it is then
+/// slowed down (its reads wait), not served faster than this. It bounds what
+/// one uid can make the daemon decode (HPACK, HTTP/2 frames, protobuf)
+/// whatever it sends, so other users keep their share.
+pub const CLIENT_BYTES_PER_SECOND: u64 = 2 << 20; // 2 MiB/s per uid
 /// See [`CLIENT_BYTES_PER_SECOND`].
-pub const CLIENT_BYTES_BURST: u64 = 4 << 20; // 4 MiB per uid
-/// What a new connection costs against its uid's allowance: accepting,
-/// pinning the peer and the HTTP/2 handshake are work too, so a client that
-/// reconnects after every refused request is slowed like one that floods
-/// (at most 64 new connections a second once its burst is spent).
-pub const CONNECTION_COST_BYTES: usize = 16 << 10; // 16 KiB
+pub const CLIENT_BYTES_BURST: u64 = 8 << 20; // 8 MiB per uid
+/// What a new connection costs against its uid's allowance: accepting and
+/// pinning the peer are work too, so a client that reconnects in a loop is
+/// slowed like one that floods: 2,048 new connections at once, then 512 a
+/// second (a thousand agents of one uid starting together are served; a
+/// churn loop is refused at accept, for a few microseconds each).
+pub const CONNECTION_COST_BYTES: usize = 4 << 10; // 4 KiB
 
 /// Open connections per uid, to cap them, and each uid's byte allowance.
 #[derive(Debug, Default)]
