@@ -469,6 +469,34 @@ def fetch_hold(path):
     return facts
 
 
+def bulk(path, megabytes):
+    """Sends `megabytes` MiB of frames of an unknown type (which HTTP/2 says
+    to ignore, so they cost the daemon only its reading) and then a PING, and
+    reports how long the daemon took to answer the PING: how fast it reads
+    this uid's bytes."""
+    s = connect(path, timeout=120.0)
+    junk = frame(0xEE, 0, 0, b"x" * 16384)
+    started = time.monotonic()
+    s.sendall(PREFACE + frame(SETTINGS, 0, 0))
+    for _ in range(megabytes * 64):
+        s.sendall(junk)
+    s.sendall(frame(PING, 0, 0, b"sigil-ok"))
+    buf = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return {"closed": True, "seconds": time.monotonic() - started}
+        buf += chunk
+        while len(buf) >= 9:
+            length = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + length:
+                break
+            kind, flags, payload = buf[3], buf[4], buf[9 : 9 + length]
+            buf = buf[9 + length :]
+            if kind == PING and flags & ACK and payload == b"sigil-ok":
+                return {"pong": True, "seconds": round(time.monotonic() - started, 3), "mib": megabytes}
+
+
 # --- section 2: HPACK CPU -------------------------------------------------------------
 
 
@@ -699,6 +727,7 @@ def main():
         "fork-parent-writes": lambda: fork_parent_writes(a.socket, a.junk_blocks, a.inheritable),
         "scm-rights": lambda: scm_rights(a.socket),
         "fetch-hold": lambda: fetch_hold(a.socket),
+        "bulk": lambda: bulk(a.socket, a.n),
         "pidfd-getfd": lambda: pidfd_getfd(a.socket),
         "hpack": lambda: hpack_flood(a.socket, a.connections, a.secs, a.fields),
         "streams": lambda: many_streams(a.socket, a.n, a.secs),
