@@ -462,12 +462,30 @@ mod tests {
         }
     }
 
+    /// Runs a python `script` with `socket` as its stdin, and returns it and
+    /// the first line it prints (once it has hidden its copy).
+    fn python_holding(socket: UnixStream, script: &str) -> (std::process::Child, String) {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                socket,
+            )))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        (child, line)
+    }
+
     #[test]
     fn a_copy_hidden_in_a_threads_private_fd_table_is_found() {
-        use std::io::{BufRead, BufReader};
         let (a, b) = UnixStream::pair().unwrap();
         let b_ino = peer_inode(&a).unwrap();
-        // The child gets `b` as stdin; a thread of it unshares its fd table
+        // The child gets `b` as stdin; a thread of it unshars its fd table
         // (so it keeps a copy) and the main thread then closes its own.
         let script = r#"
 import ctypes, os, sys, threading, time
@@ -483,16 +501,7 @@ os.close(0)
 print("hidden", flush=True)
 time.sleep(30)
 "#;
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", script])
-            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(b)))
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (mut child, line) = python_holding(b, script);
         assert_eq!(line.trim(), "hidden");
         assert!(
             !table_holds(
@@ -509,7 +518,6 @@ time.sleep(30)
 
     #[test]
     fn a_copy_registered_in_an_io_uring_and_closed_is_found() {
-        use std::io::{BufRead, BufReader};
         let (a, b) = UnixStream::pair().unwrap();
         let b_ino = peer_inode(&a).unwrap();
         // The child registers its stdin (`b`) as an io_uring fixed file and
@@ -527,16 +535,7 @@ os.close(0)
 print("registered", flush=True)
 time.sleep(30)
 "#;
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", script])
-            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(b)))
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (mut child, line) = python_holding(b, script);
         let found = holds(child.id(), &format!("socket:[{b_ino}]"));
         child.kill().unwrap();
         child.wait().unwrap();
