@@ -260,7 +260,7 @@ impl UidCounts {
 
 /// Counts the connections of each uid.
 #[derive(Clone, Debug, Default)]
-pub struct ConnectionLimiter {
+struct ConnectionLimiter {
     counts: Arc<Mutex<UidCounts>>,
 }
 
@@ -285,7 +285,8 @@ impl ConnectionLimiter {
     }
 
     /// Connections `uid` holds open now.
-    pub fn open(&self, uid: u32) -> usize {
+    #[cfg(test)]
+    fn open(&self, uid: u32) -> usize {
         self.counts().open.get(&uid).copied().unwrap_or(0)
     }
 }
@@ -472,11 +473,6 @@ impl Incoming {
             limiter: ConnectionLimiter::default(),
             pause: None,
         })
-    }
-
-    /// The per-uid connection counts (for tests and metrics).
-    pub fn limiter(&self) -> ConnectionLimiter {
-        self.limiter.clone()
     }
 
     fn admit(&self, inner: UnixStream) -> Option<AcceptedStream> {
