@@ -553,7 +553,7 @@ fn fill_store(store: &sigil::store::Store) {
                 serial: None,
                 detail: serde_json::json!({ "padding": "x".repeat(size) }),
             };
-            if store.append_audit(&event).is_err() {
+            if store.write(move |tx| tx.append_audit(&event)).is_err() {
                 break;
             }
         }

@@ -1,36 +1,38 @@
 //! Audit events for what the identity manager does: one place that turns
 //! attestations, issuances, task changes and revocations into store rows.
 //!
-//! Issuance and task rows are written in the same transaction as the records
-//! they describe (see `state`); the helpers here cover events that stand
-//! alone. An audit row that cannot be written is logged, never silently lost.
+//! Every event is built by one constructor in [`events`], with a typed
+//! detail. Issuance and task rows are written in the same transaction as
+//! the records they describe (see `state`); refusals stand alone. An audit row that cannot be written is logged, never silently lost.
 
-use std::time::SystemTime;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use serde_json::json;
+use serde::Serialize;
 
-use super::Shared;
+use super::context::Context;
 use crate::attest::{Attestation, PeerCred};
-use crate::store::{AuditEvent, AuditKind};
+use crate::policy::Entry;
+use crate::store::{AuditEvent, AuditKind, EndReason, SvidRecord, TaskEndReason, TaskRecord};
 
 /// How a workload caller is named in the audit log.
 pub(crate) fn peer_actor(peer: &PeerCred) -> String {
     format!("pid:{} uid:{}", peer.pid, peer.uid)
 }
 
-/// The attested selectors, as audit detail.
-pub(crate) fn selectors_json(attestation: &Attestation) -> serde_json::Value {
-    json!(
-        attestation
-            .selectors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-    )
+/// The attested selectors, as text.
+pub(crate) fn selector_strings(attestation: &Attestation) -> Vec<String> {
+    attestation
+        .selectors
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
-/// A blank event of `kind` by `actor`, now.
-pub(crate) fn event(kind: AuditKind, actor: &str) -> AuditEvent {
+/// An event of `kind` by `actor`, now, with `detail` (a typed struct of
+/// this module, serialized).
+fn event(kind: AuditKind, actor: &str, detail: &impl Serialize) -> AuditEvent {
     AuditEvent {
         seq: 0,
         at: SystemTime::now(),
@@ -40,18 +42,184 @@ pub(crate) fn event(kind: AuditKind, actor: &str) -> AuditEvent {
         task_id: None,
         spiffe_id: None,
         serial: None,
-        detail: serde_json::Value::Null,
+        detail: serde_json::to_value(detail).unwrap_or(serde_json::Value::Null),
     }
 }
 
-impl Shared {
-    /// Appends an event on its own; a failure is logged at warn.
-    pub(crate) fn audit(&self, event: &AuditEvent) {
-        if let Err(e) = super::blocking(|| self.store.append_audit(event)) {
-            tracing::warn!(error = %e, kind = %event.kind, "cannot write an audit event");
-        }
+/// The one constructor of each audit event the daemon writes. Each names
+/// the identity it is about in the event's columns and keeps the rest in a
+/// typed detail.
+pub(crate) mod events {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct AttestationDetail<'a> {
+        selectors: Vec<String>,
+        entries: Vec<&'a str>,
     }
 
+    /// A process was attested and matched `entries`.
+    pub(crate) fn attestation(attestation: &Attestation, entries: &[Arc<Entry>]) -> AuditEvent {
+        let facts = &attestation.facts;
+        let detail = AttestationDetail {
+            selectors: selector_strings(attestation),
+            entries: entries.iter().map(|e| e.name.as_str()).collect(),
+        };
+        let mut ev = event(
+            AuditKind::Attestation,
+            &format!("pid:{} uid:{}", facts.pid, facts.uid),
+            &detail,
+        );
+        ev.instance_id = Some(attestation.instance_id.to_string());
+        ev
+    }
+
+    #[derive(Serialize)]
+    struct RefusalDetail<'a> {
+        reason: &'a str,
+        selectors: Option<Vec<String>>,
+    }
+
+    /// A caller was refused an identity.
+    pub(crate) fn refusal(
+        peer: &PeerCred,
+        reason: &str,
+        attestation: Option<&Attestation>,
+    ) -> AuditEvent {
+        let detail = RefusalDetail {
+            reason,
+            selectors: attestation.map(selector_strings),
+        };
+        let mut ev = event(AuditKind::Refusal, &peer_actor(peer), &detail);
+        ev.instance_id = attestation.map(|a| a.instance_id.to_string());
+        ev
+    }
+
+    /// Whether an SVID is the first of its identity or replaces one.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Minted {
+        /// The first SVID of an instance or task (or after a restart).
+        First,
+        /// A rotation.
+        Rotation,
+    }
+
+    #[derive(Serialize)]
+    struct IssuanceDetail<'a> {
+        hint: &'a str,
+        ttl_secs: u64,
+    }
+
+    /// An SVID was minted and recorded.
+    pub(crate) fn issuance(
+        minted: Minted,
+        record: &SvidRecord,
+        hint: &str,
+        ttl: Duration,
+    ) -> AuditEvent {
+        let kind = match minted {
+            Minted::First => AuditKind::Issuance,
+            Minted::Rotation => AuditKind::Rotation,
+        };
+        let detail = IssuanceDetail {
+            hint,
+            ttl_secs: ttl.as_secs(),
+        };
+        let mut ev = event(kind, "daemon", &detail);
+        ev.instance_id = Some(record.instance_id.clone());
+        ev.task_id = record.task_id.clone();
+        ev.spiffe_id = Some(record.spiffe_id.clone());
+        ev.serial = Some(record.serial.clone());
+        ev
+    }
+
+    #[derive(Serialize)]
+    struct TaskBeginDetail<'a> {
+        ttl_secs: u64,
+        attributes: &'a BTreeMap<String, String>,
+    }
+
+    /// A task started.
+    pub(crate) fn task_begin(record: &TaskRecord, ttl: Duration) -> AuditEvent {
+        let detail = TaskBeginDetail {
+            ttl_secs: ttl.as_secs(),
+            attributes: &record.attributes,
+        };
+        let mut ev = event(AuditKind::TaskBegin, &record.started_by, &detail);
+        ev.instance_id = Some(record.instance_id.clone());
+        ev.task_id = Some(record.task_id.clone());
+        ev.spiffe_id = Some(record.spiffe_id.clone());
+        ev
+    }
+
+    #[derive(Serialize)]
+    struct ReasonDetail {
+        reason: String,
+    }
+
+    /// A task ended.
+    pub(crate) fn task_end(
+        instance_id: &str,
+        task_id: &str,
+        reason: &TaskEndReason,
+        actor: &str,
+    ) -> AuditEvent {
+        let detail = ReasonDetail {
+            reason: reason.to_string(),
+        };
+        let mut ev = event(AuditKind::TaskEnd, actor, &detail);
+        ev.instance_id = Some(instance_id.to_owned());
+        ev.task_id = Some(task_id.to_owned());
+        ev
+    }
+
+    #[derive(Serialize)]
+    struct RevocationDetail<'a> {
+        serials: &'a [String],
+        reason: &'a str,
+    }
+
+    /// SVIDs were revoked (of a task, or superseded ones of an instance).
+    pub(crate) fn revocation(
+        instance_id: &str,
+        task_id: Option<&str>,
+        serials: &[String],
+        reason: &str,
+        actor: &str,
+    ) -> AuditEvent {
+        let detail = RevocationDetail { serials, reason };
+        let mut ev = event(AuditKind::Revocation, actor, &detail);
+        ev.instance_id = Some(instance_id.to_owned());
+        ev.task_id = task_id.map(str::to_owned);
+        ev
+    }
+
+    #[derive(Serialize)]
+    struct InstanceEndDetail<'a> {
+        reason: String,
+        kind: &'a str,
+        revoked_serials: &'a [String],
+    }
+
+    /// An instance ended; `serials` are the SVIDs its end revoked.
+    pub(crate) fn instance_end(
+        instance_id: &str,
+        reason: &EndReason,
+        serials: &[String],
+        actor: &str,
+    ) -> AuditEvent {
+        let detail = InstanceEndDetail {
+            reason: reason.to_string(),
+            kind: reason.kind(),
+            revoked_serials: serials,
+        };
+        let mut ev = event(AuditKind::InstanceEnd, actor, &detail);
+        ev.instance_id = Some(instance_id.to_owned());
+        ev
+    }
+}
+
+impl Context {
     /// Records a refused caller, at most once per [`REFUSAL_AUDIT_INTERVAL`]
     /// per pid: the socket is open to every local user, and a client that
     /// retries forever must not be able to fill the append-only log.
@@ -65,13 +233,15 @@ impl Shared {
             tracing::debug!(pid = peer.pid, %reason, "refused (audit rate-limited)");
             return;
         }
-        let mut ev = event(AuditKind::Refusal, &peer_actor(peer));
-        ev.instance_id = attestation.map(|a| a.instance_id.to_string());
-        ev.detail = json!({
-            "reason": reason,
-            "selectors": attestation.map(selectors_json),
+        let ev = events::refusal(peer, reason, attestation);
+        // Not awaited: a refusal is answered at once; the writer records it
+        // with the next group. A failure is logged, never silent.
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.write_async(move |tx| tx.append_audit(&ev)).await {
+                tracing::warn!(error = %e, "cannot write an audit event");
+            }
         });
-        self.audit(&ev);
     }
 }
 

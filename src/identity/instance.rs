@@ -11,12 +11,13 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::context::Context;
+use super::registry::Registry;
 use super::state::Live;
-use super::{
-    BeginTask, Error, InstanceState, REVOKED_PREFIX, Shared, TaskInfo, blocking, schedule,
-};
+use super::{BeginTask, Error, InstanceState, TaskInfo, schedule};
 use crate::attest::{self, exit_watch};
 use crate::policy::Requester;
+use crate::store::{EndReason, TaskEndReason};
 
 /// What the rest of the daemon may ask of an instance.
 pub(crate) enum Command {
@@ -65,15 +66,21 @@ const END_RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to record an instance's end.
 const END_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Pause after a failed rotation or task expiry (e.g. a full disk) before
+/// trying again; the current SVIDs stay valid meanwhile.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
 /// The background task that owns one instance.
 pub(super) struct InstanceTask {
-    shared: Arc<Shared>,
+    ctx: Arc<Context>,
+    registry: Arc<Registry>,
     live: Live,
     tx: watch::Sender<InstanceState>,
     commands: mpsc::Receiver<Command>,
+    shutdown: CancellationToken,
     /// The end (reason, actor) the store has not recorded yet: its SVIDs
     /// are not revoked until it is.
-    unrecorded_end: Option<(String, String)>,
+    unrecorded_end: Option<(EndReason, String)>,
 }
 
 enum Step {
@@ -84,23 +91,28 @@ enum Step {
 
 impl InstanceTask {
     pub(super) fn new(
-        shared: Arc<Shared>,
+        ctx: Arc<Context>,
+        registry: Arc<Registry>,
         live: Live,
         tx: watch::Sender<InstanceState>,
         commands: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
     ) -> Self {
         Self {
-            shared,
+            ctx,
+            registry,
             live,
             tx,
             commands,
+            shutdown,
             unrecorded_end: None,
         }
     }
 
-    /// Runs until the process exits, loses its identity, or `shutdown`.
+    /// Runs until the process exits, loses its identity, or shutdown.
     /// On shutdown nothing is revoked: a restarted daemon picks it up again.
-    pub(super) async fn run(mut self, shutdown: CancellationToken) {
+    pub(super) async fn run(mut self) {
+        let shutdown = self.shutdown.clone();
         let (pid, start) = (
             self.live.attestation.facts.pid,
             self.live.attestation.facts.start_time,
@@ -115,9 +127,9 @@ impl InstanceTask {
                     if let Err(e) = result {
                         tracing::warn!(instance = %self.live.attestation.instance_id, error = %e, "cannot watch the process; ending it");
                     }
-                    self.finish(InstanceState::Exited, "process exited", "daemon")
+                    self.finish(EndReason::Exited, "daemon").await
                 }
-                Some(command) = self.commands.recv() => self.handle(command),
+                Some(command) = self.commands.recv() => self.handle(command).await,
                 () = tokio::time::sleep(delay) => self.tick().await,
             };
             let step = match step {
@@ -128,14 +140,14 @@ impl InstanceTask {
                 other => other,
             };
             if let Step::Stop = step {
-                self.record_end(&shutdown).await;
+                self.record_end().await;
                 return;
             }
         }
     }
 
-    fn handle(&mut self, command: Command) -> Step {
-        let shared = self.shared.clone();
+    async fn handle(&mut self, command: Command) -> Step {
+        let ctx = self.ctx.clone();
         match command {
             Command::Begin {
                 req,
@@ -144,7 +156,7 @@ impl InstanceTask {
                 reply,
             } => {
                 let now = tokio::time::Instant::now().into_std();
-                let result = blocking(|| self.live.begin(&shared, req, requester, &actor, now));
+                let result = self.live.begin(&ctx, req, requester, &actor, now).await;
                 if result.is_ok() {
                     self.publish();
                 }
@@ -155,8 +167,8 @@ impl InstanceTask {
                 actor,
                 reply,
             } => {
-                let result =
-                    blocking(|| self.live.end(&shared, &task_id, "ended by request", &actor));
+                let reason = TaskEndReason::Requested { by: actor.clone() };
+                let result = self.live.end(&ctx, &task_id, reason, &actor).await;
                 if result.is_ok() {
                     self.publish();
                 }
@@ -167,9 +179,8 @@ impl InstanceTask {
             }
             Command::Recheck => return Step::Recheck,
             Command::Revoke { actor, reply } => {
-                let reason = format!("{REVOKED_PREFIX} by {actor}");
-                let result =
-                    self.end_instance(InstanceState::Revoked(reason.clone()), &reason, &actor);
+                let reason = EndReason::Revoked { by: actor.clone() };
+                let result = self.end_instance(reason, &actor).await;
                 let _ = reply.send(result);
                 return Step::Stop;
             }
@@ -179,17 +190,16 @@ impl InstanceTask {
 
     /// Ends expired tasks, then rotates what is due after re-attesting.
     async fn tick(&mut self) -> Step {
-        let shared = self.shared.clone();
+        let ctx = self.ctx.clone();
         let now = SystemTime::now();
-        let mut changed = match blocking(|| self.live.expire_tasks(&shared, now)) {
+        let mut changed = match self.live.expire_tasks(&ctx, now).await {
             Ok(changed) => changed,
             Err(e) => return self.retry_later(&e).await,
         };
         if self.live.rotation_due(now) {
             match self.reattest().await {
                 Ok((attestation, entries)) => {
-                    let rotated =
-                        blocking(|| self.live.rotate_due(&shared, attestation, entries, now));
+                    let rotated = self.live.rotate_due(&ctx, attestation, entries, now).await;
                     if let Err(e) = rotated {
                         self.publish();
                         return self.retry_later(&e).await;
@@ -210,44 +220,48 @@ impl InstanceTask {
     async fn reattest(
         &mut self,
     ) -> Result<(attest::Attestation, Vec<Arc<crate::policy::Entry>>), Step> {
-        let shared = self.shared.clone();
+        let ctx = self.ctx.clone();
         let (pid, start) = (
             self.live.attestation.facts.pid,
             self.live.attestation.facts.start_time,
         );
         let reattested =
-            tokio::task::spawn_blocking(move || shared.attestor.reattest(pid, start)).await;
+            tokio::task::spawn_blocking(move || ctx.attestor.reattest(pid, start)).await;
         let attestation = match reattested {
             // The same process running another program is another instance:
             // this one ended with its program (its SVIDs are revoked).
             Ok(Ok(a)) if a.instance_id != self.live.attestation.instance_id => {
-                let reason = "the process executed another program";
-                return Err(self.finish(InstanceState::Exited, reason, "daemon"));
+                return Err(self
+                    .finish(EndReason::ExecutedAnotherProgram, "daemon")
+                    .await);
             }
             Ok(Ok(a)) => a,
             Ok(Err(attest::Error::ProcessGone { .. } | attest::Error::ProcessChanged { .. })) => {
-                return Err(self.finish(InstanceState::Exited, "process exited", "daemon"));
+                return Err(self.finish(EndReason::Exited, "daemon").await);
             }
             // Not readable right now (e.g. out of file descriptors): keep the
             // current SVIDs and try again shortly; they stay valid meanwhile.
             Ok(Err(e)) => return Err(self.retry_later(&e.into()).await),
             Err(_) => return Err(Step::Stop), // runtime shutting down
         };
-        match self.shared.matching(&attestation) {
+        match self.ctx.matching(&attestation) {
             Ok(entries) => Ok((attestation, entries)),
             Err(e) => {
-                let reason = format!("{e} any more");
-                Err(self.finish(InstanceState::Revoked(reason.clone()), &reason, "daemon"))
+                let reason = EndReason::NoLongerMatches { why: e.to_string() };
+                Err(self.finish(reason, "daemon").await)
             }
         }
     }
 
     /// Keeps the current SVIDs after a failure (e.g. a full disk) and tries
-    /// again in a second, rather than spinning.
+    /// again after [`RETRY_AFTER_FAILURE`], rather than spinning; a shutdown
+    /// meanwhile stops at once.
     async fn retry_later(&self, e: &Error) -> Step {
-        tracing::warn!(instance = %self.live.attestation.instance_id, error = %e, "rotation failed; retrying in 1s");
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        Step::Continue
+        tracing::warn!(instance = %self.live.attestation.instance_id, error = %e, retry_in = ?RETRY_AFTER_FAILURE, "rotation failed; retrying");
+        tokio::select! {
+            () = self.shutdown.cancelled() => Step::Stop,
+            () = tokio::time::sleep(RETRY_AFTER_FAILURE) => Step::Continue,
+        }
     }
 
     fn publish(&self) {
@@ -256,8 +270,8 @@ impl InstanceTask {
     }
 
     /// Ends the instance: tasks end, SVIDs are revoked, streams are told.
-    fn finish(&mut self, state: InstanceState, reason: &str, actor: &str) -> Step {
-        let _ = self.end_instance(state, reason, actor);
+    async fn finish(&mut self, reason: EndReason, actor: &str) -> Step {
+        let _ = self.end_instance(reason, actor).await;
         Step::Stop
     }
 
@@ -265,26 +279,23 @@ impl InstanceTask {
     /// says whether its end was recorded and its SVIDs revoked. If not, the
     /// instance stays known (and refused) until [`Self::record_end`] has
     /// recorded it.
-    fn end_instance(
-        &mut self,
-        state: InstanceState,
-        reason: &str,
-        actor: &str,
-    ) -> Result<(), Error> {
-        let shared = self.shared.clone();
+    async fn end_instance(&mut self, reason: EndReason, actor: &str) -> Result<(), Error> {
+        let ctx = self.ctx.clone();
         let id = self.live.attestation.instance_id.clone();
-        let recorded = blocking(|| self.live.end_all(&shared, reason, actor));
+        let recorded = self.live.end_all(&ctx, &reason, actor).await;
         match &recorded {
-            Ok(()) => shared.remove_instance(&id, self.live.attestation.facts.start_time),
+            Ok(()) => self
+                .registry
+                .remove(&id, self.live.attestation.facts.start_time),
             Err(e) => {
                 tracing::error!(instance = %id, error = %e, "cannot record the end of an instance; its SVIDs are not revoked yet: retrying until it is recorded");
-                self.unrecorded_end = Some((reason.to_owned(), actor.to_owned()));
+                self.unrecorded_end = Some((reason.clone(), actor.to_owned()));
             }
         }
-        if let InstanceState::Revoked(why) = &state {
-            tracing::warn!(instance = %id, reason = %why, "instance lost its identity");
+        if matches!(reason, EndReason::Revoked { .. } | EndReason::NoLongerMatches { .. }) {
+            tracing::warn!(instance = %id, %reason, "instance lost its identity");
         }
-        self.tx.send_replace(state);
+        self.tx.send_replace(InstanceState::Ended(reason));
         recorded
     }
 
@@ -294,13 +305,13 @@ impl InstanceTask {
     /// refused. If the daemon stops first, the store still holds the
     /// instance as live, and the next start ends it (if the process is
     /// gone) and revokes its SVIDs.
-    async fn record_end(&mut self, shutdown: &CancellationToken) {
-        let shared = self.shared.clone();
+    async fn record_end(&mut self) {
+        let ctx = self.ctx.clone();
         let id = self.live.attestation.instance_id.clone();
         let mut delay = END_RETRY_FIRST;
         while let Some((reason, actor)) = self.unrecorded_end.clone() {
             tokio::select! {
-                () = shutdown.cancelled() => {
+                () = self.shutdown.cancelled() => {
                     tracing::error!(instance = %id, "stopping before the end of an instance was recorded; the next start revokes its SVIDs if its process is gone");
                     break;
                 }
@@ -310,7 +321,7 @@ impl InstanceTask {
                 }
                 () = tokio::time::sleep(delay) => {}
             }
-            match blocking(|| self.live.end_all(&shared, &reason, &actor)) {
+            match self.live.end_all(&ctx, &reason, &actor).await {
                 Ok(()) => {
                     tracing::warn!(instance = %id, "recorded the end of an instance after retrying: its SVIDs are revoked");
                     self.unrecorded_end = None;
@@ -321,7 +332,8 @@ impl InstanceTask {
                 }
             }
         }
-        shared.remove_instance(&id, self.live.attestation.facts.start_time);
+        self.registry
+            .remove(&id, self.live.attestation.facts.start_time);
     }
 }
 

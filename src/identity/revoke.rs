@@ -56,14 +56,15 @@ pub(crate) fn spawn_publisher(
         let mut last_prune: Option<Instant> = None;
         loop {
             if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
-                if let Err(e) =
-                    super::blocking(|| store.prune_expired_svids(SystemTime::now(), KEEP_EXPIRED))
-                {
+                let pruned = store
+                    .write_async(|tx| tx.prune_expired_svids(SystemTime::now(), KEEP_EXPIRED))
+                    .await;
+                if let Err(e) = pruned {
                     tracing::warn!(error = %e, "cannot prune expired SVID records");
                 }
                 last_prune = Some(Instant::now());
             }
-            let next = match super::blocking(|| publish(&store, &ca, &bundle)) {
+            let next = match publish(&store, &ca, &bundle).await {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot build the CRL; retrying");
@@ -89,7 +90,7 @@ pub(crate) fn spawn_publisher(
 
 /// Signs a CRL of the revoked, unexpired SVIDs and publishes it. Returns
 /// when the next one is due (an entry expiring, or half the validity).
-fn publish(
+async fn publish(
     store: &Store,
     ca: &Ca,
     bundle: &watch::Sender<Arc<TrustBundle>>,
@@ -105,7 +106,7 @@ fn publish(
             revoked_at: r.revoked_at,
         })
         .collect();
-    let number = store.next_crl_number()?;
+    let number = store.write_async(|tx| tx.next_crl_number()).await?;
     let der = ca.sign_crl(
         number,
         &entries,

@@ -1,26 +1,32 @@
 //! The state of one live instance: its SVIDs, its tasks, and the rules for
-//! changing them. Every change is recorded in the store (with its audit row,
-//! in one transaction) before it is published, so what a client holds is
-//! always something the store knows about and can revoke.
+//! changing them.
+//!
+//! Every change is one store write (one job for the writer, see
+//! `store/writer.rs`): the records and their audit rows land together, and
+//! the change is published only after the write is acknowledged, so what a
+//! client holds is always something the store knows about and can revoke.
+//! Signing happens before the write; a failed write discards what was
+//! signed, unseen.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::json;
-
-use super::audit::{event, selectors_json};
-use super::{BeginTask, Error, INSTANCE_HINT, IdentitySet, Shared, TaskInfo, schedule};
+use super::audit::events::{self, Minted};
+use super::context::Context;
+use super::{BeginTask, Error, INSTANCE_HINT, IdentitySet, TaskInfo, schedule};
 use crate::attest::Attestation;
 use crate::ca::{Svid, SvidRequest};
 use crate::ids::{Echo, SpiffeId};
 use crate::policy::{Entry, Requester, TaskRefusal};
+use crate::store::{
+    AuditEvent, EndReason, InstanceRecord, SvidRecord, TaskEndReason, TaskRecord, Tx,
+};
 
 /// Most Begin allowances kept before full ones are forgotten.
 const MAX_BEGIN_BUCKETS: usize = 4096;
-use crate::store::{AuditKind, InstanceRecord, SvidRecord, TaskRecord};
 
-/// An SVID and the moment it is due for rotation (jitter drawn once).
+/// An SVID and the moment it is due for rotation.
 struct Held {
     svid: Svid,
     rotate_at: SystemTime,
@@ -28,8 +34,23 @@ struct Held {
 
 impl Held {
     fn new(svid: Svid) -> Self {
-        let rotate_at = schedule::rotation_time(svid.issued_at, svid.not_after, rand::random());
+        let rotate_at = schedule::rotation_time(svid.issued_at, svid.not_after, schedule::jitter());
         Self { svid, rotate_at }
+    }
+}
+
+/// A signed SVID not yet recorded: its row and audit row go into the same
+/// write, and it is held only once that write is acknowledged.
+struct Signed {
+    held: Held,
+    record: SvidRecord,
+    audit: AuditEvent,
+}
+
+impl Signed {
+    fn write(&self, tx: &Tx<'_>) -> Result<(), crate::store::Error> {
+        tx.record_svid(&self.record)?;
+        tx.append_audit(&self.audit).map(drop)
     }
 }
 
@@ -47,64 +68,90 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    /// Mints the instance's SVIDs, records the instance, and brings back its
-    /// unexpired tasks from the store (after a restart or a reconnect).
-    pub(crate) fn start(
-        shared: &Shared,
+    /// Mints the instance's SVIDs and brings back its unexpired tasks (after
+    /// a restart or a reconnect), then records all of it in one write that
+    /// first checks the instance was not revoked meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::Revoked`] when the store says this instance was revoked;
+    /// minting and store errors.
+    pub(crate) async fn start(
+        ctx: &Arc<Context>,
         attestation: Attestation,
         entries: Vec<Arc<Entry>>,
     ) -> Result<Self, Error> {
-        let record = instance_record(shared, &attestation);
-        let mut ev = event(
-            AuditKind::Attestation,
-            &format!("pid:{} uid:{}", record.pid, record.uid),
-        );
-        ev.instance_id = Some(record.instance_id.clone());
-        ev.detail = json!({
-            "selectors": selectors_json(&attestation),
-            "entries": entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
-        });
-        shared.store.transaction(|tx| {
-            tx.upsert_instance(&record)?;
-            tx.append_audit(&ev).map(|_| ())
-        })?;
-        tracing::info!(instance = %attestation.instance_id, pid = record.pid, selectors = %selectors_json(&attestation), "attested an instance");
+        let id = attestation.instance_id.to_string();
+        let stored_tasks = ctx.store.live_tasks(&id)?;
         let mut live = Self {
             attestation,
             entries,
             instance_svids: Vec::new(),
             tasks: BTreeMap::new(),
         };
-        live.instance_svids = live.mint_instance_svids(shared, AuditKind::Issuance)?;
-        live.restore_tasks(shared)?;
-        Ok(live)
-    }
-
-    fn restore_tasks(&mut self, shared: &Shared) -> Result<(), Error> {
-        let id = self.attestation.instance_id.to_string();
-        for record in shared.store.live_tasks(&id)? {
-            if record.expires_at <= SystemTime::now() {
-                self.revoke_task_svids(
-                    shared,
-                    &record.task_id,
-                    "expired while the daemon was away",
-                    "daemon",
-                )?;
+        let mut minted = live.mint_instance_svids(ctx, Minted::First)?;
+        let base = minted.first().map(|m| m.held.svid.spiffe_id.clone());
+        let now = SystemTime::now();
+        let mut expired = Vec::new();
+        let mut restored = Vec::new();
+        for record in stored_tasks {
+            if record.expires_at <= now {
+                expired.push(record.task_id);
                 continue;
             }
             let info = TaskInfo {
-                spiffe_id: self.task_spiffe_id(&record.task_id)?,
+                spiffe_id: task_spiffe_id(base.as_ref(), &record.task_id)?,
                 task_id: record.task_id,
                 started_at: record.started_at,
                 expires_at: record.expires_at,
                 attributes: record.attributes,
             };
-            let held = self.mint_task_svid(shared, &info, AuditKind::Issuance)?;
-            tracing::info!(instance = %self.attestation.instance_id, task = %info.task_id, "restored a task");
-            self.tasks
-                .insert(info.task_id.clone(), LiveTask { info, held });
+            let m = live.mint_task_svid(ctx, &info, Minted::First)?;
+            restored.push((info, m));
         }
-        Ok(())
+        let record = instance_record(ctx, &live.attestation);
+        let attested = events::attestation(&live.attestation, &live.entries);
+        let instance_svids = std::mem::take(&mut minted);
+        let (minted_back, restored, revoked) = ctx
+            .store
+            .write_async(move |tx| {
+                if let Some(end) = tx.sticky_end(&record.instance_id)? {
+                    return Ok(Err(end));
+                }
+                tx.upsert_instance(&record)?;
+                tx.append_audit(&attested)?;
+                for m in instance_svids.iter().chain(restored.iter().map(|(_, m)| m)) {
+                    m.write(tx)?;
+                }
+                let mut revoked = Vec::new();
+                for task_id in &expired {
+                    revoked.extend(end_task_in(
+                        tx,
+                        &record.instance_id,
+                        task_id,
+                        &TaskEndReason::ExpiredWhileAway,
+                        "daemon",
+                    )?);
+                }
+                Ok(Ok((instance_svids, restored, revoked)))
+            })
+            .await?
+            .map_err(|end| Error::Revoked(end.to_string()))?;
+        if !revoked.is_empty() {
+            ctx.crl.refresh();
+        }
+        live.instance_svids = minted_back.into_iter().map(|m| m.held).collect();
+        for (info, m) in restored {
+            tracing::info!(instance = %live.attestation.instance_id, task = %info.task_id, "restored a task");
+            live.tasks.insert(
+                info.task_id.clone(),
+                LiveTask {
+                    info,
+                    held: m.held,
+                },
+            );
+        }
+        tracing::info!(instance = %live.attestation.instance_id, pid = live.attestation.facts.pid, svids = live.instance_svids.len(), "attested an instance and issued its SVIDs");
+        Ok(live)
     }
 
     /// What the instance's streams carry: instance SVIDs first, then tasks.
@@ -152,10 +199,11 @@ impl Live {
 
     /// Starts a task after checking the instance's entry policy: every
     /// rule, then (for the agent's own Begins) the rate, all before anything
-    /// is stored or audited. `now` is the monotonic clock the rate uses.
-    pub(crate) fn begin(
+    /// is signed, stored or audited. The task, its SVID and their audit rows
+    /// are one write. `now` is the monotonic clock the rate uses.
+    pub(crate) async fn begin(
         &mut self,
-        shared: &Shared,
+        ctx: &Context,
         req: BeginTask,
         requester: Requester,
         actor: &str,
@@ -166,7 +214,7 @@ impl Live {
             Some(id) => id,
             None => format!("task-{}", hex::encode(rand::random::<[u8; 6]>())),
         };
-        let ttl = req.ttl.unwrap_or(shared.settings.task_ttl);
+        let ttl = req.ttl.unwrap_or(ctx.settings.task_ttl);
         entry.tasks.check(
             &entry.name,
             requester,
@@ -181,7 +229,7 @@ impl Live {
         // Operators (admin API, authorised by uid) are not rate limited.
         if requester == Requester::Agent {
             // Buckets only: a poisoned lock still holds usable state.
-            let mut begins = shared.begins.lock().unwrap_or_else(|p| p.into_inner());
+            let mut begins = ctx.begins.lock().unwrap_or_else(|p| p.into_inner());
             if begins.len() > MAX_BEGIN_BUCKETS {
                 begins.retain(|_, bucket| !bucket.is_full(now));
             }
@@ -190,12 +238,12 @@ impl Live {
                 .tasks
                 .take_begin(&entry.name, begins.entry(key).or_default(), now)?;
         }
-        let now = SystemTime::now();
+        let started = SystemTime::now();
         let info = TaskInfo {
             spiffe_id: self.task_spiffe_id(&task_id)?,
             task_id,
-            started_at: now,
-            expires_at: now + ttl,
+            started_at: started,
+            expires_at: started + ttl,
             attributes: req.attributes,
         };
         let record = TaskRecord {
@@ -209,79 +257,116 @@ impl Live {
             ended_at: None,
             end_reason: None,
         };
-        let mut ev = event(AuditKind::TaskBegin, actor);
-        ev.instance_id = Some(record.instance_id.clone());
-        ev.task_id = Some(record.task_id.clone());
-        ev.spiffe_id = Some(record.spiffe_id.clone());
-        ev.detail = json!({ "ttl_secs": ttl.as_secs(), "attributes": &record.attributes });
-        shared.store.transaction(|tx| {
-            tx.insert_task(&record)?;
-            tx.append_audit(&ev).map(|_| ())
-        })?;
-        let held = match self.mint_task_svid(shared, &info, AuditKind::Issuance) {
-            Ok(held) => held,
-            Err(e) => {
-                // No SVID, no task: do not leave a live task in the store.
-                let _ = self.revoke_task_svids(
-                    shared,
-                    &info.task_id,
-                    "could not issue its SVID",
-                    actor,
-                );
-                return Err(e);
-            }
-        };
+        // Signed first: an SVID that cannot be signed leaves no task behind.
+        let minted = self.mint_task_svid(ctx, &info, Minted::First)?;
+        let began = events::task_begin(&record, ttl);
+        let minted = ctx
+            .store
+            .write_async(move |tx| {
+                tx.insert_task(&record)?;
+                tx.append_audit(&began)?;
+                minted.write(tx)?;
+                Ok(minted)
+            })
+            .await?;
         tracing::info!(instance = %self.attestation.instance_id, task = %info.task_id, %actor, "task began");
         self.tasks.insert(
             info.task_id.clone(),
             LiveTask {
                 info: info.clone(),
-                held,
+                held: minted.held,
             },
         );
         Ok(info)
     }
 
-    /// Ends a task: it leaves the streams and its SVIDs are revoked.
-    pub(crate) fn end(
+    /// Ends a task: its end and the revocation of its SVIDs are one write;
+    /// it leaves the streams only once that write is acknowledged.
+    pub(crate) async fn end(
         &mut self,
-        shared: &Shared,
+        ctx: &Context,
         task_id: &str,
-        reason: &str,
+        reason: TaskEndReason,
         actor: &str,
     ) -> Result<TaskInfo, Error> {
         if !self.tasks.contains_key(task_id) {
             return Err(Error::UnknownTask(Echo::new(task_id)));
         }
-        // Record first: a task leaves memory only once its end and its
-        // revocations are in the store.
-        self.revoke_task_svids(shared, task_id, reason, actor)?;
+        let ids = vec![task_id.to_owned()];
+        self.end_tasks(ctx, ids, reason, actor).await?;
         let task = self
             .tasks
             .remove(task_id)
             .ok_or_else(|| Error::UnknownTask(Echo::new(task_id)))?;
-        tracing::info!(instance = %self.attestation.instance_id, task = %task_id, %reason, "task ended");
         Ok(task.info)
     }
 
-    /// Ends every task whose TTL has run out. Returns whether any ended.
-    pub(crate) fn expire_tasks(&mut self, shared: &Shared, now: SystemTime) -> Result<bool, Error> {
+    /// Ends every task whose TTL has run out, in one write. Returns whether
+    /// any ended.
+    pub(crate) async fn expire_tasks(
+        &mut self,
+        ctx: &Context,
+        now: SystemTime,
+    ) -> Result<bool, Error> {
         let expired: Vec<String> = self
             .tasks
             .values()
             .filter(|t| t.info.expires_at <= now)
             .map(|t| t.info.task_id.clone())
             .collect();
-        for id in &expired {
-            self.end(shared, id, "ttl expired", "daemon")?;
+        if expired.is_empty() {
+            return Ok(false);
         }
-        Ok(!expired.is_empty())
+        self.end_tasks(ctx, expired.clone(), TaskEndReason::TtlExpired, "daemon")
+            .await?;
+        for id in &expired {
+            self.tasks.remove(id);
+        }
+        Ok(true)
     }
 
-    /// Replaces the SVIDs that are due, after a fresh attestation.
-    pub(crate) fn rotate_due(
+    async fn end_tasks(
+        &self,
+        ctx: &Context,
+        task_ids: Vec<String>,
+        reason: TaskEndReason,
+        actor: &str,
+    ) -> Result<(), Error> {
+        let instance_id = self.attestation.instance_id.to_string();
+        let owned_actor = actor.to_owned();
+        let reason_in = reason.clone();
+        let ids = task_ids.clone();
+        let revoked = ctx
+            .store
+            .write_async(move |tx| {
+                let mut revoked = Vec::new();
+                for task_id in &ids {
+                    revoked.extend(end_task_in(
+                        tx,
+                        &instance_id,
+                        task_id,
+                        &reason_in,
+                        &owned_actor,
+                    )?);
+                }
+                Ok(revoked)
+            })
+            .await?;
+        for task_id in &task_ids {
+            tracing::info!(instance = %self.attestation.instance_id, task = %task_id, %reason, "task ended");
+        }
+        if !revoked.is_empty() {
+            ctx.crl.refresh();
+        }
+        Ok(())
+    }
+
+    /// Replaces the SVIDs that are due, after a fresh attestation, in one
+    /// write (with the refreshed instance row, and the revocation of SVIDs
+    /// for entries the process no longer matches).
+    pub(crate) async fn rotate_due(
         &mut self,
-        shared: &Shared,
+        ctx: &Context,
         attestation: Attestation,
         entries: Vec<Arc<Entry>>,
         now: SystemTime,
@@ -290,48 +375,83 @@ impl Live {
             .iter()
             .map(|e| &e.name)
             .eq(self.entries.iter().map(|e| &e.name));
-        // Re-attested just now: refresh what the store says of the process.
-        shared
-            .store
-            .upsert_instance(&instance_record(shared, &attestation))?;
         self.attestation = attestation;
         self.entries = entries;
-        if !same_entries || self.instance_svids.iter().any(|h| h.rotate_at <= now) {
-            let fresh = self.mint_instance_svids(shared, AuditKind::Rotation)?;
-            let old = std::mem::replace(&mut self.instance_svids, fresh);
-            if !same_entries {
-                // The process no longer qualifies for some entry: its SVID
-                // for that entry must not stay valid until it expires.
-                self.revoke_superseded(shared, &old, "its entries changed")?;
-            }
+        let record = instance_record(ctx, &self.attestation);
+        let instance_due =
+            !same_entries || self.instance_svids.iter().any(|h| h.rotate_at <= now);
+        let fresh = if instance_due {
+            Some(self.mint_instance_svids(ctx, Minted::Rotation)?)
+        } else {
+            None
+        };
+        let superseded: Vec<String> = if same_entries {
+            Vec::new()
+        } else {
+            self.instance_svids
+                .iter()
+                .map(|h| h.svid.serial.clone())
+                .collect()
+        };
+        let mut tasks = Vec::new();
+        for task in self.tasks.values().filter(|t| t.held.rotate_at <= now) {
+            tasks.push((
+                task.info.task_id.clone(),
+                self.mint_task_svid(ctx, &task.info, Minted::Rotation)?,
+            ));
         }
-        let due: Vec<TaskInfo> = self
-            .tasks
-            .values()
-            .filter(|t| t.held.rotate_at <= now)
-            .map(|t| t.info.clone())
-            .collect();
-        for info in due {
-            let held = self.mint_task_svid(shared, &info, AuditKind::Rotation)?;
-            if let Some(task) = self.tasks.get_mut(&info.task_id) {
-                task.held = held;
+        let instance_id = record.instance_id.clone();
+        let (fresh, tasks) = ctx
+            .store
+            .write_async(move |tx| {
+                tx.upsert_instance(&record)?;
+                for m in fresh.iter().flatten().chain(tasks.iter().map(|(_, m)| m)) {
+                    m.write(tx)?;
+                }
+                if !superseded.is_empty() {
+                    // The process no longer qualifies for some entry: its
+                    // SVID for that entry must not stay valid until it expires.
+                    let reason = "its entries changed";
+                    for serial in &superseded {
+                        tx.revoke_serial(serial, SystemTime::now(), reason)?;
+                    }
+                    let ev =
+                        events::revocation(&instance_id, None, &superseded, reason, "daemon");
+                    tx.append_audit(&ev)?;
+                }
+                Ok((fresh, tasks))
+            })
+            .await?;
+        if !same_entries {
+            ctx.crl.refresh();
+        }
+        if let Some(fresh) = fresh {
+            self.instance_svids = fresh.into_iter().map(|m| m.held).collect();
+        }
+        for (task_id, m) in tasks {
+            if let Some(task) = self.tasks.get_mut(&task_id) {
+                task.held = m.held;
             }
         }
         Ok(())
     }
 
-    /// Ends the instance: every task ends, every unexpired SVID is revoked.
-    pub(crate) fn end_all(
-        &mut self,
-        shared: &Shared,
-        reason: &str,
+    /// Ends the instance in one write: every task ends, every unexpired
+    /// SVID is revoked, the instance ends.
+    pub(crate) async fn end_all(
+        &self,
+        ctx: &Context,
+        reason: &EndReason,
         actor: &str,
     ) -> Result<(), Error> {
-        let ids: Vec<String> = self.tasks.keys().cloned().collect();
-        for id in ids {
-            self.end(shared, &id, reason, actor)?;
-        }
-        shared.end_stored_instance(self.attestation.instance_id.as_str(), reason)
+        let tasks: Vec<String> = self.tasks.keys().cloned().collect();
+        ctx.end_stored_instance(
+            self.attestation.instance_id.as_str(),
+            reason.clone(),
+            tasks,
+            actor,
+        )
+        .await
     }
 
     fn primary_entry(&self) -> Result<&Arc<Entry>, Error> {
@@ -340,20 +460,15 @@ impl Live {
 
     /// `<instance SPIFFE ID>/task/<task id>`.
     fn task_spiffe_id(&self, task_id: &str) -> Result<SpiffeId, Error> {
-        let base = self
-            .instance_svids
-            .first()
-            .map(|h| h.svid.spiffe_id.to_string());
-        let base = base.ok_or(Error::InstanceEnded)?;
-        let text = format!("{base}/task/{task_id}");
-        SpiffeId::new(&text).map_err(|_| TaskRefusal::BadTaskId(Echo::new(task_id)).into())
+        let base = self.instance_svids.first().map(|h| h.svid.spiffe_id.clone());
+        task_spiffe_id(base.as_ref(), task_id)
     }
 
-    fn mint_instance_svids(&self, shared: &Shared, kind: AuditKind) -> Result<Vec<Held>, Error> {
-        let mut held = Vec::with_capacity(self.entries.len());
+    fn mint_instance_svids(&self, ctx: &Context, minted: Minted) -> Result<Vec<Signed>, Error> {
+        let mut out = Vec::with_capacity(self.entries.len());
         for (i, entry) in self.entries.iter().enumerate() {
             let spiffe_id = entry
-                .spiffe_id_for(&shared.trust_domain, &self.attestation)
+                .spiffe_id_for(&ctx.trust_domain, &self.attestation)
                 .map_err(|source| Error::Template {
                     entry: entry.name.clone(),
                     source,
@@ -366,52 +481,50 @@ impl Live {
             let req = SvidRequest {
                 spiffe_id,
                 dns_names: entry.dns_names.clone(),
-                ttl: entry.ttl.unwrap_or(shared.settings.instance_ttl),
+                ttl: entry.ttl.unwrap_or(ctx.settings.instance_ttl),
                 hint,
             };
-            held.push(self.mint(shared, &req, None, kind)?);
+            out.push(self.mint(ctx, &req, None, minted)?);
         }
-        Ok(held)
+        Ok(out)
     }
 
     fn mint_task_svid(
         &self,
-        shared: &Shared,
+        ctx: &Context,
         info: &TaskInfo,
-        kind: AuditKind,
-    ) -> Result<Held, Error> {
+        minted: Minted,
+    ) -> Result<Signed, Error> {
         let left = info
             .expires_at
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
-        let covers_the_task = left <= shared.settings.task_ttl;
+        let covers_the_task = left <= ctx.settings.task_ttl;
         let req = SvidRequest {
             spiffe_id: info.spiffe_id.clone(),
             dns_names: Vec::new(),
-            ttl: left
-                .min(shared.settings.task_ttl)
-                .max(Duration::from_secs(1)),
+            ttl: left.min(ctx.settings.task_ttl).max(Duration::from_secs(1)),
             hint: format!("task:{}", info.task_id),
         };
-        let mut held = self.mint(shared, &req, Some(&info.task_id), kind)?;
+        let mut m = self.mint(ctx, &req, Some(&info.task_id), minted)?;
         // An SVID that lasts to the task's end is never rotated: the task
         // ends first (rotating it would mint ever shorter SVIDs).
         if covers_the_task {
-            held.rotate_at = info.expires_at;
+            m.held.rotate_at = info.expires_at;
         }
-        Ok(held)
+        Ok(m)
     }
 
-    /// Signs an SVID and records it with its audit row; only a recorded SVID
-    /// is ever handed out, so every SVID can later be revoked.
+    /// Signs an SVID and prepares its row and audit row; the caller writes
+    /// them, and holds the SVID only once the write is acknowledged.
     fn mint(
         &self,
-        shared: &Shared,
+        ctx: &Context,
         req: &SvidRequest,
         task_id: Option<&str>,
-        kind: AuditKind,
-    ) -> Result<Held, Error> {
-        let svid = shared.ca.sign_svid(req)?;
+        minted: Minted,
+    ) -> Result<Signed, Error> {
+        let svid = ctx.mint.mint(req)?;
         let record = SvidRecord {
             serial: svid.serial.clone(),
             spiffe_id: svid.spiffe_id.to_string(),
@@ -422,84 +535,55 @@ impl Live {
             revoked_at: None,
             revoke_reason: None,
         };
-        let mut ev = event(kind, "daemon");
-        ev.instance_id = Some(record.instance_id.clone());
-        ev.task_id = record.task_id.clone();
-        ev.spiffe_id = Some(record.spiffe_id.clone());
-        ev.serial = Some(record.serial.clone());
-        ev.detail = json!({ "hint": svid.hint, "ttl_secs": req.ttl.as_secs() });
-        shared.store.transaction(|tx| {
-            tx.record_svid(&record)?;
-            tx.append_audit(&ev).map(|_| ())
-        })?;
-        tracing::info!(instance = %self.attestation.instance_id, spiffe_id = %svid.spiffe_id, serial = %svid.serial, kind = %kind, "issued an X509-SVID");
-        Ok(Held::new(svid))
+        let audit = events::issuance(minted, &record, &svid.hint, req.ttl);
+        tracing::debug!(instance = %self.attestation.instance_id, spiffe_id = %svid.spiffe_id, serial = %svid.serial, ?minted, "signed an X509-SVID");
+        Ok(Signed {
+            held: Held::new(svid),
+            record,
+            audit,
+        })
     }
+}
 
-    fn revoke_superseded(&self, shared: &Shared, old: &[Held], reason: &str) -> Result<(), Error> {
-        let now = SystemTime::now();
-        let serials: Vec<String> = old.iter().map(|h| h.svid.serial.clone()).collect();
-        let mut ev = event(AuditKind::Revocation, "daemon");
-        ev.instance_id = Some(self.attestation.instance_id.to_string());
-        ev.detail = json!({ "serials": &serials, "reason": reason });
-        shared.store.transaction(|tx| {
-            for serial in &serials {
-                tx.revoke_serial(serial, now, reason)?;
-            }
-            tx.append_audit(&ev).map(|_| ())
-        })?;
-        shared.crl.refresh();
-        Ok(())
-    }
+/// `<instance SPIFFE ID>/task/<task id>`.
+fn task_spiffe_id(base: Option<&SpiffeId>, task_id: &str) -> Result<SpiffeId, Error> {
+    let base = base.ok_or(Error::InstanceEnded)?;
+    let text = format!("{base}/task/{task_id}");
+    SpiffeId::new(&text).map_err(|_| TaskRefusal::BadTaskId(Echo::new(task_id)).into())
+}
 
-    fn revoke_task_svids(
-        &self,
-        shared: &Shared,
-        task_id: &str,
-        reason: &str,
-        actor: &str,
-    ) -> Result<(), Error> {
-        let instance_id = self.attestation.instance_id.to_string();
-        let now = SystemTime::now();
-        let mut end = event(AuditKind::TaskEnd, actor);
-        end.instance_id = Some(instance_id.clone());
-        end.task_id = Some(task_id.to_owned());
-        end.detail = json!({ "reason": reason });
-        let serials = shared.store.transaction(|tx| {
-            tx.end_task(&instance_id, task_id, now, reason)?;
-            let serials = tx.revoke_svids(&instance_id, Some(task_id), now, reason)?;
-            tx.append_audit(&end)?;
-            if !serials.is_empty() {
-                let mut ev = event(AuditKind::Revocation, actor);
-                ev.instance_id = Some(instance_id.clone());
-                ev.task_id = Some(task_id.to_owned());
-                ev.detail = json!({ "serials": &serials, "reason": reason });
-                tx.append_audit(&ev)?;
-            }
-            Ok(serials)
-        })?;
-        if !serials.is_empty() {
-            shared.crl.refresh();
-        }
-        Ok(())
+/// Inside a write: ends one task, revokes its unexpired SVIDs, and audits
+/// both. Returns the revoked serials.
+fn end_task_in(
+    tx: &Tx<'_>,
+    instance_id: &str,
+    task_id: &str,
+    reason: &TaskEndReason,
+    actor: &str,
+) -> Result<Vec<String>, crate::store::Error> {
+    let now = SystemTime::now();
+    let text = reason.to_string();
+    tx.end_task(instance_id, task_id, now, reason)?;
+    let serials = tx.revoke_svids(instance_id, Some(task_id), now, &text)?;
+    tx.append_audit(&events::task_end(instance_id, task_id, reason, actor))?;
+    if !serials.is_empty() {
+        let ev = events::revocation(instance_id, Some(task_id), &serials, &text, actor);
+        tx.append_audit(&ev)?;
     }
+    Ok(serials)
 }
 
 /// The store's view of an attested process, seen now. (The store keeps the
 /// first `first_seen` of an instance and refreshes `last_seen`.)
-fn instance_record(shared: &Shared, attestation: &Attestation) -> InstanceRecord {
+fn instance_record(ctx: &Context, attestation: &Attestation) -> InstanceRecord {
     let now = SystemTime::now();
     InstanceRecord {
         instance_id: attestation.instance_id.to_string(),
         pid: attestation.facts.pid,
         start_time: attestation.facts.start_time,
-        boot_id: shared.attestor.boot_id().to_owned(),
+        boot_id: ctx.attestor.boot_id().to_owned(),
         uid: attestation.facts.uid,
-        selectors: attestation
-            .selectors
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
+        selectors: super::audit::selector_strings(attestation),
         first_seen: now,
         last_seen: now,
         ended_at: None,
@@ -507,23 +591,45 @@ fn instance_record(shared: &Shared, attestation: &Attestation) -> InstanceRecord
     }
 }
 
-impl Shared {
-    /// Ends an instance in the store: its live tasks end, its unexpired
-    /// SVIDs are revoked, and the CRL is refreshed.
-    pub(crate) fn end_stored_instance(&self, instance_id: &str, reason: &str) -> Result<(), Error> {
-        let now = SystemTime::now();
-        let serials = self.store.transaction(|tx| {
-            for task in tx.live_tasks(instance_id)? {
-                tx.end_task(instance_id, &task.task_id, now, reason)?;
-            }
-            let serials = tx.revoke_svids(instance_id, None, now, reason)?;
-            tx.end_instance(instance_id, now, reason)?;
-            let mut ev = event(AuditKind::InstanceEnd, "daemon");
-            ev.instance_id = Some(instance_id.to_owned());
-            ev.detail = json!({ "reason": reason, "revoked_serials": &serials });
-            tx.append_audit(&ev)?;
-            Ok(serials)
-        })?;
+impl Context {
+    /// Ends an instance in the store, in one write: its live tasks end
+    /// (`tasks` are the ones the caller knows; the store's own list is used
+    /// when it knows none), its unexpired SVIDs are revoked, and the CRL is
+    /// refreshed.
+    pub(crate) async fn end_stored_instance(
+        &self,
+        instance_id: &str,
+        reason: EndReason,
+        tasks: Vec<String>,
+        actor: &str,
+    ) -> Result<(), Error> {
+        let id = instance_id.to_owned();
+        let actor = actor.to_owned();
+        let reason_in = reason.clone();
+        let serials = self
+            .store
+            .write_async(move |tx| {
+                let now = SystemTime::now();
+                let task_end = TaskEndReason::InstanceEnded(reason_in.clone());
+                let tasks = if tasks.is_empty() {
+                    tx.live_tasks(&id)?
+                        .into_iter()
+                        .map(|t| t.task_id)
+                        .collect()
+                } else {
+                    tasks
+                };
+                for task_id in &tasks {
+                    if tx.end_task(&id, task_id, now, &task_end)? {
+                        tx.append_audit(&events::task_end(&id, task_id, &task_end, &actor))?;
+                    }
+                }
+                let serials = tx.revoke_svids(&id, None, now, &reason_in.to_string())?;
+                tx.end_instance(&id, now, &reason_in)?;
+                tx.append_audit(&events::instance_end(&id, &reason_in, &serials, &actor))?;
+                Ok(serials)
+            })
+            .await?;
         tracing::info!(instance = %instance_id, %reason, revoked = serials.len(), "instance ended");
         if !serials.is_empty() {
             self.crl.refresh();

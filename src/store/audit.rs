@@ -215,6 +215,7 @@ mod tests {
 
     use super::*;
     use crate::store::Store;
+    use crate::store::fixtures::TestStore;
 
     fn event(kind: AuditKind, instance: &str, ms: u64) -> AuditEvent {
         AuditEvent {

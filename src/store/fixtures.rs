@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{InstanceRecord, Store, SvidRecord, TaskRecord};
+use super::{
+    AuditEvent, EndReason, Error, InstanceRecord, Store, SvidRecord, TaskEndReason, TaskRecord,
+};
 
 /// A store in a fresh temp directory; keep the directory alive with it.
 pub(crate) fn store() -> (tempfile::TempDir, Store) {
@@ -66,5 +68,84 @@ pub(crate) fn svid(
         not_after,
         revoked_at: None,
         revoke_reason: None,
+    }
+}
+
+/// One-statement writes and test-only reads, each its own committed write
+/// through the writer thread, as the daemon's writes are.
+pub(crate) trait TestStore {
+    fn upsert_instance(&self, rec: &InstanceRecord) -> Result<(), Error>;
+    fn end_instance(&self, id: &str, at: SystemTime, reason: EndReason) -> Result<(), Error>;
+    fn insert_task(&self, rec: &TaskRecord) -> Result<(), Error>;
+    fn end_task(&self, id: &str, task: &str, at: SystemTime) -> Result<bool, Error>;
+    fn record_svid(&self, rec: &SvidRecord) -> Result<(), Error>;
+    fn revoke_svids(
+        &self,
+        id: &str,
+        task: Option<&str>,
+        at: SystemTime,
+        reason: &str,
+    ) -> Result<Vec<String>, Error>;
+    fn revoke_serial(&self, serial: &str, at: SystemTime, reason: &str) -> Result<bool, Error>;
+    fn next_crl_number(&self) -> Result<u64, Error>;
+    fn prune_expired_svids(&self, now: SystemTime, keep: Duration) -> Result<usize, Error>;
+    fn append_audit(&self, event: &AuditEvent) -> Result<i64, Error>;
+    fn all_live_tasks(&self) -> Result<Vec<TaskRecord>, Error>;
+}
+
+/// The reason `TestStore::end_task` records.
+pub(crate) fn done() -> TaskEndReason {
+    TaskEndReason::Requested {
+        by: "done".to_owned(),
+    }
+}
+
+impl TestStore for Store {
+    fn upsert_instance(&self, rec: &InstanceRecord) -> Result<(), Error> {
+        let rec = rec.clone();
+        self.write(move |tx| tx.upsert_instance(&rec))
+    }
+    fn end_instance(&self, id: &str, at: SystemTime, reason: EndReason) -> Result<(), Error> {
+        let id = id.to_owned();
+        self.write(move |tx| tx.end_instance(&id, at, &reason))
+    }
+    fn insert_task(&self, rec: &TaskRecord) -> Result<(), Error> {
+        let rec = rec.clone();
+        self.write(move |tx| tx.insert_task(&rec))
+    }
+    fn end_task(&self, id: &str, task: &str, at: SystemTime) -> Result<bool, Error> {
+        let (id, task) = (id.to_owned(), task.to_owned());
+        self.write(move |tx| tx.end_task(&id, &task, at, &done()))
+    }
+    fn record_svid(&self, rec: &SvidRecord) -> Result<(), Error> {
+        let rec = rec.clone();
+        self.write(move |tx| tx.record_svid(&rec))
+    }
+    fn revoke_svids(
+        &self,
+        id: &str,
+        task: Option<&str>,
+        at: SystemTime,
+        reason: &str,
+    ) -> Result<Vec<String>, Error> {
+        let (id, task, reason) = (id.to_owned(), task.map(str::to_owned), reason.to_owned());
+        self.write(move |tx| tx.revoke_svids(&id, task.as_deref(), at, &reason))
+    }
+    fn revoke_serial(&self, serial: &str, at: SystemTime, reason: &str) -> Result<bool, Error> {
+        let (serial, reason) = (serial.to_owned(), reason.to_owned());
+        self.write(move |tx| tx.revoke_serial(&serial, at, &reason))
+    }
+    fn next_crl_number(&self) -> Result<u64, Error> {
+        self.write(|tx| tx.next_crl_number())
+    }
+    fn prune_expired_svids(&self, now: SystemTime, keep: Duration) -> Result<usize, Error> {
+        self.write(move |tx| tx.prune_expired_svids(now, keep))
+    }
+    fn append_audit(&self, event: &AuditEvent) -> Result<i64, Error> {
+        let event = event.clone();
+        self.write(move |tx| tx.append_audit(&event))
+    }
+    fn all_live_tasks(&self) -> Result<Vec<TaskRecord>, Error> {
+        self.read(|conn| super::instances::live_tasks(conn, None))
     }
 }

@@ -11,6 +11,7 @@ use super::records::{
     INSTANCE_COLUMNS, InstanceRecord, TASK_COLUMNS, TaskRecord, collect, instance_from_row, opt_ms,
     task_from_row, to_json, to_ms,
 };
+use super::ends::{EndReason, TaskEndReason};
 use super::{Error, sqlite};
 
 /// Inserts an instance, or refreshes `last_seen` and `selectors` of a known
@@ -18,8 +19,8 @@ use super::{Error, sqlite};
 pub(crate) fn upsert_instance(conn: &Connection, rec: &InstanceRecord) -> Result<(), Error> {
     conn.prepare_cached(
         "INSERT INTO instances (instance_id, pid, start_time, boot_id, uid, selectors,
-             first_seen_ms, last_seen_ms, ended_at_ms, end_reason)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             first_seen_ms, last_seen_ms, ended_at_ms, end_kind, end_reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
          ON CONFLICT (instance_id) DO UPDATE SET
              last_seen_ms = excluded.last_seen_ms, selectors = excluded.selectors",
     )
@@ -34,7 +35,8 @@ pub(crate) fn upsert_instance(conn: &Connection, rec: &InstanceRecord) -> Result
             to_ms(rec.first_seen),
             to_ms(rec.last_seen),
             opt_ms(rec.ended_at),
-            rec.end_reason,
+            rec.end_reason.as_ref().map(EndReason::kind),
+            rec.end_reason.as_ref().map(EndReason::detail),
         ])
     })
     .map(drop)
@@ -47,19 +49,20 @@ pub(crate) fn end_instance(
     conn: &Connection,
     instance_id: &str,
     at: SystemTime,
-    reason: &str,
+    reason: &EndReason,
 ) -> Result<bool, Error> {
     let changed = conn
         .execute(
-            "UPDATE instances SET ended_at_ms = ?2, end_reason = ?3
+            "UPDATE instances SET ended_at_ms = ?2, end_kind = ?3, end_reason = ?4
              WHERE instance_id = ?1 AND ended_at_ms IS NULL",
-            params![instance_id, to_ms(at), reason],
+            params![instance_id, to_ms(at), reason.kind(), reason.detail()],
         )
         .map_err(sqlite("end instance"))?;
+    let task_end = TaskEndReason::InstanceEnded(reason.clone());
     conn.execute(
-        "UPDATE tasks SET ended_at_ms = ?2, end_reason = ?3
+        "UPDATE tasks SET ended_at_ms = ?2, end_kind = ?3, end_reason = ?4
          WHERE instance_id = ?1 AND ended_at_ms IS NULL",
-        params![instance_id, to_ms(at), reason],
+        params![instance_id, to_ms(at), task_end.kind(), task_end.detail()],
     )
     .map_err(sqlite("end tasks of ended instance"))?;
     Ok(changed > 0)
@@ -90,8 +93,8 @@ pub(crate) fn insert_task(conn: &Connection, rec: &TaskRecord) -> Result<(), Err
     let result = conn
         .prepare_cached(
             "INSERT INTO tasks (instance_id, task_id, spiffe_id, started_at_ms, expires_at_ms,
-                 attributes, started_by, ended_at_ms, end_reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 attributes, started_by, ended_at_ms, end_kind, end_reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .and_then(|mut stmt| {
             stmt.execute(params![
@@ -103,7 +106,8 @@ pub(crate) fn insert_task(conn: &Connection, rec: &TaskRecord) -> Result<(), Err
                 to_json(&rec.attributes),
                 rec.started_by,
                 opt_ms(rec.ended_at),
-                rec.end_reason,
+                rec.end_reason.as_ref().map(TaskEndReason::kind),
+                rec.end_reason.as_ref().map(TaskEndReason::detail),
             ])
         });
     match result {
@@ -122,12 +126,12 @@ pub(crate) fn end_task(
     instance_id: &str,
     task_id: &str,
     at: SystemTime,
-    reason: &str,
+    reason: &TaskEndReason,
 ) -> Result<bool, Error> {
     conn.execute(
-        "UPDATE tasks SET ended_at_ms = ?3, end_reason = ?4
+        "UPDATE tasks SET ended_at_ms = ?3, end_kind = ?4, end_reason = ?5
          WHERE instance_id = ?1 AND task_id = ?2 AND ended_at_ms IS NULL",
-        params![instance_id, task_id, to_ms(at), reason],
+        params![instance_id, task_id, to_ms(at), reason.kind(), reason.detail()],
     )
     .map(|changed| changed > 0)
     .map_err(sqlite("end task"))
@@ -167,7 +171,8 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::fixtures::{instance, store, t, task};
+    use crate::store::{EndReason, TaskEndReason};
+    use crate::store::fixtures::{TestStore, done, instance, store, t, task};
     use crate::store::{Error, TaskRecord};
 
     #[test]
@@ -176,10 +181,10 @@ mod tests {
         let rec = instance("i1");
         store.upsert_instance(&rec).unwrap();
         assert_eq!(store.instance("i1").unwrap(), Some(rec.clone()));
-        store.end_instance("i1", t(50), "process exited").unwrap();
+        store.end_instance("i1", t(50), EndReason::Exited).unwrap();
         let ended = store.instance("i1").unwrap().unwrap();
         assert_eq!(ended.ended_at, Some(t(50)));
-        assert_eq!(ended.end_reason.as_deref(), Some("process exited"));
+        assert_eq!(ended.end_reason, Some(EndReason::Exited));
         assert_eq!(store.instance("nope").unwrap(), None);
     }
 
@@ -203,7 +208,7 @@ mod tests {
         let (_dir, store) = store();
         store.upsert_instance(&instance("i1")).unwrap();
         store.upsert_instance(&instance("i2")).unwrap();
-        store.end_instance("i1", t(5), "exited").unwrap();
+        store.end_instance("i1", t(5), EndReason::Exited).unwrap();
         let live: Vec<String> = store
             .live_instances()
             .unwrap()
@@ -220,10 +225,10 @@ mod tests {
         let rec = task("i1", "t1");
         store.insert_task(&rec).unwrap();
         assert_eq!(store.live_tasks("i1").unwrap(), vec![rec.clone()]);
-        assert!(store.end_task("i1", "t1", t(20), "done").unwrap());
+        assert!(store.end_task("i1", "t1", t(20)).unwrap());
         let ended = TaskRecord {
             ended_at: Some(t(20)),
-            end_reason: Some("done".to_owned()),
+            end_reason: Some(done()),
             ..rec
         };
         assert_eq!(store.tasks_of("i1").unwrap(), vec![ended]);
@@ -237,7 +242,7 @@ mod tests {
         store.insert_task(&task("i1", "a")).unwrap();
         store.insert_task(&task("i1", "b")).unwrap();
         store.insert_task(&task("i2", "c")).unwrap();
-        store.end_task("i1", "a", t(20), "done").unwrap();
+        store.end_task("i1", "a", t(20)).unwrap();
         let ids = |tasks: Vec<TaskRecord>| -> Vec<String> {
             tasks.into_iter().map(|t| t.task_id).collect()
         };
@@ -249,10 +254,10 @@ mod tests {
     fn ending_a_task_that_is_not_live_returns_false() {
         let (_dir, store) = store();
         store.upsert_instance(&instance("i1")).unwrap();
-        assert!(!store.end_task("i1", "ghost", t(1), "done").unwrap());
+        assert!(!store.end_task("i1", "ghost", t(1)).unwrap());
         store.insert_task(&task("i1", "t1")).unwrap();
-        assert!(store.end_task("i1", "t1", t(2), "done").unwrap());
-        assert!(!store.end_task("i1", "t1", t(3), "done").unwrap());
+        assert!(store.end_task("i1", "t1", t(2)).unwrap());
+        assert!(!store.end_task("i1", "t1", t(3)).unwrap());
     }
 
     #[test]
@@ -264,7 +269,7 @@ mod tests {
         let err = store.insert_task(&task("i1", "t1")).unwrap_err();
         assert!(matches!(err, Error::TaskExists { .. }), "{err}");
         store.insert_task(&task("i2", "t1")).unwrap();
-        store.end_task("i1", "t1", t(20), "done").unwrap();
+        store.end_task("i1", "t1", t(20)).unwrap();
         store.insert_task(&task("i1", "t1")).unwrap();
         assert_eq!(store.tasks_of("i1").unwrap().len(), 2);
     }
@@ -281,10 +286,13 @@ mod tests {
         let (_dir, store) = store();
         store.upsert_instance(&instance("i1")).unwrap();
         store.insert_task(&task("i1", "t1")).unwrap();
-        store.end_instance("i1", t(30), "process exited").unwrap();
+        store.end_instance("i1", t(30), EndReason::Exited).unwrap();
         assert!(store.all_live_tasks().unwrap().is_empty());
         let ended = &store.tasks_of("i1").unwrap()[0];
         assert_eq!(ended.ended_at, Some(t(30)));
-        assert_eq!(ended.end_reason.as_deref(), Some("process exited"));
+        assert_eq!(
+            ended.end_reason,
+            Some(TaskEndReason::InstanceEnded(EndReason::Exited))
+        );
     }
 }

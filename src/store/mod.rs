@@ -11,6 +11,7 @@
 //! so async callers run them through `identity::blocking` (block_in_place).
 
 mod audit;
+mod ends;
 #[cfg(test)]
 mod fixtures;
 mod instances;
@@ -20,15 +21,16 @@ mod records;
 mod schema;
 mod svids;
 mod tx;
+mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags};
 
 pub use audit::{AuditEvent, AuditKind, AuditQuery};
-pub use records::{InstanceRecord, RevokedSvid, SvidRecord, TaskRecord};
+pub use records::{EndReason, InstanceRecord, RevokedSvid, SvidRecord, TaskEndReason, TaskRecord};
 pub use tx::Tx;
 
 /// What can go wrong with the store; every message says what to do next.
@@ -140,11 +142,14 @@ pub(crate) fn sqlite(context: &'static str) -> impl Fn(rusqlite::Error) -> Error
     }
 }
 
-/// The open store. One connection behind a mutex: SQLite writes are serial
-/// anyway, and it keeps transactions simple. Share it in an `Arc`.
+/// The open store: one writer thread that owns the write connection and
+/// commits concurrent writes in groups (see `writer.rs`), and one read
+/// connection for the few reads the daemon needs (WAL lets it read while
+/// the writer commits). Share it in an `Arc`.
 #[derive(Debug)]
 pub struct Store {
-    conn: Mutex<Connection>,
+    writer: writer::Writer,
+    reader: Mutex<Connection>,
     path: PathBuf,
 }
 
@@ -170,8 +175,11 @@ impl Store {
     /// As [`Store::open`], plus [`Error::Emptied`] and [`Error::BadWal`].
     pub fn open_after(state_dir: &Path, earlier_run: Option<&Path>) -> Result<Store, Error> {
         let (conn, path) = open::open(state_dir, earlier_run)?;
+        let reader = open_reader(&path)?;
+        let writer = writer::Writer::start(conn, path.clone())?;
         Ok(Store {
-            conn: Mutex::new(conn),
+            writer,
+            reader: Mutex::new(reader),
             path,
         })
     }
@@ -181,89 +189,82 @@ impl Store {
         &self.path
     }
 
-    /// Caps the database at `max_pages` pages (`PRAGMA max_page_count`; 0
-    /// lifts the cap to SQLite's maximum), as a quota would, and returns
-    /// the cap in force. Writes past it fail as on a full disk, which is
-    /// how the tests check that a full disk refuses cleanly and loses nothing.
+    /// Runs `work` in a transaction of the writer thread and blocks until it
+    /// is committed: `Ok` means its rows are on disk. `work` commits or rolls
+    /// back alone (a savepoint), even when grouped with other callers' work.
+    ///
+    /// # Errors
+    /// `work`'s error, or [`Error::Sqlite`] if the group's transaction cannot
+    /// begin or commit.
+    pub fn write<T, F>(&self, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T, Error> + Send + 'static,
+    {
+        self.writer.write(work)
+    }
+
+    /// As [`Store::write`], for async callers: waits without blocking a
+    /// runtime thread.
+    ///
+    /// # Errors
+    /// As [`Store::write`].
+    pub async fn write_async<T, F>(&self, work: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Tx<'_>) -> Result<T, Error> + Send + 'static,
+    {
+        self.writer.write_async(work).await
+    }
+
+    /// How many transactions the writer has run: with concurrent writers,
+    /// fewer than the writes (group commit). For tests and the load tool.
+    pub fn groups_committed(&self) -> u64 {
+        self.writer.groups()
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
+        // A panic mid-read leaves the connection usable (reads change
+        // nothing), so a poisoned lock is taken over.
+        f(&self.reader.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Caps the database at `max_pages` pages (`PRAGMA max_page_count` on
+    /// the write connection; 0 lifts the cap), as a quota would, and returns
+    /// the cap in force. A test hook: writes past it fail as on a full disk,
+    /// which is how the tests check that a full disk refuses cleanly and
+    /// loses nothing.
     ///
     /// # Errors
     /// [`Error::Sqlite`] when the pragma fails.
+    #[doc(hidden)]
     pub fn limit_pages(&self, max_pages: u64) -> Result<u64, Error> {
-        let conn = self.lock();
         let wanted = if max_pages == 0 {
             u64::from(u32::MAX) - 1
         } else {
             max_pages
         };
-        conn.query_row(&format!("PRAGMA max_page_count = {wanted}"), [], |row| {
-            row.get::<_, i64>(0)
+        self.write(move |tx| {
+            tx.tx
+                .query_row(&format!("PRAGMA max_page_count = {wanted}"), [], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .map(|n| u64::try_from(n).unwrap_or(0))
+                .map_err(sqlite("set max_page_count"))
         })
-        .map(|n| u64::try_from(n).unwrap_or(0))
-        .map_err(sqlite("set max_page_count"))
     }
 
-    /// Pages the database uses now.
+    /// Pages the database uses now (a test hook, with [`Store::limit_pages`]).
     ///
     /// # Errors
     /// [`Error::Sqlite`] when the pragma fails.
+    #[doc(hidden)]
     pub fn page_count(&self) -> Result<u64, Error> {
-        let conn = self.lock();
-        conn.query_row("PRAGMA page_count", [], |row| row.get::<_, i64>(0))
-            .map(|n| u64::try_from(n).unwrap_or(0))
-            .map_err(sqlite("read page_count"))
-    }
-
-    /// Runs `f` in one transaction that commits if `f` returns `Ok` and rolls
-    /// back otherwise, so related writes (an SVID and its audit event) land
-    /// together or not at all. `f` must use the [`Tx`], not this `Store`:
-    /// calling the store from inside `f` deadlocks.
-    ///
-    /// # Errors
-    /// `f`'s error, or [`Error::Sqlite`] if the transaction cannot begin or
-    /// commit.
-    pub fn transaction<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T, Error>) -> Result<T, Error> {
-        let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sqlite("begin a transaction"))?;
-        let tx = Tx { tx };
-        let value = f(&tx)?;
-        tx.tx.commit().map_err(sqlite("commit a transaction"))?;
-        Ok(value)
-    }
-
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
-        f(&self.lock())
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic mid-transaction drops (rolls back) the transaction before
-        // the guard, so the connection behind a poisoned lock is consistent.
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Records a newly attested instance or refreshes a known one; see
-    /// [`Tx::upsert_instance`].
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the write fails.
-    pub fn upsert_instance(&self, rec: &InstanceRecord) -> Result<(), Error> {
-        self.transaction(|tx| tx.upsert_instance(rec))
-    }
-
-    /// Ends a live instance and its live tasks; see [`Tx::end_instance`].
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the write fails.
-    pub fn end_instance(
-        &self,
-        instance_id: &str,
-        at: SystemTime,
-        reason: &str,
-    ) -> Result<(), Error> {
-        self.transaction(|tx| tx.end_instance(instance_id, at, reason))
+        self.read(|conn| {
+            conn.query_row("PRAGMA page_count", [], |row| row.get::<_, i64>(0))
+                .map(|n| u64::try_from(n).unwrap_or(0))
+                .map_err(sqlite("read page_count"))
+        })
     }
 
     /// The instances not yet ended, oldest first: what a restarted daemon
@@ -275,35 +276,12 @@ impl Store {
         self.read(instances::live_instances)
     }
 
-    /// One instance, live or ended, for listings and the admin API.
+    /// One instance, live or ended.
     ///
     /// # Errors
     /// [`Error::Sqlite`] if the read fails.
     pub fn instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>, Error> {
         self.read(|conn| instances::instance(conn, instance_id))
-    }
-
-    /// Records a started task; see [`Tx::insert_task`].
-    ///
-    /// # Errors
-    /// [`Error::TaskExists`] for a duplicate live task id; [`Error::Sqlite`]
-    /// otherwise.
-    pub fn insert_task(&self, rec: &TaskRecord) -> Result<(), Error> {
-        self.transaction(|tx| tx.insert_task(rec))
-    }
-
-    /// Ends a live task; returns `false` if none was live. See [`Tx::end_task`].
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the write fails.
-    pub fn end_task(
-        &self,
-        instance_id: &str,
-        task_id: &str,
-        at: SystemTime,
-        reason: &str,
-    ) -> Result<bool, Error> {
-        self.transaction(|tx| tx.end_task(instance_id, task_id, at, reason))
     }
 
     /// The live tasks of one instance, oldest first.
@@ -314,16 +292,8 @@ impl Store {
         self.read(|conn| instances::live_tasks(conn, Some(instance_id)))
     }
 
-    /// The live tasks of every instance, oldest first: what a restarted
-    /// daemon must expire or resume.
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the read fails.
-    pub fn all_live_tasks(&self) -> Result<Vec<TaskRecord>, Error> {
-        self.read(|conn| instances::live_tasks(conn, None))
-    }
-
-    /// Every task of an instance, live or ended, oldest first (history).
+    /// Every task of an instance, live or ended, oldest first: its history,
+    /// for operators.
     ///
     /// # Errors
     /// [`Error::Sqlite`] if the read fails.
@@ -331,12 +301,13 @@ impl Store {
         self.read(|conn| instances::tasks_of(conn, instance_id))
     }
 
-    /// Records an issued SVID; see [`Tx::record_svid`].
+    /// Every SVID still on record for an instance, oldest first, for
+    /// operators.
     ///
     /// # Errors
-    /// [`Error::InvalidSerial`] or [`Error::Sqlite`].
-    pub fn record_svid(&self, rec: &SvidRecord) -> Result<(), Error> {
-        self.transaction(|tx| tx.record_svid(rec))
+    /// [`Error::Sqlite`] if the read fails.
+    pub fn svids_of(&self, instance_id: &str) -> Result<Vec<SvidRecord>, Error> {
+        self.read(|conn| svids::svids_of(conn, instance_id))
     }
 
     /// One SVID by serial (hex, any case), revoked or not.
@@ -345,38 +316,6 @@ impl Store {
     /// [`Error::Sqlite`] if the read fails.
     pub fn svid(&self, serial: &str) -> Result<Option<SvidRecord>, Error> {
         self.read(|conn| svids::svid(conn, serial))
-    }
-
-    /// Every SVID still on record for an instance, oldest first.
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the read fails.
-    pub fn svids_of(&self, instance_id: &str) -> Result<Vec<SvidRecord>, Error> {
-        self.read(|conn| svids::svids_of(conn, instance_id))
-    }
-
-    /// Revokes every SVID of the task (or of the whole instance when
-    /// `task_id` is `None`) that is not yet expired at `at` and not already
-    /// revoked; returns the newly revoked serials. See [`Tx::revoke_svids`].
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the write fails.
-    pub fn revoke_svids(
-        &self,
-        instance_id: &str,
-        task_id: Option<&str>,
-        at: SystemTime,
-        reason: &str,
-    ) -> Result<Vec<String>, Error> {
-        self.transaction(|tx| tx.revoke_svids(instance_id, task_id, at, reason))
-    }
-
-    /// Revokes one SVID by serial; see [`Tx::revoke_serial`].
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the write fails.
-    pub fn revoke_serial(&self, serial: &str, at: SystemTime, reason: &str) -> Result<bool, Error> {
-        self.transaction(|tx| tx.revoke_serial(serial, at, reason))
     }
 
     /// Revoked SVIDs whose `not_after` is still in the future at `now`: what
@@ -388,33 +327,6 @@ impl Store {
         self.read(|conn| svids::revoked_unexpired(conn, now))
     }
 
-    /// Increments and returns the CRL number (starts at 1), durably, so CRL
-    /// numbers never repeat across restarts.
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the write fails.
-    pub fn next_crl_number(&self) -> Result<u64, Error> {
-        self.transaction(|tx| tx.next_crl_number())
-    }
-
-    /// Deletes SVID rows that expired more than `keep` before `now`, revoked
-    /// or not (housekeeping). Returns how many.
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the delete fails.
-    pub fn prune_expired_svids(&self, now: SystemTime, keep: Duration) -> Result<usize, Error> {
-        self.transaction(|tx| tx.prune_expired_svids(now, keep))
-    }
-
-    /// Appends an audit event (its `seq` is ignored) and returns its sequence
-    /// number. The trail is append-only.
-    ///
-    /// # Errors
-    /// [`Error::Sqlite`] if the write fails.
-    pub fn append_audit(&self, event: &AuditEvent) -> Result<i64, Error> {
-        self.transaction(|tx| tx.append_audit(event))
-    }
-
     /// Audit events matching `query`, oldest first; see [`AuditQuery`] for
     /// how `since_seq` and `limit` combine.
     ///
@@ -423,6 +335,23 @@ impl Store {
     pub fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, Error> {
         self.read(|conn| audit::query(conn, query))
     }
+}
+
+/// The read connection: the same file, `query_only`, so a bug cannot write
+/// behind the writer's back.
+fn open_reader(path: &Path) -> Result<Connection, Error> {
+    let fail = |e: rusqlite::Error| Error::Open {
+        path: path.to_path_buf(),
+        message: format!("cannot open a read connection: {e}"),
+    };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(fail)?;
+    conn.pragma_update(None, "query_only", true).map_err(fail)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(fail)?;
+    Ok(conn)
 }
 
 #[cfg(test)]

@@ -412,6 +412,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(DB_FILE), b"").unwrap();
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.next_crl_number().unwrap(), 1);
+        assert_eq!(store.write(|tx| tx.next_crl_number()).unwrap(), 1);
     }
 }

@@ -10,6 +10,9 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, Row};
 use serde::de::DeserializeOwned;
 
+pub use super::ends::{EndReason, TaskEndReason};
+use super::ends::end_columns;
+
 /// An attested process as remembered across restarts, so a restarted daemon
 /// knows which instances were live and can revoke their SVIDs.
 ///
@@ -35,7 +38,7 @@ pub struct InstanceRecord {
     /// When the instance ended; `None` while it is live.
     pub ended_at: Option<SystemTime>,
     /// Why the instance ended (process exit, revocation, ...).
-    pub end_reason: Option<String>,
+    pub end_reason: Option<EndReason>,
 }
 
 /// A task run by an instance, kept so its SVIDs can be revoked when it ends,
@@ -61,7 +64,7 @@ pub struct TaskRecord {
     /// When the task ended; `None` while it is live.
     pub ended_at: Option<SystemTime>,
     /// Why the task ended (ended by caller, expired, instance ended, ...).
-    pub end_reason: Option<String>,
+    pub end_reason: Option<TaskEndReason>,
 }
 
 /// An issued X.509-SVID, kept so it can be revoked and listed on the CRL.
@@ -100,11 +103,11 @@ pub struct RevokedSvid {
 
 /// Columns of `instances`, in the order [`instance_from_row`] reads them.
 pub(crate) const INSTANCE_COLUMNS: &str = "instance_id, pid, start_time, boot_id, uid, selectors, \
-     first_seen_ms, last_seen_ms, ended_at_ms, end_reason";
+     first_seen_ms, last_seen_ms, ended_at_ms, end_kind, end_reason";
 
 /// Columns of `tasks`, in the order [`task_from_row`] reads them.
 pub(crate) const TASK_COLUMNS: &str = "instance_id, task_id, spiffe_id, started_at_ms, \
-     expires_at_ms, attributes, started_by, ended_at_ms, end_reason";
+     expires_at_ms, attributes, started_by, ended_at_ms, end_kind, end_reason";
 
 /// Columns of `svids`, in the order [`svid_from_row`] reads them.
 pub(crate) const SVID_COLUMNS: &str = "serial, spiffe_id, instance_id, task_id, not_before_ms, \
@@ -122,7 +125,7 @@ pub(crate) fn instance_from_row(row: &Row<'_>) -> rusqlite::Result<InstanceRecor
         first_seen: time_column(row, 6)?,
         last_seen: time_column(row, 7)?,
         ended_at: opt_time_column(row, 8)?,
-        end_reason: row.get(9)?,
+        end_reason: end_columns(row, 9, 10, EndReason::from_columns)?,
     })
 }
 
@@ -137,7 +140,7 @@ pub(crate) fn task_from_row(row: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         attributes: json_column(row, 5)?,
         started_by: row.get(6)?,
         ended_at: opt_time_column(row, 7)?,
-        end_reason: row.get(8)?,
+        end_reason: end_columns(row, 8, 9, TaskEndReason::from_columns)?,
     })
 }
 

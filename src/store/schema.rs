@@ -14,7 +14,7 @@ pub(crate) const APPLICATION_ID: i64 = 0x5349_474C;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`. Append only:
 /// never edit a released migration, add a new one.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The newest schema version this build understands.
 pub(crate) const SUPPORTED_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -93,6 +93,34 @@ BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 PRAGMA application_id = 1397311308;
 ";
 
+/// Version 2: why an instance or a task ended becomes a typed kind in its
+/// own column (`end_kind`, see `ends.rs`); `end_reason` keeps its detail.
+/// Rows ended before are classified from their text, which was written by
+/// fixed phrases (an unknown phrase is not a revocation, as before).
+const V2: &str = r"
+ALTER TABLE instances ADD COLUMN end_kind TEXT CHECK (end_kind IN ('exited', 'executed',
+    'revoked', 'no_longer_matches', 'gone_across_restart'));
+UPDATE instances SET end_kind = CASE
+    WHEN end_reason LIKE 'revoked by %' THEN 'revoked'
+    WHEN end_reason = 'the process executed another program' THEN 'executed'
+    WHEN end_reason = 'process gone across a restart' THEN 'gone_across_restart'
+    WHEN end_reason LIKE '%any more' OR end_reason LIKE 'no longer matches%'
+        THEN 'no_longer_matches'
+    ELSE 'exited' END
+WHERE ended_at_ms IS NOT NULL;
+UPDATE instances SET end_reason = substr(end_reason, 12) WHERE end_kind = 'revoked';
+
+ALTER TABLE tasks ADD COLUMN end_kind TEXT CHECK (end_kind IN ('requested', 'ttl_expired',
+    'expired_while_away', 'not_issued', 'instance_ended'));
+UPDATE tasks SET end_kind = CASE
+    WHEN end_reason = 'ended by request' THEN 'requested'
+    WHEN end_reason = 'ttl expired' THEN 'ttl_expired'
+    WHEN end_reason = 'expired while the daemon was away' THEN 'expired_while_away'
+    WHEN end_reason = 'could not issue its SVID' THEN 'not_issued'
+    ELSE 'instance_ended' END
+WHERE ended_at_ms IS NOT NULL;
+";
+
 /// Brings the schema up to [`SUPPORTED_VERSION`] in one immediate
 /// transaction, so a crash mid-migration leaves the previous version intact.
 ///
@@ -158,6 +186,39 @@ mod tests {
             .unwrap();
         let err = migrate(&mut conn, Path::new(":memory:")).unwrap_err();
         assert!(matches!(err, Error::NewerSchema { found, .. } if found == SUPPORTED_VERSION + 1));
+    }
+
+    #[test]
+    fn version_1_rows_get_their_end_kind_from_their_text() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(V1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO instances VALUES ('a', 1, 1, 'b', 0, '[]', 0, 0, 5, 'revoked by admin uid:0');
+             INSERT INTO instances VALUES ('b', 1, 1, 'b', 0, '[]', 0, 0, 5, 'process exited');
+             INSERT INTO instances VALUES ('c', 1, 1, 'b', 0, '[]', 0, 0, 5,
+                 'process 1 matches no registration entry any more');
+             INSERT INTO instances VALUES ('d', 1, 1, 'b', 0, '[]', 0, 0, NULL, NULL);
+             INSERT INTO tasks VALUES (1, 'a', 't', 's', 0, 9, '{}', 'x', 5, 'ttl expired');",
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        let kinds: Vec<(String, Option<String>, Option<String>)> = conn
+            .prepare("SELECT instance_id, end_kind, end_reason FROM instances ORDER BY instance_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(kinds[0], ("a".into(), some("revoked"), some("admin uid:0")));
+        assert_eq!(kinds[1].1, some("exited"));
+        assert_eq!(kinds[2].1, some("no_longer_matches"));
+        assert_eq!(kinds[3].1, None, "a live instance has no end kind");
+        let task: Option<String> = conn
+            .query_row("SELECT end_kind FROM tasks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(task, some("ttl_expired"));
     }
 
     #[test]

@@ -153,7 +153,7 @@ fn check_serial(serial: &str) -> Result<(), Error> {
 mod tests {
     use std::time::Duration;
 
-    use crate::store::fixtures::{instance, store, svid, t};
+    use crate::store::fixtures::{TestStore, instance, store, svid, t};
     use crate::store::{Error, RevokedSvid};
 
     #[test]

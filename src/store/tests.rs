@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use rusqlite::Connection;
 use serde_json::json;
 
-use super::fixtures::{instance, store, svid, t, task};
+use super::fixtures::{TestStore, instance, store, svid, t, task};
 use super::*;
 
 fn issuance(serial: &str, instance_id: &str) -> AuditEvent {
@@ -31,7 +31,7 @@ fn a_transaction_commits_all_its_writes_together() {
     let (_dir, store) = store();
     store.upsert_instance(&instance("i1")).unwrap();
     let seq = store
-        .transaction(|tx| {
+        .write(|tx| {
             tx.record_svid(&svid("01", "i1", None, t(100)))?;
             tx.append_audit(&issuance("01", "i1"))
         })
@@ -44,7 +44,7 @@ fn a_transaction_commits_all_its_writes_together() {
 fn an_error_inside_a_transaction_rolls_back_every_write() {
     let (_dir, store) = store();
     store.upsert_instance(&instance("i1")).unwrap();
-    let result: Result<(), Error> = store.transaction(|tx| {
+    let result: Result<(), Error> = store.write(|tx| {
         tx.record_svid(&svid("01", "i1", None, t(100)))?;
         tx.append_audit(&issuance("01", "i1"))?;
         tx.insert_task(&task("ghost", "t1"))?; // unknown instance: fails
@@ -60,7 +60,7 @@ fn a_transaction_sees_its_own_uncommitted_writes() {
     let (_dir, store) = store();
     store.upsert_instance(&instance("i1")).unwrap();
     store
-        .transaction(|tx| {
+        .write(|tx| {
             tx.record_svid(&svid("01", "i1", None, t(100)))?;
             let revoked = tx.revoke_svids("i1", None, t(10), "ended")?;
             assert_eq!(revoked, vec!["01"]);
@@ -137,21 +137,112 @@ fn crash_writer_child_writes_until_killed() {
     let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
         return;
     };
-    let store = Store::open(Path::new(&dir)).unwrap();
-    for n in 0_u64.. {
-        let serial = format!("{n:016x}");
-        store
-            .transaction(|tx| {
-                tx.record_svid(&svid(&serial, "i1", None, t(100_000)))?;
-                tx.append_audit(&issuance(&serial, "i1"))?;
-                tx.append_audit(&AuditEvent {
-                    detail: json!({"padding": "x".repeat(512)}),
-                    ..issuance(&serial, "i1")
-                })
+    let store = std::sync::Arc::new(Store::open(Path::new(&dir)).unwrap());
+    // Several writers at once, so rows are group-committed: each line is
+    // printed only once its write is acknowledged.
+    let writers: Vec<_> = (0..CRASH_WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for n in 0_u64.. {
+                    let serial = format!("{w:02x}{n:014x}");
+                    let row = serial.clone();
+                    store
+                        .write(move |tx| {
+                            tx.record_svid(&svid(&row, "i1", None, t(100_000)))?;
+                            tx.append_audit(&issuance(&row, "i1"))?;
+                            tx.append_audit(&AuditEvent {
+                                detail: json!({"padding": "x".repeat(512)}),
+                                ..issuance(&row, "i1")
+                            })
+                        })
+                        .unwrap();
+                    println!("committed {serial}");
+                }
             })
-            .unwrap();
-        println!("committed {serial}");
+        })
+        .collect();
+    for w in writers {
+        let _ = w.join();
     }
+}
+
+/// Threads writing at once in the crash test's child.
+const CRASH_WRITERS: usize = 8;
+
+#[test]
+fn concurrent_writes_are_committed_in_groups_and_each_is_acknowledged() {
+    let (_dir, store) = store();
+    store.upsert_instance(&instance("i1")).unwrap();
+    let store = std::sync::Arc::new(store);
+    let before = store.groups_committed();
+    let threads: Vec<_> = (0..16)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for n in 0..50 {
+                    let serial = format!("{w:02x}{n:04x}");
+                    let row = serial.clone();
+                    store
+                        .write(move |tx| tx.record_svid(&svid(&row, "i1", None, t(100))))
+                        .unwrap();
+                    assert!(store.svid(&serial).unwrap().is_some(), "acknowledged means readable");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let groups = store.groups_committed() - before;
+    assert_eq!(store.svids_of("i1").unwrap().len(), 800);
+    assert!(groups < 800, "800 writes from 16 threads took {groups} commits: no grouping");
+}
+
+#[test]
+fn a_failing_write_in_a_group_fails_alone() {
+    let (_dir, store) = store();
+    store.upsert_instance(&instance("i1")).unwrap();
+    let store = std::sync::Arc::new(store);
+    let threads: Vec<_> = (0..8)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let serial = format!("{w:02x}");
+                let bad = w % 2 == 1;
+                let result = store.write(move |tx| {
+                    tx.record_svid(&svid(&serial, "i1", None, t(100)))?;
+                    if bad {
+                        tx.insert_task(&task("ghost", "t1"))?; // unknown instance
+                    }
+                    Ok(())
+                });
+                (w, result.is_ok())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (w, ok) = t.join().unwrap();
+        assert_eq!(ok, w % 2 == 0);
+        let stored = store.svid(&format!("{w:02x}")).unwrap().is_some();
+        assert_eq!(stored, ok, "writer {w}: stored only if acknowledged");
+    }
+}
+
+#[test]
+fn a_panicking_write_fails_alone_and_the_writer_goes_on() {
+    let (_dir, store) = store();
+    store.upsert_instance(&instance("i1")).unwrap();
+    let result: Result<(), Error> = store.write(|tx| {
+        tx.record_svid(&svid("01", "i1", None, t(100)))?;
+        panic!("a bug in a write");
+    });
+    assert!(result.is_err());
+    assert_eq!(store.svid("01").unwrap(), None, "rolled back");
+    store
+        .write(|tx| tx.record_svid(&svid("02", "i1", None, t(100))))
+        .unwrap();
+    assert!(store.svid("02").unwrap().is_some());
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use super::Error;
 use super::audit::{self, AuditEvent, AuditQuery};
+use super::ends::{EndReason, TaskEndReason};
 use super::records::{InstanceRecord, RevokedSvid, SvidRecord, TaskRecord};
 use super::{instances, svids};
 
@@ -36,7 +37,7 @@ impl Tx<'_> {
         &self,
         instance_id: &str,
         at: SystemTime,
-        reason: &str,
+        reason: &EndReason,
     ) -> Result<(), Error> {
         instances::end_instance(&self.tx, instance_id, at, reason).map(drop)
     }
@@ -59,7 +60,7 @@ impl Tx<'_> {
         instance_id: &str,
         task_id: &str,
         at: SystemTime,
-        reason: &str,
+        reason: &TaskEndReason,
     ) -> Result<bool, Error> {
         instances::end_task(&self.tx, instance_id, task_id, at, reason)
     }
@@ -121,6 +122,19 @@ impl Tx<'_> {
     /// [`Error::Sqlite`] if the write fails.
     pub fn append_audit(&self, event: &AuditEvent) -> Result<i64, Error> {
         audit::append(&self.tx, event)
+    }
+
+    /// How this instance ended, if it ended in a way that refuses its
+    /// process for as long as it runs (a revocation): checked inside the
+    /// transaction that would record new SVIDs for it, so a revocation
+    /// that lands first always wins.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] if the read fails.
+    pub fn sticky_end(&self, instance_id: &str) -> Result<Option<EndReason>, Error> {
+        Ok(instances::instance(&self.tx, instance_id)?
+            .and_then(|r| r.end_reason)
+            .filter(EndReason::is_sticky))
     }
 
     /// One instance, live or ended, as this transaction sees it.

@@ -79,6 +79,23 @@ impl WorkloadService {
         })
     }
 
+    /// Attests the caller and checks an entry admits it, without starting
+    /// an instance; takes a slot under the per-instance stream cap.
+    async fn authorize<T>(&self, req: &Request<T>) -> Result<(PeerCred, StreamSlot), Status> {
+        let info = req.extensions().get::<PeerInfo>();
+        let peer = info.and_then(PeerInfo::peer_cred).ok_or_else(|| {
+            status(&identity::Error::Attest(
+                crate::attest::Error::NoPeerCredentials,
+            ))
+        })?;
+        self.identity.authorize(peer).await.map_err(|e| {
+            log_refusal(&e, peer.pid);
+            status(&e)
+        })?;
+        let slot = self.streams.acquire(&peer)?;
+        Ok((peer, slot))
+    }
+
     /// Streams messages built by `build` from the instance state and the
     /// bundle, once now and again on every change of either. When `keys` is
     /// set the messages carry private keys, and each is sent only after the
@@ -243,10 +260,18 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<BoxStream<X509BundlesResponse>>, Status> {
-        let sub = self.subscribe(&request).await?;
-        Ok(Response::new(self.stream(sub, false, |_, bundle| {
-            convert::x509_bundles_response(bundle)
-        })))
+        // Attest-only: the bundle is public, and a caller that is entitled
+        // to it gets it without an instance or any SVID being minted.
+        let (peer, slot) = self.authorize(&request).await?;
+        let (tx, rx) = mpsc::channel(1);
+        let bundle = self.identity.bundle();
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            drive_bundle(bundle, tx, shutdown).await;
+            drop(slot);
+            tracing::trace!(pid = peer.pid, "bundle stream ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
@@ -278,15 +303,15 @@ async fn drive<T>(
             permit.send(Err(status(&e)));
             return;
         }
-        match current {
-            InstanceState::Active(set) => permit.send(Ok(build(&set, &trust))),
-            InstanceState::Revoked(reason) => {
+        if let InstanceState::Active(set) = &current {
+            permit.send(Ok(build(set, &trust)));
+        } else {
+            if let Some(reason) = current.lost_identity() {
                 permit.send(Err(Status::permission_denied(format!(
                     "{NO_IDENTITY_ISSUED}: {reason}"
                 ))));
-                return;
             }
-            InstanceState::Exited => return,
+            return;
         }
         tokio::select! {
             changed = state.changed() => if changed.is_err() { return },
@@ -303,9 +328,44 @@ async fn drive<T>(
     }
 }
 
+/// Feeds a bundle stream: the bundle now, then every change, until the
+/// client leaves or the daemon shuts down. Like [`drive`], it reserves room
+/// before reading, so what it sends is always the newest.
+async fn drive_bundle(
+    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    tx: mpsc::Sender<Result<X509BundlesResponse, Status>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            permit = tx.reserve() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let trust = bundle.borrow_and_update().clone();
+        permit.send(Ok(convert::x509_bundles_response(&trust)));
+        tokio::select! {
+            changed = bundle.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+            () = shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PUSH_COALESCE) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// How long a stream gathers changes before pushing: longer than the CRL
-/// publisher's own coalescing, far below the one-second push budget.
+/// publisher's own coalescing (checked below, at compile time), far below
+/// the one-second push budget.
 const PUSH_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
+const _: () = assert!(
+    PUSH_COALESCE.as_millis() > identity::CRL_COALESCE.as_millis(),
+    "a stream must gather changes for longer than the CRL publisher does, or a task's end and the CRL that revokes it reach clients as two messages"
+);
 
 /// The one mapping from identity errors to gRPC status on the workload socket.
 pub(crate) fn status(e: &identity::Error) -> Status {

@@ -1,0 +1,428 @@
+//! [`IdentityManager`], the module's face to the services: attest a caller,
+//! join or start its instance, hand out its state channel, and carry task
+//! and revocation requests to the instance's actor.
+//!
+//! The agent's own calls (over the workload socket) attest the caller first
+//! and act on its instance only; the operator's calls name any live
+//! instance.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::context::{Context, Mint};
+use super::instance::{self, Command, InstanceTask};
+use super::registry::{Handle, Join, Registry};
+use super::state::Live;
+use super::{
+    BeginTask, Error, InstanceState, InstanceSummary, Parts, TaskInfo, TrustBundle, audit, revoke,
+};
+use crate::attest::{self, Attestation, PeerCred};
+use crate::ids::InstanceId;
+use crate::policy::{Entry, Requester};
+use crate::store::EndReason;
+
+/// Commands queued per instance before senders wait.
+const COMMAND_QUEUE: usize = 16;
+
+/// The identity manager: attests callers, hands out their instance's state,
+/// and runs their tasks.
+#[derive(Clone)]
+pub struct IdentityManager {
+    ctx: Arc<Context>,
+    registry: Arc<Registry>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl IdentityManager {
+    /// Builds the manager and starts the CRL publisher. Instance tasks are
+    /// spawned on `tracker` and stop when `shutdown` is cancelled.
+    pub fn new(parts: Parts, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+        let mint: Arc<dyn Mint> = parts.ca.clone();
+        Self::with_mint(parts, mint, shutdown, tracker)
+    }
+
+    /// As [`IdentityManager::new`], with SVIDs signed by `mint` (the CA
+    /// still signs CRLs): the seam for tests of slow or failing signing.
+    pub fn with_mint(
+        parts: Parts,
+        mint: Arc<dyn Mint>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Self {
+        let bundle = TrustBundle {
+            trust_domain: parts.trust_domain.clone(),
+            x509_der: parts.ca.bundle_der().into(),
+            crls: Vec::new(),
+        };
+        let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
+        let crl = revoke::spawn_publisher(
+            parts.store.clone(),
+            parts.ca.clone(),
+            bundle_tx,
+            shutdown.clone(),
+            &tracker,
+        );
+        let ctx = Arc::new(Context {
+            trust_domain: parts.trust_domain,
+            attestor: parts.attestor,
+            entries: parts.entries,
+            mint,
+            store: parts.store,
+            settings: parts.settings,
+            crl,
+            refusals: audit::RefusalLimiter::default(),
+            begins: Mutex::new(HashMap::new()),
+        });
+        Self {
+            ctx,
+            registry: Arc::new(Registry::default()),
+            bundle: bundle_rx,
+            shutdown,
+            tracker,
+        }
+    }
+
+    /// Picks up where a previous run left off: instances whose process still
+    /// runs get their identity and unexpired tasks back; the others end, and
+    /// their SVIDs are revoked. Call at start-up.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store cannot be read.
+    pub async fn restore(&self) -> Result<(), Error> {
+        for record in self.ctx.store.live_instances()? {
+            let ctx = self.ctx.clone();
+            let (pid, start) = (record.pid, record.start_time);
+            let same_boot = record.boot_id == self.ctx.attestor.boot_id();
+            let reattested = tokio::task::spawn_blocking(move || ctx.attestor.reattest(pid, start))
+                .await
+                .map_err(|_| Error::ShuttingDown)?;
+            let outcome = match reattested {
+                Ok(a) if same_boot && a.instance_id.as_str() == record.instance_id => {
+                    match self.ctx.matching(&a) {
+                        Ok(entries) => self.restore_one(a, entries).await,
+                        Err(e) => {
+                            let why = e.to_string();
+                            self.end_stored(&record.instance_id, EndReason::NoLongerMatches { why })
+                                .await
+                        }
+                    }
+                }
+                // Not readable right now (e.g. out of file descriptors): leave
+                // it; it is restored on its next request.
+                Err(e @ attest::Error::ProcRead { .. }) if same_boot => Err(e.into()),
+                _ => {
+                    self.end_stored(&record.instance_id, EndReason::GoneAcrossRestart)
+                        .await
+                }
+            };
+            // One instance that cannot be restored must not keep the daemon
+            // from serving everyone else; it gets a fresh start on request.
+            if let Err(e) = outcome {
+                tracing::warn!(instance = %record.instance_id, error = %e, "cannot restore an instance");
+            }
+        }
+        Ok(())
+    }
+
+    async fn restore_one(&self, a: Attestation, entries: Vec<Arc<Entry>>) -> Result<(), Error> {
+        if let Join::Start(starting) = self.registry.join(&a.instance_id) {
+            let handle = self.start(a, entries).await?;
+            self.registry.complete(starting, handle);
+        }
+        Ok(())
+    }
+
+    async fn end_stored(&self, instance_id: &str, reason: EndReason) -> Result<(), Error> {
+        self.ctx
+            .end_stored_instance(instance_id, reason, Vec::new(), "daemon")
+            .await
+    }
+
+    /// Attests the caller and returns its instance's state channel, creating
+    /// the instance (and minting its SVIDs) on its first request. Every
+    /// stream of one process gets the same channel, so the same SVIDs.
+    ///
+    /// # Errors
+    /// [`Error::Attest`] or [`Error::NoMatchingEntry`] when the caller gets no
+    /// identity; [`Error::Ca`], [`Error::Template`], [`Error::Store`] when
+    /// issuing fails.
+    #[tracing::instrument(skip_all, fields(pid = peer.pid, uid = peer.uid))]
+    pub async fn subscribe(&self, peer: PeerCred) -> Result<watch::Receiver<InstanceState>, Error> {
+        Ok(self.instance_for(peer).await?.state)
+    }
+
+    /// Attests the caller and checks that some entry admits it, without
+    /// creating an instance or minting anything: what a caller needs to be
+    /// sent the trust bundle (FetchX509Bundles).
+    ///
+    /// # Errors
+    /// As [`IdentityManager::subscribe`]'s refusals.
+    pub async fn authorize(&self, peer: PeerCred) -> Result<(), Error> {
+        let attestation = self.attest(peer).await?;
+        self.ctx.matching(&attestation).map(drop).inspect_err(|e| {
+            self.ctx
+                .audit_refusal(&peer, &e.to_string(), Some(&attestation));
+        })
+    }
+
+    /// Runs `check`, one of `attest::socket`'s checks of `peer`'s
+    /// connection made before a message with private keys is written, off
+    /// the async workers; a refusal is audited like any other.
+    ///
+    /// # Errors
+    /// [`Error::Attest`] with the check's reason.
+    pub async fn check_connection<F>(&self, peer: PeerCred, check: F) -> Result<(), Error>
+    where
+        F: FnOnce() -> Result<(), attest::Error> + Send + 'static,
+    {
+        let checked = tokio::task::spawn_blocking(check)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        checked.map_err(|e| {
+            self.ctx.audit_refusal(&peer, &e.to_string(), None);
+            e.into()
+        })
+    }
+
+    /// The trust bundle channel: the current bundle and CRL, and every change.
+    pub fn bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
+        self.bundle.clone()
+    }
+
+    /// The instances currently live.
+    pub fn instances(&self) -> Vec<InstanceSummary> {
+        self.registry.list()
+    }
+
+    /// Starts a task for the calling process (the workload socket's Tasks
+    /// service): the entry's `tasks.self_declare` must allow it.
+    ///
+    /// # Errors
+    /// As [`IdentityManager::subscribe`], plus [`Error::Task`].
+    pub async fn begin_own_task(&self, peer: PeerCred, req: BeginTask) -> Result<TaskInfo, Error> {
+        let handle = self.instance_for(peer).await?;
+        let actor = audit::peer_actor(&peer);
+        instance::request(&handle.commands, |reply| Command::Begin {
+            req,
+            requester: Requester::Agent,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// Ends one of the calling process's tasks.
+    ///
+    /// # Errors
+    /// [`Error::UnknownTask`] when the caller has no such live task.
+    pub async fn end_own_task(&self, peer: PeerCred, task_id: String) -> Result<TaskInfo, Error> {
+        let handle = self.instance_for(peer).await?;
+        let actor = audit::peer_actor(&peer);
+        instance::request(&handle.commands, |reply| Command::End {
+            task_id,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// The calling process's live tasks.
+    ///
+    /// # Errors
+    /// As [`IdentityManager::subscribe`].
+    pub async fn list_own_tasks(&self, peer: PeerCred) -> Result<Vec<TaskInfo>, Error> {
+        let handle = self.instance_for(peer).await?;
+        instance::request(&handle.commands, |reply| Command::List { reply }).await
+    }
+
+    /// Starts a task for any live instance: the orchestrator path (admin API).
+    ///
+    /// # Errors
+    /// [`Error::UnknownInstance`], [`Error::Task`], or issuing errors.
+    pub async fn begin_task(
+        &self,
+        instance: &InstanceId,
+        req: BeginTask,
+        actor: String,
+    ) -> Result<TaskInfo, Error> {
+        let commands = self.commands_of(instance)?;
+        instance::request(&commands, |reply| Command::Begin {
+            req,
+            requester: Requester::Operator,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// Ends a task of any live instance: the orchestrator path.
+    ///
+    /// # Errors
+    /// [`Error::UnknownInstance`] or [`Error::UnknownTask`].
+    pub async fn end_task(
+        &self,
+        instance: &InstanceId,
+        task_id: String,
+        actor: String,
+    ) -> Result<TaskInfo, Error> {
+        let commands = self.commands_of(instance)?;
+        instance::request(&commands, |reply| Command::End {
+            task_id,
+            actor,
+            reply,
+        })
+        .await
+    }
+
+    /// Revokes a live instance: its tasks end, its SVIDs are revoked, and its
+    /// streams end with PermissionDenied. The revocation sticks for the life
+    /// of its process.
+    ///
+    /// # Errors
+    /// [`Error::UnknownInstance`].
+    pub async fn revoke_instance(&self, instance: &InstanceId, actor: String) -> Result<(), Error> {
+        let commands = self.commands_of(instance)?;
+        instance::request(&commands, |reply| Command::Revoke { actor, reply }).await
+    }
+
+    fn commands_of(&self, instance: &InstanceId) -> Result<mpsc::Sender<Command>, Error> {
+        self.registry
+            .get(instance)
+            .map(|h| h.commands)
+            .ok_or_else(|| Error::UnknownInstance(instance.to_string()))
+    }
+
+    /// Attests `peer` off the async workers; a refusal is audited.
+    async fn attest(&self, peer: PeerCred) -> Result<Attestation, Error> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let ctx = self.ctx.clone();
+        let attested = tokio::task::spawn_blocking(move || ctx.attestor.attest(&peer))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        attested.map_err(|e| {
+            self.ctx.audit_refusal(&peer, &e.to_string(), None);
+            e.into()
+        })
+    }
+
+    /// Attests `peer` and returns its live instance, joining the start in
+    /// progress or starting it.
+    async fn instance_for(&self, peer: PeerCred) -> Result<Handle, Error> {
+        let attestation = self.attest(peer).await?;
+        // Match first, even for a live instance: a process that exec'd
+        // another binary or changed uid is refused now, not at its next
+        // rotation, and its instance is told to re-attest at once.
+        let entries = match self.ctx.matching(&attestation) {
+            Ok(entries) => entries,
+            Err(e) => {
+                if let Some(handle) = self.registry.get(&attestation.instance_id) {
+                    let _ = handle.commands.try_send(Command::Recheck);
+                }
+                self.ctx
+                    .audit_refusal(&peer, &e.to_string(), Some(&attestation));
+                return Err(e);
+            }
+        };
+        let refused = |reason: &EndReason| {
+            self.ctx.audit_refusal(
+                &peer,
+                &format!("revoked instance: {reason}"),
+                Some(&attestation),
+            );
+            Error::Revoked(reason.to_string())
+        };
+        loop {
+            match self.registry.join(&attestation.instance_id) {
+                Join::Live(handle) => {
+                    let state = handle.state.borrow().clone();
+                    return match state {
+                        InstanceState::Active(_) => Ok(handle),
+                        InstanceState::Ended(reason) if reason.is_sticky() => {
+                            Err(refused(&reason))
+                        }
+                        InstanceState::Ended(_) => Err(Error::InstanceEnded),
+                    };
+                }
+                Join::Wait(mut done) => {
+                    // Woken when the start in progress succeeds or fails;
+                    // then join again.
+                    let _ = done.changed().await;
+                }
+                Join::Start(starting) => {
+                    for earlier in self
+                        .registry
+                        .earlier_programs(attestation.facts.pid, &attestation.instance_id)
+                    {
+                        // The program this process ran before an exec: it
+                        // re-attests now and ends (its SVIDs revoked).
+                        let _ = earlier.try_send(Command::Recheck);
+                    }
+                    // A cheap read first, so a revoked process that retries
+                    // costs no signing; the write that records the SVIDs
+                    // checks again, and is the one that decides.
+                    let id = attestation.instance_id.to_string();
+                    if let Some(end) = self
+                        .ctx
+                        .store
+                        .instance(&id)?
+                        .and_then(|r| r.end_reason)
+                        .filter(EndReason::is_sticky)
+                    {
+                        return Err(refused(&end));
+                    }
+                    let handle = match self.start(attestation.clone(), entries.clone()).await {
+                        Ok(handle) => handle,
+                        Err(Error::Revoked(reason)) => {
+                            self.ctx.audit_refusal(
+                                &peer,
+                                &format!("revoked instance: {reason}"),
+                                Some(&attestation),
+                            );
+                            return Err(Error::Revoked(reason));
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    self.registry.complete(starting, handle.clone());
+                    return Ok(handle);
+                }
+            }
+        }
+    }
+
+    /// Mints and records a new instance's SVIDs and starts its actor. The
+    /// caller holds the registry's right to start it (or is restoring at
+    /// start-up, before any request).
+    async fn start(&self, attestation: Attestation, entries: Vec<Arc<Entry>>) -> Result<Handle, Error> {
+        let live = Live::start(&self.ctx, attestation, entries).await?;
+        let (pid, start_time) = (
+            live.attestation.facts.pid,
+            live.attestation.facts.start_time,
+        );
+        let (state_tx, state_rx) = watch::channel(InstanceState::Active(live.identity_set()));
+        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let handle = Handle {
+            state: state_rx,
+            commands: commands_tx,
+            pid,
+            start_time,
+        };
+        let task = InstanceTask::new(
+            self.ctx.clone(),
+            self.registry.clone(),
+            live,
+            state_tx,
+            commands_rx,
+            self.shutdown.clone(),
+        );
+        self.tracker.spawn(task.run());
+        Ok(handle)
+    }
+}
