@@ -53,6 +53,29 @@ pub enum Error {
     WorkloadApi(#[from] workload_api::Error),
 }
 
+/// Most threads the runtime's blocking pool may grow to, per core. The pool
+/// runs attestation (/proc reads) and the holder scans; everything else is
+/// async or on the store's writer thread. Bounded, so a burst of clients
+/// cannot grow the daemon to hundreds of threads (the default is 512).
+pub const BLOCKING_THREADS_PER_CORE: usize = 2;
+
+/// The daemon's runtime: one worker per core, and a blocking pool of
+/// [`BLOCKING_THREADS_PER_CORE`] per core. Together with the store's writer
+/// thread and the main thread, the daemon never runs more than
+/// 3 x cores + 2 threads.
+///
+/// # Errors
+/// When the runtime's threads cannot be started.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .max_blocking_threads(BLOCKING_THREADS_PER_CORE * cores)
+        .thread_name("sigil-worker")
+        .enable_all()
+        .build()
+}
+
 /// A daemon ready to serve.
 pub struct App {
     config: Config,

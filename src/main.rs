@@ -1,4 +1,5 @@
-//! The `sigil` binary: parse the command line, set up logs, run.
+//! The `sigil` binary: parse the command line, set up logs, build the
+//! runtime, run.
 
 use std::process::ExitCode;
 
@@ -6,11 +7,17 @@ use clap::Parser;
 
 use sigil::cli::{self, Cli};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     sigil::telemetry::init(cli.default_log_level(), cli.log_json);
-    match cli::run(cli).await {
+    let runtime = match sigil::app::runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sigil: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("sigil: {e:#}");

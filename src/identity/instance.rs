@@ -220,13 +220,15 @@ impl InstanceTask {
     async fn reattest(
         &mut self,
     ) -> Result<(attest::Attestation, Vec<Arc<crate::policy::Entry>>), Step> {
-        let ctx = self.ctx.clone();
-        let (pid, start) = (
+        let (pid, start, uid) = (
             self.live.attestation.facts.pid,
             self.live.attestation.facts.start_time,
+            self.live.attestation.facts.uid,
         );
-        let reattested =
-            tokio::task::spawn_blocking(move || ctx.attestor.reattest(pid, start)).await;
+        let reattested = self
+            .ctx
+            .attest_off_thread(uid, move |a| a.reattest(pid, start))
+            .await;
         let attestation = match reattested {
             // The same process running another program is another instance:
             // this one ended with its program (its SVIDs are revoked).
@@ -242,7 +244,7 @@ impl InstanceTask {
             // Not readable right now (e.g. out of file descriptors): keep the
             // current SVIDs and try again shortly; they stay valid meanwhile.
             Ok(Err(e)) => return Err(self.retry_later(&e.into()).await),
-            Err(_) => return Err(Step::Stop), // runtime shutting down
+            Err(_) => return Err(Step::Stop), // the runtime is shutting down
         };
         match self.ctx.matching(&attestation) {
             Ok(entries) => Ok((attestation, entries)),
@@ -292,7 +294,10 @@ impl InstanceTask {
                 self.unrecorded_end = Some((reason.clone(), actor.to_owned()));
             }
         }
-        if matches!(reason, EndReason::Revoked { .. } | EndReason::NoLongerMatches { .. }) {
+        if matches!(
+            reason,
+            EndReason::Revoked { .. } | EndReason::NoLongerMatches { .. }
+        ) {
             tracing::warn!(instance = %id, %reason, "instance lost its identity");
         }
         self.tx.send_replace(InstanceState::Ended(reason));

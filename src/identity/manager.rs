@@ -78,6 +78,7 @@ impl IdentityManager {
             crl,
             refusals: audit::RefusalLimiter::default(),
             begins: Mutex::new(HashMap::new()),
+            attesting: super::context::UidSlots::default(),
         });
         Self {
             ctx,
@@ -96,12 +97,12 @@ impl IdentityManager {
     /// [`Error::Store`] when the store cannot be read.
     pub async fn restore(&self) -> Result<(), Error> {
         for record in self.ctx.store.live_instances()? {
-            let ctx = self.ctx.clone();
             let (pid, start) = (record.pid, record.start_time);
             let same_boot = record.boot_id == self.ctx.attestor.boot_id();
-            let reattested = tokio::task::spawn_blocking(move || ctx.attestor.reattest(pid, start))
-                .await
-                .map_err(|_| Error::ShuttingDown)?;
+            let reattested = self
+                .ctx
+                .attest_off_thread(record.uid, move |a| a.reattest(pid, start))
+                .await?;
             let outcome = match reattested {
                 Ok(a) if same_boot && a.instance_id.as_str() == record.instance_id => {
                     match self.ctx.matching(&a) {
@@ -303,10 +304,10 @@ impl IdentityManager {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        let ctx = self.ctx.clone();
-        let attested = tokio::task::spawn_blocking(move || ctx.attestor.attest(&peer))
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+        let attested = self
+            .ctx
+            .attest_off_thread(peer.uid, move |a| a.attest(&peer))
+            .await?;
         attested.map_err(|e| {
             self.ctx.audit_refusal(&peer, &e.to_string(), None);
             e.into()
@@ -345,9 +346,7 @@ impl IdentityManager {
                     let state = handle.state.borrow().clone();
                     return match state {
                         InstanceState::Active(_) => Ok(handle),
-                        InstanceState::Ended(reason) if reason.is_sticky() => {
-                            Err(refused(&reason))
-                        }
+                        InstanceState::Ended(reason) if reason.is_sticky() => Err(refused(&reason)),
                         InstanceState::Ended(_) => Err(Error::InstanceEnded),
                     };
                 }
@@ -400,7 +399,11 @@ impl IdentityManager {
     /// Mints and records a new instance's SVIDs and starts its actor. The
     /// caller holds the registry's right to start it (or is restoring at
     /// start-up, before any request).
-    async fn start(&self, attestation: Attestation, entries: Vec<Arc<Entry>>) -> Result<Handle, Error> {
+    async fn start(
+        &self,
+        attestation: Attestation,
+        entries: Vec<Arc<Entry>>,
+    ) -> Result<Handle, Error> {
         let live = Live::start(&self.ctx, attestation, entries).await?;
         let (pid, start_time) = (
             live.attestation.facts.pid,

@@ -27,8 +27,8 @@ use crate::policy::{EntrySet, TaskRefusal, TemplateError};
 use crate::store::{self, EndReason, Store};
 
 pub use context::Mint;
-pub use revoke::COALESCE as CRL_COALESCE;
 pub use manager::IdentityManager;
+pub use revoke::COALESCE as CRL_COALESCE;
 
 /// The Workload API hint of the default SVID.
 pub const INSTANCE_HINT: &str = "instance";
@@ -113,9 +113,9 @@ impl InstanceState {
     /// than just ending, as when the process exits).
     pub fn lost_identity(&self) -> Option<&EndReason> {
         match self {
-            InstanceState::Ended(reason @ (EndReason::Revoked { .. } | EndReason::NoLongerMatches { .. })) => {
-                Some(reason)
-            }
+            InstanceState::Ended(
+                reason @ (EndReason::Revoked { .. } | EndReason::NoLongerMatches { .. }),
+            ) => Some(reason),
             _ => None,
         }
     }

@@ -28,7 +28,9 @@ pub(crate) struct Handle {
 enum Slot {
     /// Someone is starting it; the receiver wakes when they are done
     /// (their [`Starting`] guard dropped, in success or failure).
-    Starting { done: watch::Receiver<()> },
+    Starting {
+        done: watch::Receiver<()>,
+    },
     Live(Handle),
 }
 
@@ -98,8 +100,7 @@ impl Registry {
 
     /// Makes a started instance live; its waiters wake and join it.
     pub(crate) fn complete(&self, mut starting: Starting, handle: Handle) {
-        self.lock()
-            .insert(starting.id.clone(), Slot::Live(handle));
+        self.lock().insert(starting.id.clone(), Slot::Live(handle));
         starting.completed = true;
     }
 

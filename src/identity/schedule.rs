@@ -102,7 +102,10 @@ mod tests {
         let seconds = 18.0;
         let mean = 1_000.0 / seconds;
         let max = f64::from(*per_second.values().max().unwrap());
-        assert!(max <= 2.0 * mean, "max {max} per second against a mean of {mean}");
+        assert!(
+            max <= 2.0 * mean,
+            "max {max} per second against a mean of {mean}"
+        );
         assert!(per_second.len() >= 18, "every second of the window is used");
     }
 

@@ -142,13 +142,8 @@ impl Live {
         live.instance_svids = minted_back.into_iter().map(|m| m.held).collect();
         for (info, m) in restored {
             tracing::info!(instance = %live.attestation.instance_id, task = %info.task_id, "restored a task");
-            live.tasks.insert(
-                info.task_id.clone(),
-                LiveTask {
-                    info,
-                    held: m.held,
-                },
-            );
+            live.tasks
+                .insert(info.task_id.clone(), LiveTask { info, held: m.held });
         }
         tracing::info!(instance = %live.attestation.instance_id, pid = live.attestation.facts.pid, svids = live.instance_svids.len(), "attested an instance and issued its SVIDs");
         Ok(live)
@@ -378,8 +373,7 @@ impl Live {
         self.attestation = attestation;
         self.entries = entries;
         let record = instance_record(ctx, &self.attestation);
-        let instance_due =
-            !same_entries || self.instance_svids.iter().any(|h| h.rotate_at <= now);
+        let instance_due = !same_entries || self.instance_svids.iter().any(|h| h.rotate_at <= now);
         let fresh = if instance_due {
             Some(self.mint_instance_svids(ctx, Minted::Rotation)?)
         } else {
@@ -415,8 +409,7 @@ impl Live {
                     for serial in &superseded {
                         tx.revoke_serial(serial, SystemTime::now(), reason)?;
                     }
-                    let ev =
-                        events::revocation(&instance_id, None, &superseded, reason, "daemon");
+                    let ev = events::revocation(&instance_id, None, &superseded, reason, "daemon");
                     tx.append_audit(&ev)?;
                 }
                 Ok((fresh, tasks))
@@ -460,7 +453,10 @@ impl Live {
 
     /// `<instance SPIFFE ID>/task/<task id>`.
     fn task_spiffe_id(&self, task_id: &str) -> Result<SpiffeId, Error> {
-        let base = self.instance_svids.first().map(|h| h.svid.spiffe_id.clone());
+        let base = self
+            .instance_svids
+            .first()
+            .map(|h| h.svid.spiffe_id.clone());
         task_spiffe_id(base.as_ref(), task_id)
     }
 
@@ -612,10 +608,7 @@ impl Context {
                 let now = SystemTime::now();
                 let task_end = TaskEndReason::InstanceEnded(reason_in.clone());
                 let tasks = if tasks.is_empty() {
-                    tx.live_tasks(&id)?
-                        .into_iter()
-                        .map(|t| t.task_id)
-                        .collect()
+                    tx.live_tasks(&id)?.into_iter().map(|t| t.task_id).collect()
                 } else {
                     tasks
                 };

@@ -93,7 +93,9 @@ impl fmt::Display for EndReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EndReason::Exited => f.write_str("process exited"),
-            EndReason::ExecutedAnotherProgram => f.write_str("the process executed another program"),
+            EndReason::ExecutedAnotherProgram => {
+                f.write_str("the process executed another program")
+            }
             EndReason::Revoked { by } => write!(f, "revoked by {by}"),
             EndReason::NoLongerMatches { why } => write!(f, "no longer matches its entries: {why}"),
             EndReason::GoneAcrossRestart => f.write_str("process gone across a restart"),
@@ -133,7 +135,9 @@ impl TaskEndReason {
     pub(crate) fn detail(&self) -> String {
         match self {
             TaskEndReason::Requested { by } => by.clone(),
-            TaskEndReason::InstanceEnded(reason) => format!("{}:{}", reason.kind(), reason.detail()),
+            TaskEndReason::InstanceEnded(reason) => {
+                format!("{}:{}", reason.kind(), reason.detail())
+            }
             other => other.to_string(),
         }
     }
@@ -254,7 +258,10 @@ mod tests {
 
     #[test]
     fn an_unknown_kind_is_not_read_as_some_other_end() {
-        assert_eq!(EndReason::from_columns("revoked_maybe", String::new()), None);
+        assert_eq!(
+            EndReason::from_columns("revoked_maybe", String::new()),
+            None
+        );
         assert_eq!(TaskEndReason::from_columns("", String::new()), None);
     }
 }

@@ -7,11 +7,11 @@ use std::time::SystemTime;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 
+use super::ends::{EndReason, TaskEndReason};
 use super::records::{
     INSTANCE_COLUMNS, InstanceRecord, TASK_COLUMNS, TaskRecord, collect, instance_from_row, opt_ms,
     task_from_row, to_json, to_ms,
 };
-use super::ends::{EndReason, TaskEndReason};
 use super::{Error, sqlite};
 
 /// Inserts an instance, or refreshes `last_seen` and `selectors` of a known
@@ -131,7 +131,13 @@ pub(crate) fn end_task(
     conn.execute(
         "UPDATE tasks SET ended_at_ms = ?3, end_kind = ?4, end_reason = ?5
          WHERE instance_id = ?1 AND task_id = ?2 AND ended_at_ms IS NULL",
-        params![instance_id, task_id, to_ms(at), reason.kind(), reason.detail()],
+        params![
+            instance_id,
+            task_id,
+            to_ms(at),
+            reason.kind(),
+            reason.detail()
+        ],
     )
     .map(|changed| changed > 0)
     .map_err(sqlite("end task"))
@@ -171,8 +177,8 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::{EndReason, TaskEndReason};
     use crate::store::fixtures::{TestStore, done, instance, store, t, task};
+    use crate::store::{EndReason, TaskEndReason};
     use crate::store::{Error, TaskRecord};
 
     #[test]

@@ -10,8 +10,8 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, Row};
 use serde::de::DeserializeOwned;
 
-pub use super::ends::{EndReason, TaskEndReason};
 use super::ends::end_columns;
+pub use super::ends::{EndReason, TaskEndReason};
 
 /// An attested process as remembered across restarts, so a restarted daemon
 /// knows which instances were live and can revoke their SVIDs.

@@ -186,7 +186,10 @@ fn concurrent_writes_are_committed_in_groups_and_each_is_acknowledged() {
                     store
                         .write(move |tx| tx.record_svid(&svid(&row, "i1", None, t(100))))
                         .unwrap();
-                    assert!(store.svid(&serial).unwrap().is_some(), "acknowledged means readable");
+                    assert!(
+                        store.svid(&serial).unwrap().is_some(),
+                        "acknowledged means readable"
+                    );
                 }
             })
         })
@@ -196,7 +199,10 @@ fn concurrent_writes_are_committed_in_groups_and_each_is_acknowledged() {
     }
     let groups = store.groups_committed() - before;
     assert_eq!(store.svids_of("i1").unwrap().len(), 800);
-    assert!(groups < 800, "800 writes from 16 threads took {groups} commits: no grouping");
+    assert!(
+        groups < 800,
+        "800 writes from 16 threads took {groups} commits: no grouping"
+    );
 }
 
 #[test]

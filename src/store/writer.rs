@@ -240,6 +240,6 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) {
         tracing::warn!(error = %e, jobs = group.len(), "a group of store writes failed; none of them was acknowledged");
     }
     for job in group {
-        job.finish(committed.as_ref().map(|()| ()));
+        job.finish(committed.as_ref().copied());
     }
 }
