@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::CertificateDer;
 
+use crate::fsutil;
 use crate::ids::{SpiffeId, TrustDomain};
 pub use keys::PrivateKey;
 
@@ -62,7 +63,7 @@ pub enum Error {
     },
     /// The CA directory is somewhere another user could swap it.
     #[error("the CA directory is not safe for a key: {0}")]
-    UnsafeDir(crate::fsutil::Error),
+    UnsafeDir(fsutil::Error),
     /// rcgen refused to produce a certificate.
     #[error("cannot sign a certificate for {what}: {message}")]
     Signing {
@@ -124,7 +125,7 @@ impl Ca {
         let dir = state_dir.join("ca");
         // The key is read from (or written to) here: nobody but root or us
         // may be able to swap the directory or a symlink on its path.
-        crate::fsutil::check_trusted_path(&dir).map_err(Error::UnsafeDir)?;
+        fsutil::check_trusted_path(&dir).map_err(Error::UnsafeDir)?;
         let key_path = dir.join(CA_KEY_FILE);
         let cert_path = dir.join(CA_CERT_FILE);
         match (key_path.exists(), cert_path.exists()) {
@@ -156,7 +157,7 @@ impl Ca {
         cert_path: &Path,
         trust_domain: &TrustDomain,
     ) -> Result<Self, Error> {
-        crate::fsutil::create_private_dir(dir).map_err(Error::UnsafeDir)?;
+        fsutil::create_private_dir(dir).map_err(Error::UnsafeDir)?;
         let key = KeyPair::generate().map_err(|e| signing_error("the CA key", e))?;
         let now = SystemTime::now();
         let not_after = now + CA_VALIDITY;
@@ -172,9 +173,9 @@ impl Ca {
             .map_err(|e| signing_error("the CA", e))?;
         // Key first: a crash in between leaves a lone key, which load refuses
         // loudly rather than silently making a second CA.
-        keys::write_private_file(key_path, key.serialize_pem().as_bytes())
+        fsutil::write_private_file(key_path, key.serialize_pem().as_bytes())
             .map_err(|e| io_error("write", key_path, e))?;
-        keys::write_private_file(cert_path, cert.pem().as_bytes())
+        fsutil::write_private_file(cert_path, cert.pem().as_bytes())
             .map_err(|e| io_error("write", cert_path, e))?;
         tracing::info!(dir = %dir.display(), %trust_domain, "created a new CA");
         Ok(Self {
