@@ -13,7 +13,7 @@ async fn main() -> ExitCode {
     match cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sigil: {e:#}");
+            eprintln!("sigil: {}", cli::report(&e));
             ExitCode::FAILURE
         }
     }

@@ -157,6 +157,7 @@ mod tests {
             identity::Error::Ca(ca::Error::Corrupt {
                 dir: PathBuf::from("/state/ca"),
                 reason: "test".into(),
+                source: None,
             }),
             identity::Error::Store(store::Error::Open {
                 path: PathBuf::from("/state/sigil.db"),
