@@ -41,23 +41,23 @@ const MAX_SOCKET_PATH: usize = 107;
 const EMBEDDED: &str = "<embedded defaults>";
 
 /// A configuration mistake, naming where it is.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {message}")]
+    #[error("cannot read config file {path}: {source}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        message: String,
+        source: std::io::Error,
     },
     /// The file is not valid TOML or has unknown or mistyped keys.
-    #[error("{source_name}: {message}")]
+    #[error("{source_name}: {source}")]
     Parse {
         /// The file (or the embedded defaults).
         source_name: String,
-        /// The TOML parser's message, with line and column.
-        message: String,
+        /// The TOML parser's error; its message has the line and column.
+        source: toml::de::Error,
     },
     /// A value is not acceptable.
     #[error("{source_name}: {field}: {message}")]
@@ -196,9 +196,9 @@ impl Config {
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, Error> {
         match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| Error::Read {
+                let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
                     path: path.to_owned(),
-                    message: e.to_string(),
+                    source,
                 })?;
                 Self::parse(&text, &path.display().to_string(), overrides)
             }
@@ -213,9 +213,9 @@ impl Config {
     /// # Errors
     /// [`Error::Parse`] or [`Error::Invalid`].
     pub fn parse(text: &str, source_name: &str, overrides: &Overrides) -> Result<Self, Error> {
-        let mut raw: RawConfig = toml::from_str(text).map_err(|e| Error::Parse {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|source| Error::Parse {
             source_name: source_name.to_owned(),
-            message: e.to_string(),
+            source,
         })?;
         if source_name == EMBEDDED && raw.entries.is_empty() {
             raw.entries.push(default_entry());

@@ -1,5 +1,6 @@
 //! File-system safety: directories only root or the daemon's user can
-//! change, and the workload socket bound only where nothing else lies.
+//! change, private directories and files, and the workload socket bound only
+//! where nothing else lies.
 //!
 //! One rule, kept here and used for the socket directory, the state
 //! directory and the CA directory: every directory on the way to them, and
@@ -10,13 +11,17 @@
 //! `sigil fetch` no longer reaches. The walk resolves symlinks itself with
 //! `lstat`, as the kernel would, so a symlink cannot hide an ancestor.
 //!
+//! What the daemon alone may read (the state and CA directories, the CA key,
+//! the store, fetched keys) is made here too: directories 0700 and files
+//! 0600, the mode set explicitly so the umask cannot loosen or tighten it.
+//!
 //! Does not own: what goes inside those directories (`ca`, `store`), or the
 //! server on the socket (`workload_api`).
 
 use std::ffi::OsString;
-use std::fs::{self, DirBuilder, Metadata, Permissions};
-use std::io::{self, ErrorKind};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::fs::{self, DirBuilder, Metadata, OpenOptions, Permissions};
+use std::io::{self, ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,6 +31,8 @@ use tokio::net::UnixListener;
 const MAX_SYMLINKS: usize = 40;
 /// Mode of a private directory (state, CA): the owner only.
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of a private file (the CA key, the store): the owner only.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Why a path is not safe to use, or a socket cannot be bound there.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -197,29 +204,41 @@ fn describe_uid(uid: u32) -> String {
 /// As [`check_trusted_path`], or [`Error::Io`] when it cannot be created.
 pub fn create_trusted_dir(dir: &Path, mode: u32) -> Result<(), Error> {
     check_trusted_path(dir)?;
-    if !dir.exists() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(mode)
-            .create(dir)
-            .map_err(io_error("create the directory", dir))?;
-        // The umask may have taken rights away that the mode asked for.
-        // Through a descriptor opened without following a symlink: a path
-        // under a shared sticky directory could be swapped for a link to
-        // another file between the mkdir and the chmod.
-        let opened = rustix::fs::open(
-            dir,
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| io_error("open the new directory", dir)(e.into()))?;
-        rustix::fs::fchmod(&opened, rustix::fs::Mode::from_raw_mode(mode))
-            .map_err(|e| io_error("set permissions on", dir)(e.into()))?;
-    }
+    create_dir_with_mode(dir, mode)?;
     check_trusted_path(dir)
+}
+
+/// Creates `dir` and its missing parents if it is missing, and gives the
+/// new directory exactly `mode`, whatever the umask. An existing directory
+/// is left as it is. Checks nothing about the path: see
+/// [`create_trusted_dir`] for that.
+///
+/// # Errors
+/// [`Error::Io`] naming the step that failed.
+pub fn create_dir_with_mode(dir: &Path, mode: u32) -> Result<(), Error> {
+    if dir.exists() {
+        return Ok(());
+    }
+    DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(io_error("create the directory", dir))?;
+    // The umask may have taken rights away that the mode asked for.
+    // Through a descriptor opened without following a symlink: a path
+    // under a shared sticky directory could be swapped for a link to
+    // another file between the mkdir and the chmod.
+    let opened = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| io_error("open the new directory", dir)(e.into()))?;
+    rustix::fs::fchmod(&opened, rustix::fs::Mode::from_raw_mode(mode))
+        .map_err(|e| io_error("set permissions on", dir)(e.into()))
 }
 
 /// Creates or checks a directory only the daemon's user may use (the state
@@ -254,6 +273,72 @@ pub fn create_private_dir(dir: &Path) -> Result<(), Error> {
         });
     }
     Ok(())
+}
+
+/// Creates `path` as an empty file readable by the owner only (0600, set
+/// on the new file whatever the umask) if nothing is there; returns whether
+/// it did. Whatever is already there (a file, or a symlink: never followed)
+/// is left alone.
+///
+/// # Errors
+/// The I/O error of the create or the chmod.
+pub fn create_private_file(path: &Path) -> io::Result<bool> {
+    let created = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path);
+    match created {
+        Ok(file) => {
+            file.set_permissions(Permissions::from_mode(PRIVATE_FILE_MODE))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sets an existing file's mode to 0600, whatever the umask or an earlier
+/// owner left.
+///
+/// # Errors
+/// The I/O error of the chmod (`NotFound` when there is no such file).
+pub fn set_private_mode(path: &Path) -> io::Result<()> {
+    fs::set_permissions(path, Permissions::from_mode(PRIVATE_FILE_MODE))
+}
+
+/// Writes `contents` to `path` readable by the owner only (0600),
+/// atomically: a crash leaves either the old file or the new one, never
+/// half of either.
+///
+/// # Errors
+/// The I/O error of the first step that failed.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE_MODE)
+            .open(&tmp)?;
+        // mode() is filtered by the umask only towards fewer rights, but a
+        // pre-existing file keeps its mode: set it explicitly.
+        file.set_permissions(Permissions::from_mode(PRIVATE_FILE_MODE))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Binds a Unix socket at `path` with `mode`, creating its directory (mode
@@ -372,6 +457,62 @@ mod tests {
         assert_eq!(mode(&made), 0o755);
         create_private_dir(&dir.path().join("private")).unwrap();
         assert_eq!(mode(&dir.path().join("private")), 0o700);
+    }
+
+    #[test]
+    fn a_new_directory_without_trust_checks_gets_its_mode_and_an_old_one_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = dir.path().join("a/b");
+        create_dir_with_mode(&made, PRIVATE_DIR_MODE).unwrap();
+        assert_eq!(mode(&made), 0o700);
+        fs::set_permissions(&made, Permissions::from_mode(0o750)).unwrap();
+        create_dir_with_mode(&made, PRIVATE_DIR_MODE).unwrap();
+        assert_eq!(mode(&made), 0o750);
+    }
+
+    #[test]
+    fn private_files_are_written_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        fs::write(&path, b"old").unwrap();
+        fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
+        write_private_file(&path, b"new").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn a_private_file_is_created_0600_once_and_never_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        assert!(create_private_file(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+        fs::write(&path, b"kept").unwrap();
+        assert!(!create_private_file(&path).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"kept");
+
+        let target = dir.path().join("elsewhere");
+        let link = dir.path().join("link");
+        symlink(&target, &link).unwrap();
+        assert!(!create_private_file(&link).unwrap());
+        assert!(!target.exists(), "the symlink was not followed");
+    }
+
+    #[test]
+    fn a_loosened_file_is_set_back_to_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        fs::write(&path, b"").unwrap();
+        fs::set_permissions(&path, Permissions::from_mode(0o644)).unwrap();
+        set_private_mode(&path).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        let missing = set_private_mode(&dir.path().join("none")).unwrap_err();
+        assert_eq!(missing.kind(), ErrorKind::NotFound);
     }
 
     #[test]

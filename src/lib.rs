@@ -21,8 +21,9 @@
 //!   Workload API and the task extension, and the `:authority` repair).
 //! - [`sys`]: the one module with `unsafe` (kcmp(2)).
 //! - [`app`]: the single wiring point; [`shutdown`]: stop and drain.
-//! - [`fsutil`]: directories only root or the daemon's user can change, and
-//!   binding the socket only where nothing else lies.
+//! - [`fsutil`]: directories only root or the daemon's user can change,
+//!   private (0700/0600) directories and files, and binding the socket only
+//!   where nothing else lies.
 //! - [`cli`]: the `sigil` command line.
 
 // `unsafe` is denied here and allowed only in `sys`, one documented system

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sigil: {e:#}");
+            eprintln!("sigil: {}", cli::report(&e));
             ExitCode::FAILURE
         }
     }

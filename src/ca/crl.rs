@@ -51,6 +51,7 @@ impl Ca {
         let fail = |message: String| Error::Signing {
             what: what(),
             message,
+            source: None,
         };
         let revoked_certs = revoked
             .iter()
@@ -72,9 +73,11 @@ impl Ca {
             revoked_certs,
             key_identifier_method: self.key_id_method().map_err(&fail)?,
         };
-        let crl = params
-            .signed_by(&self.issuer)
-            .map_err(|e| fail(e.to_string()))?;
+        let crl = params.signed_by(&self.issuer).map_err(|e| Error::Signing {
+            what: what(),
+            message: e.to_string(),
+            source: Some(e),
+        })?;
         Ok(bytes::Bytes::copy_from_slice(crl.der()))
     }
 

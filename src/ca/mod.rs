@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::CertificateDer;
 
+use crate::fsutil;
 use crate::ids::{SpiffeId, TrustDomain};
 pub use keys::PrivateKey;
 
@@ -25,7 +26,9 @@ pub const CA_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600); // 1 yea
 const CA_KEY_FILE: &str = "ca_key.pem";
 const CA_CERT_FILE: &str = "ca_cert.pem";
 
-/// Why the CA could not be loaded or could not sign.
+/// Why the CA could not be loaded or could not sign. Each keeps the error
+/// that caused it as its `source`. `Clone` because `identity::Error` holds
+/// it and is itself cached (a connection's holder verdict), hence `Arc`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A CA file could not be read or written.
@@ -47,6 +50,9 @@ pub enum Error {
         dir: PathBuf,
         /// What is wrong.
         reason: String,
+        /// The parser's or rcgen's error, when one said so.
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
     },
     /// The CA certificate is for another trust domain than configured.
     #[error(
@@ -62,14 +68,18 @@ pub enum Error {
     },
     /// The CA directory is somewhere another user could swap it.
     #[error("the CA directory is not safe for a key: {0}")]
-    UnsafeDir(crate::fsutil::Error),
-    /// rcgen refused to produce a certificate.
+    UnsafeDir(#[source] fsutil::Error),
+    /// rcgen refused to produce a certificate or CRL, or its inputs are out
+    /// of range (an expired CA, a serial that is not hex).
     #[error("cannot sign a certificate for {what}: {message}")]
     Signing {
         /// What was being signed.
         what: String,
-        /// rcgen's reason.
+        /// Why, for people (rcgen's reason when it was rcgen).
         message: String,
+        /// rcgen's error, when rcgen refused.
+        #[source]
+        source: Option<rcgen::Error>,
     },
 }
 
@@ -124,7 +134,7 @@ impl Ca {
         let dir = state_dir.join("ca");
         // The key is read from (or written to) here: nobody but root or us
         // may be able to swap the directory or a symlink on its path.
-        crate::fsutil::check_trusted_path(&dir).map_err(Error::UnsafeDir)?;
+        fsutil::check_trusted_path(&dir).map_err(Error::UnsafeDir)?;
         let key_path = dir.join(CA_KEY_FILE);
         let cert_path = dir.join(CA_CERT_FILE);
         match (key_path.exists(), cert_path.exists()) {
@@ -136,6 +146,7 @@ impl Ca {
                     "only the {} file is there",
                     if key { CA_KEY_FILE } else { CA_CERT_FILE }
                 ),
+                source: None,
             }),
         }
     }
@@ -156,7 +167,7 @@ impl Ca {
         cert_path: &Path,
         trust_domain: &TrustDomain,
     ) -> Result<Self, Error> {
-        crate::fsutil::create_private_dir(dir).map_err(Error::UnsafeDir)?;
+        fsutil::create_private_dir(dir).map_err(Error::UnsafeDir)?;
         let key = KeyPair::generate().map_err(|e| signing_error("the CA key", e))?;
         let now = SystemTime::now();
         let not_after = now + CA_VALIDITY;
@@ -172,9 +183,9 @@ impl Ca {
             .map_err(|e| signing_error("the CA", e))?;
         // Key first: a crash in between leaves a lone key, which load refuses
         // loudly rather than silently making a second CA.
-        keys::write_private_file(key_path, key.serialize_pem().as_bytes())
+        fsutil::write_private_file(key_path, key.serialize_pem().as_bytes())
             .map_err(|e| io_error("write", key_path, e))?;
-        keys::write_private_file(cert_path, cert.pem().as_bytes())
+        fsutil::write_private_file(cert_path, cert.pem().as_bytes())
             .map_err(|e| io_error("write", cert_path, e))?;
         tracing::info!(dir = %dir.display(), %trust_domain, "created a new CA");
         Ok(Self {
@@ -190,23 +201,42 @@ impl Ca {
         cert_path: &Path,
         trust_domain: &TrustDomain,
     ) -> Result<Self, Error> {
-        let corrupt = |reason: String| Error::Corrupt {
-            dir: dir.to_owned(),
-            reason,
+        let corrupt = |reason: String, source: Option<Arc<dyn std::error::Error + Send + Sync>>| {
+            Error::Corrupt {
+                dir: dir.to_owned(),
+                reason,
+                source,
+            }
         };
         let key_pem =
             std::fs::read_to_string(key_path).map_err(|e| io_error("read", key_path, e))?;
         let cert_pem =
             std::fs::read_to_string(cert_path).map_err(|e| io_error("read", cert_path, e))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| corrupt(format!("{CA_KEY_FILE} is not a private key ({e})")))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| {
+            corrupt(
+                format!("{CA_KEY_FILE} is not a private key ({e})"),
+                Some(Arc::new(e)),
+            )
+        })?;
         let cert_der = pem::parse(&cert_pem)
-            .map_err(|e| corrupt(format!("{CA_CERT_FILE} is not PEM ({e})")))?
+            .map_err(|e| {
+                corrupt(
+                    format!("{CA_CERT_FILE} is not PEM ({e})"),
+                    Some(Arc::new(e)),
+                )
+            })?
             .into_contents();
-        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
-            .map_err(|e| corrupt(format!("{CA_CERT_FILE} is not a certificate ({e})")))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der).map_err(|e| {
+            corrupt(
+                format!("{CA_CERT_FILE} is not a certificate ({e})"),
+                Some(Arc::new(e)),
+            )
+        })?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(corrupt("the key does not belong to the certificate".into()));
+            return Err(corrupt(
+                "the key does not belong to the certificate".into(),
+                None,
+            ));
         }
         check_trust_domain(dir, &parsed, trust_domain)?;
         let not_after = SystemTime::UNIX_EPOCH
@@ -214,8 +244,12 @@ impl Ca {
                 u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0),
             );
         let cert = CertificateDer::from(cert_der);
-        let issuer = Issuer::from_ca_cert_der(&cert, key)
-            .map_err(|e| corrupt(format!("{CA_CERT_FILE} cannot sign ({e})")))?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| {
+            corrupt(
+                format!("{CA_CERT_FILE} cannot sign ({e})"),
+                Some(Arc::new(e)),
+            )
+        })?;
         if not_after <= SystemTime::now() {
             tracing::warn!(dir = %dir.display(), "the CA certificate has expired: SVIDs it signs will not verify");
         }
@@ -241,6 +275,7 @@ impl Ca {
                     "the CA certificate expired at {}; move the CA files in state_dir/ca away to make a new CA (verifiers then need the new bundle)",
                     humantime::format_rfc3339_seconds(self.not_after)
                 ),
+                source: None,
             });
         }
         let key = KeyPair::generate().map_err(|e| signing_error(&what(), e))?;
@@ -314,6 +349,7 @@ fn check_trust_domain(
         None => Err(Error::Corrupt {
             dir: dir.to_owned(),
             reason: "the CA certificate names no trust domain".into(),
+            source: None,
         }),
     }
 }
@@ -330,6 +366,7 @@ fn signing_error(what: &str, e: rcgen::Error) -> Error {
     Error::Signing {
         what: what.to_owned(),
         message: e.to_string(),
+        source: Some(e),
     }
 }
 
@@ -365,6 +402,27 @@ mod tests {
             .unwrap();
         assert!(matches!(err, Error::Corrupt { .. }), "{err}");
         assert_eq!(std::fs::read_to_string(&cert).unwrap(), "garbage");
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_error_that_caused_it_as_its_source() {
+        use std::error::Error as _;
+        let dir = tempfile::tempdir().unwrap();
+        Ca::load_or_create(dir.path(), &td("example.org")).unwrap();
+        let ca_dir = dir.path().join("ca");
+        std::fs::write(ca_dir.join(CA_CERT_FILE), "garbage").unwrap();
+        let err = Ca::load_or_create(dir.path(), &td("example.org"))
+            .err()
+            .unwrap();
+        let cause = err.source().expect("the PEM parser's error");
+        assert!(err.to_string().contains(&cause.to_string()), "{err}");
+
+        std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Ca::load_or_create(dir.path(), &td("example.org"))
+            .err()
+            .unwrap();
+        let cause = err.source().expect("the file-system check's error");
+        assert!(cause.is::<fsutil::Error>(), "{cause}");
     }
 
     #[test]

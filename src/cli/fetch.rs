@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 
 use super::EndpointArg;
 use super::client;
-use crate::ca::keys::write_private_file;
+use crate::fsutil::write_private_file;
 use crate::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
 
 /// What to fetch.

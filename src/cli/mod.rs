@@ -71,3 +71,47 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
     }
 }
+
+/// An error and its causes on one line for the terminal, like anyhow's
+/// `{:#}`, but naming each cause once: many messages already quote their
+/// source (an I/O error, the TOML parser's snippet) and keep it as
+/// `source()` too, so the chain is whole for code that walks it.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let line = cause.to_string();
+        if text.contains(&line) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&line);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_not_repeated() {
+        let config = crate::config::Config::parse(
+            "not toml [",
+            "/etc/sigil.toml",
+            &crate::config::Overrides::default(),
+        )
+        .unwrap_err();
+        let parser = std::error::Error::source(&config)
+            .expect("the parser's error is kept")
+            .to_string();
+        let e = anyhow::Error::new(config).context("the configuration is invalid");
+        let text = report(&e);
+        assert!(
+            text.starts_with("the configuration is invalid: /etc/sigil.toml: "),
+            "{text}"
+        );
+        assert_eq!(text.matches(parser.as_str()).count(), 1, "{text}");
+    }
+}

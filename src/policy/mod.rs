@@ -87,21 +87,6 @@ impl EntrySet {
             .cloned()
             .collect()
     }
-
-    /// All entries.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> {
-        self.entries.iter()
-    }
-
-    /// Number of entries.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// True when there are no entries (nothing can get an identity).
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,9 @@
 //! Opening the database file safely: creating it 0600, checking an existing
 //! file read-only (integrity, schema version, application id) before anything can
-//! write to it, then setting the durability pragmas and migrating.
+//! write to it, then setting the durability pragmas and migrating. The
+//! private modes themselves are made by `fsutil`.
 
-use std::fs::{self, DirBuilder, OpenOptions, Permissions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 use super::Error;
 use super::preflight::{self, SideFiles};
 use super::schema::{self, APPLICATION_ID, SUPPORTED_VERSION};
+use crate::fsutil::{self, PRIVATE_DIR_MODE};
 
 /// The database file's name inside the state directory.
 pub(crate) const DB_FILE: &str = "sigil.db";
@@ -23,9 +23,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Truncate the WAL back to this size after checkpoints (64 MiB).
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-
-const FILE_MODE: u32 = 0o600;
-const DIR_MODE: u32 = 0o700;
 
 /// Opens or creates `state_dir/sigil.db`, ready for use at the newest schema.
 /// `earlier_run` names a file that proves the directory was used before
@@ -39,12 +36,9 @@ pub(crate) fn open(
         path: path.clone(),
         message,
     };
-    DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(state_dir)
-        .map_err(|e| open_err(format!("cannot create the state directory: {e}")))?;
-    let created = create_file(&path).map_err(|e| open_err(e.to_string()))?;
+    fsutil::create_dir_with_mode(state_dir, PRIVATE_DIR_MODE)
+        .map_err(|e| open_err(e.to_string()))?;
+    let created = fsutil::create_private_file(&path).map_err(|e| open_err(e.to_string()))?;
     if !created {
         preflight::check_not_emptied(&path, earlier_run)?;
         preflight::check_wal(&path)?;
@@ -61,20 +55,6 @@ pub(crate) fn open(
     restrict_permissions(&path).map_err(|e| open_err(format!("cannot set mode 0600: {e}")))?;
     tracing::info!(path = %path.display(), version = SUPPORTED_VERSION, created, "store opened");
     Ok((conn, path))
-}
-
-/// Creates the file with mode 0600 if it is missing; returns whether it did.
-fn create_file(path: &Path) -> std::io::Result<bool> {
-    let created = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(path);
-    match created {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 /// Checks an existing file through a read-only connection, so a damaged,
@@ -154,10 +134,10 @@ fn configure(conn: &Connection, path: &Path) -> rusqlite::Result<()> {
 /// Sets 0600 on the database and its WAL and shared-memory files, whatever
 /// the umask or an earlier owner left.
 fn restrict_permissions(path: &Path) -> std::io::Result<()> {
-    fs::set_permissions(path, Permissions::from_mode(FILE_MODE))?;
+    fsutil::set_private_mode(path)?;
     for suffix in ["-wal", "-shm"] {
         let side = preflight::side_file(path, suffix);
-        match fs::set_permissions(&side, Permissions::from_mode(FILE_MODE)) {
+        match fsutil::set_private_mode(&side) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
             _ => {}
         }
@@ -182,6 +162,8 @@ fn classify(path: &Path, e: rusqlite::Error) -> Error {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::{self, Permissions};
+    use std::os::unix::fs::PermissionsExt;
     use std::time::SystemTime;
 
     use super::*;

@@ -3,13 +3,15 @@
 //! Owns the tonic server on the socket; binding the socket safely is
 //! `fsutil::bind_socket`. The service itself is a thin adapter (`service`); the
 //! HTTP/2 `:authority` repair that gRPC C-core clients such as py-spiffe
-//! need lives in `authority`.
+//! need lives in `authority`; the one mapping from identity errors to gRPC
+//! status in `status`.
 
 pub mod authority;
 pub mod convert;
 pub mod header;
 pub mod peer;
 pub mod service;
+pub mod status;
 pub mod task;
 pub mod track;
 

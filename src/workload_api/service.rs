@@ -16,8 +16,8 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::header::NO_IDENTITY_ISSUED;
 use super::peer::{Connection, PeerInfo};
+use super::status::{log_refusal, revoked, status};
 use crate::attest::PeerCred;
 use crate::identity::{self, IdentityManager, IdentitySet, InstanceState, TrustBundle};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
@@ -307,9 +307,7 @@ async fn drive<T>(
             permit.send(Ok(build(set, &trust)));
         } else {
             if let Some(reason) = current.lost_identity() {
-                permit.send(Err(Status::permission_denied(format!(
-                    "{NO_IDENTITY_ISSUED}: {reason}"
-                ))));
+                permit.send(Err(revoked(&reason.to_string())));
             }
             return;
         }
@@ -366,34 +364,3 @@ const _: () = assert!(
     PUSH_COALESCE.as_millis() > identity::CRL_COALESCE.as_millis(),
     "a stream must gather changes for longer than the CRL publisher does, or a task's end and the CRL that revokes it reach clients as two messages"
 );
-
-/// The one mapping from identity errors to gRPC status on the workload socket.
-pub(crate) fn status(e: &identity::Error) -> Status {
-    use identity::Error as E;
-    match e {
-        E::Attest(_) | E::NoMatchingEntry { .. } => {
-            Status::permission_denied(format!("{NO_IDENTITY_ISSUED}: {e}"))
-        }
-        E::ShuttingDown => Status::unavailable(e.to_string()),
-        E::InstanceEnded | E::Revoked(_) => {
-            Status::permission_denied(format!("{NO_IDENTITY_ISSUED}: {e}"))
-        }
-        E::Task(refusal) if refusal.is_invalid_request() => Status::invalid_argument(e.to_string()),
-        E::Task(_) => Status::permission_denied(e.to_string()),
-        E::UnknownTask(_) | E::UnknownInstance(_) => Status::not_found(e.to_string()),
-        E::Template { .. } | E::Ca(_) | E::Store(_) => {
-            Status::internal(format!("cannot issue an SVID: {e}"))
-        }
-    }
-}
-
-pub(crate) fn log_refusal(e: &identity::Error, pid: u32) {
-    match e {
-        identity::Error::NoMatchingEntry { selectors, .. } => {
-            let selectors: Vec<String> = selectors.iter().map(ToString::to_string).collect();
-            tracing::info!(pid, selectors = %selectors.join(","), "refused: no entry matches");
-        }
-        identity::Error::ShuttingDown => {}
-        other => tracing::warn!(pid, error = %other, "refused"),
-    }
-}

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
 
 use super::peer::PeerInfo;
-use super::service::{log_refusal, status};
+use super::status::{log_refusal, status};
 use crate::attest::PeerCred;
 use crate::identity::{self, BeginTask, IdentityManager, TaskInfo};
 use crate::proto::sigil::workload::v1 as pb;
@@ -39,21 +39,12 @@ fn caller<T>(req: &Request<T>) -> Result<PeerCred, Status> {
         })
 }
 
-/// The Tasks service's status for a refusal: a Begin over the entry's rate
-/// is ResourceExhausted (slow down, then retry), logged at debug since a
-/// client that ignores it repeats it at will; everything else is mapped and
-/// logged as on the Workload API.
+/// The Tasks service's status for a refusal, mapped and logged as on the
+/// Workload API (a Begin over the entry's rate is ResourceExhausted: slow
+/// down, then retry).
 fn refused(e: identity::Error, peer: &PeerCred) -> Status {
-    match &e {
-        identity::Error::Task(refusal) if refusal.is_rate_limited() => {
-            tracing::debug!(pid = peer.pid, error = %e, "refused");
-            Status::resource_exhausted(e.to_string())
-        }
-        _ => {
-            log_refusal(&e, peer.pid);
-            status(&e)
-        }
-    }
+    log_refusal(&e, peer.pid);
+    status(&e)
 }
 
 #[tonic::async_trait]
