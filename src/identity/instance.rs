@@ -68,7 +68,7 @@ const END_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Pause after a failed rotation or task expiry (e.g. a full disk) before
 /// trying again; the current SVIDs stay valid meanwhile.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+pub(super) const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// The background task that owns one instance.
 pub(super) struct InstanceTask {

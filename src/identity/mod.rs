@@ -15,6 +15,8 @@ mod registry;
 mod revoke;
 pub mod schedule;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -1,0 +1,249 @@
+//! Tests of the manager, the registry and the instance actor together,
+//! through the seams: a real store in a temp directory, the real attestor
+//! on this test process, and a [`Mint`] that can be held or made to fail.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Error, IdentityManager, InstanceState, Mint, Parts, SvidSettings};
+use crate::attest::{Attestor, PeerCred, now_in_ticks};
+use crate::ca::{self, Ca, Svid, SvidRequest};
+use crate::config::{Config, Overrides};
+use crate::policy::EntrySet;
+use crate::store::{EndReason, Store};
+
+/// Signs with a real CA, counting, and optionally waiting for a go signal
+/// first (so a test can act while a mint is in progress).
+struct TestMint {
+    ca: Arc<Ca>,
+    minted: AtomicUsize,
+    gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    started: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+impl Mint for TestMint {
+    fn mint(&self, req: &SvidRequest) -> Result<Svid, ca::Error> {
+        if let Some(started) = self.started.lock().unwrap().take() {
+            let _ = started.send(());
+        }
+        if let Some(gate) = self.gate.lock().unwrap().take() {
+            let _ = gate.recv();
+        }
+        self.minted.fetch_add(1, Ordering::SeqCst);
+        self.ca.sign_svid(req)
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    manager: IdentityManager,
+    store: Arc<Store>,
+    mint: Arc<TestMint>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+fn fixture(instance_ttl: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let uid = nix::unistd::geteuid().as_raw();
+    let text = format!(
+        "trust_domain = \"example.org\"\n[svid]\ninstance_ttl = \"{instance_ttl}\"\n[[entry]]\nname = \"tester\"\nselectors = [\"unix:uid:{uid}\"]\n"
+    );
+    let overrides = Overrides {
+        socket: Some(dir.path().join("sock")),
+        state_dir: Some(dir.path().join("state")),
+    };
+    let config = Config::parse(&text, "test", &overrides).unwrap();
+    let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain).unwrap());
+    let store = Arc::new(Store::open(&config.state_dir).unwrap());
+    let mint = Arc::new(TestMint {
+        ca: ca.clone(),
+        minted: AtomicUsize::new(0),
+        gate: Mutex::new(None),
+        started: Mutex::new(None),
+    });
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let parts = Parts {
+        trust_domain: config.trust_domain.clone(),
+        attestor: Attestor::new().unwrap(),
+        entries: EntrySet::new(config.entries.clone()),
+        ca,
+        store: store.clone(),
+        settings: SvidSettings {
+            instance_ttl: config.instance_ttl,
+            task_ttl: config.task_ttl,
+        },
+    };
+    let manager =
+        IdentityManager::with_mint(parts, mint.clone(), shutdown.clone(), tracker.clone());
+    Fixture {
+        _dir: dir,
+        manager,
+        store,
+        mint,
+        shutdown,
+        tracker,
+    }
+}
+
+/// This test process, as a connecting peer.
+fn me() -> PeerCred {
+    PeerCred {
+        pid: std::process::id(),
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+        accepted_at_ticks: Some(now_in_ticks()),
+        start_time: None,
+        exe: None,
+        foreign_writer: None,
+    }
+}
+
+fn my_instance_id() -> String {
+    Attestor::new()
+        .unwrap()
+        .attest(&me())
+        .unwrap()
+        .instance_id
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_of_one_process_mint_once_and_share_the_svids() {
+    let f = fixture("1h");
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let manager = f.manager.clone();
+        calls.push(tokio::spawn(async move { manager.subscribe(me()).await }));
+    }
+    let mut serials = std::collections::BTreeSet::new();
+    for call in calls {
+        let state = call.await.unwrap().unwrap();
+        let InstanceState::Active(set) = &*state.borrow() else {
+            panic!("live instance");
+        };
+        serials.insert(set.svids[0].serial.clone());
+    }
+    assert_eq!(serials.len(), 1, "every stream sees the same SVID");
+    assert_eq!(f.mint.minted.load(Ordering::SeqCst), 1, "minted once");
+    let stored = f.store.svids_of(&my_instance_id()).unwrap();
+    assert_eq!(stored.len(), 1, "one SVID on record");
+    f.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_that_lands_during_the_mint_wins_and_nothing_is_handed_out() {
+    let f = fixture("1h");
+    let (go, gate) = std::sync::mpsc::channel();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    *f.mint.gate.lock().unwrap() = Some(gate);
+    *f.mint.started.lock().unwrap() = Some(started_tx);
+    let manager = f.manager.clone();
+    let call = tokio::spawn(async move { manager.subscribe(me()).await });
+    tokio::task::spawn_blocking(move || started.recv().unwrap())
+        .await
+        .unwrap();
+    // While the SVID is being signed, an operator's revocation of this very
+    // instance is committed.
+    let id = my_instance_id();
+    let attested = Attestor::new().unwrap().attest(&me()).unwrap();
+    let record = crate::store::InstanceRecord {
+        instance_id: id.clone(),
+        pid: attested.facts.pid,
+        start_time: attested.facts.start_time,
+        boot_id: "boot".to_owned(),
+        uid: attested.facts.uid,
+        selectors: Vec::new(),
+        first_seen: std::time::SystemTime::now(),
+        last_seen: std::time::SystemTime::now(),
+        ended_at: None,
+        end_reason: None,
+    };
+    let revoke_id = id.clone();
+    f.store
+        .write_async(move |tx| {
+            tx.upsert_instance(&record)?;
+            let by = EndReason::Revoked {
+                by: "operator".to_owned(),
+            };
+            tx.end_instance(&revoke_id, std::time::SystemTime::now(), &by)
+        })
+        .await
+        .unwrap();
+    go.send(()).unwrap();
+    let err = call.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::Revoked(_)), "{err}");
+    assert!(
+        f.store.svids_of(&id).unwrap().is_empty(),
+        "the SVID signed meanwhile was never recorded, so never handed out"
+    );
+    // And it stays refused, without signing again.
+    let err = f.manager.subscribe(me()).await.unwrap_err();
+    assert!(matches!(err, Error::Revoked(_)), "{err}");
+    assert_eq!(f.mint.minted.load(Ordering::SeqCst), 1);
+    assert!(f.manager.instances().is_empty());
+    f.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_waiting_to_retry_a_failed_rotation_stops_at_once_on_shutdown() {
+    let f = fixture("2s");
+    let state = f.manager.subscribe(me()).await.unwrap();
+    assert!(matches!(&*state.borrow(), InstanceState::Active(_)));
+    // A full disk: the rotation due within 1.6 s fails, and the actor
+    // waits to retry.
+    let pages = f.store.page_count().unwrap();
+    f.store.limit_pages(pages).unwrap();
+    fill(&f.store);
+    f.tracker.close();
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    let stopping = Instant::now();
+    f.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), f.tracker.wait())
+        .await
+        .expect("the actor stops");
+    assert!(
+        stopping.elapsed() < super::instance::RETRY_AFTER_FAILURE / 2,
+        "stopped after {:?}, not after the retry pause",
+        stopping.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundle_path_attests_but_mints_nothing() {
+    let f = fixture("1h");
+    f.manager.authorize(me()).await.unwrap();
+    assert_eq!(f.mint.minted.load(Ordering::SeqCst), 0);
+    assert!(f.manager.instances().is_empty());
+    assert!(f.store.live_instances().unwrap().is_empty());
+    f.shutdown.cancel();
+}
+
+/// Writes audit rows until the page cap refuses one: a full disk.
+fn fill(store: &Store) {
+    for size in [16 * 1024, 1024, 64, 1] {
+        for _ in 0..10_000 {
+            let event = crate::store::AuditEvent {
+                seq: 0,
+                at: std::time::SystemTime::now(),
+                kind: crate::store::AuditKind::Admin,
+                actor: "test filling the disk".to_owned(),
+                instance_id: None,
+                task_id: None,
+                spiffe_id: None,
+                serial: None,
+                detail: serde_json::json!({ "padding": "x".repeat(size) }),
+            };
+            if store.write(move |tx| tx.append_audit(&event)).is_err() {
+                break;
+            }
+        }
+    }
+}
