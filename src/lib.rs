@@ -15,12 +15,15 @@
 //! - [`policy`]: registration entries, matching, SPIFFE ID templates.
 //! - [`ca`]: the CA key and certificate, the X.509-SVID profile, minting.
 //! - [`identity`]: per-instance SVIDs, tasks, rotation, re-attestation,
-//!   exit, revocation and the CRL publisher.
-//! - [`store`]: SQLite: instances, tasks, SVIDs, revocations, audit log.
+//!   exit, revocation and the CRL publisher; a registry does create-or-join
+//!   and one actor per instance publishes its state whole on a `watch`.
+//! - [`store`]: SQLite: instances, tasks, SVIDs, revocations, audit log;
+//!   one writer thread group-commits every write.
 //! - [`workload_api`]: the gRPC server on the socket (thin adapters for the
 //!   Workload API and the task extension, and the `:authority` repair).
 //! - [`sys`]: the one module with `unsafe` (kcmp(2)).
-//! - [`app`]: the single wiring point; [`shutdown`]: stop and drain.
+//! - [`app`]: the single wiring point and the bounded runtime;
+//!   [`shutdown`]: stop and drain.
 //! - [`fsutil`]: directories only root or the daemon's user can change,
 //!   private (0700/0600) directories and files, and binding the socket only
 //!   where nothing else lies.

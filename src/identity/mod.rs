@@ -6,6 +6,22 @@
 //! schedule, re-attestation before each rotation, task lifecycles, and
 //! revocation when a task or instance ends. Does not own gRPC: the services
 //! only subscribe to what this module publishes and send it commands.
+//!
+//! Where each rule lives:
+//! - `manager.rs`: [`IdentityManager`], the face: attest, join or start,
+//!   task and revocation requests (agent and operator paths).
+//! - `registry.rs`: create-or-join. One caller starts an instance, the
+//!   others of the same process wait and join; its lock is never held
+//!   across attestation, signing or store work.
+//! - `state.rs`: one instance's SVIDs and tasks. Each change is signed,
+//!   then recorded in one store write with its audit rows, then published;
+//!   the write that records a new instance's SVIDs refuses an instance the
+//!   store says was revoked, so a revocation that lands first always wins.
+//! - `instance.rs`: the actor that owns one `Live` state and publishes it
+//!   whole on a `watch`; rotation, re-attestation, expiry, exit, retries.
+//! - `context.rs`: what they share, and the [`Mint`] seam before the CA.
+//! - `audit.rs`: one constructor per audit event; `revoke.rs`: the CRL
+//!   publisher; `schedule.rs`: when rotations happen.
 
 mod audit;
 mod context;

@@ -3,12 +3,15 @@
 //! (`state_dir/sigil.db`, WAL, `synchronous=FULL`) that survives restarts and
 //! `kill -9`.
 //!
-//! This module owns [`Store`], its [`Error`] and [`Store::transaction`]. The
-//! record types are in `records.rs`, their SQL in `instances.rs` and
+//! This module owns [`Store`] and its [`Error`]. Every write goes through
+//! [`Store::write`] / [`Store::write_async`] to one writer thread that
+//! group-commits concurrent writes (`writer.rs`: one fsync per group, no
+//! caller acknowledged before the commit that holds its rows); the few reads
+//! the daemon needs use a separate read connection. The record types are in
+//! `records.rs`, why things end in `ends.rs`, their SQL in `instances.rs` and
 //! `svids.rs`, the audit trail in `audit.rs`, the schema in `schema.rs` and
-//! the careful opening of the file in `open.rs`. It does not decide *when* to revoke or what to
-//! audit; `identity` does. Calls block on disk I/O (every commit is fsynced),
-//! so async callers run them through `identity::blocking` (block_in_place).
+//! the careful opening of the file in `open.rs`. It does not decide *when*
+//! to revoke or what to audit; `identity` does.
 
 mod audit;
 mod ends;

@@ -1,6 +1,7 @@
-//! `Tx`, the handle given to [`Store::transaction`](super::Store::transaction)
-//! closures: the store's writes and reads, all inside one SQLite transaction
-//! that commits only if the closure returns `Ok`.
+//! `Tx`, the handle given to [`Store::write`](super::Store::write)
+//! closures: the store's writes and reads, inside the writer's transaction
+//! (in a savepoint of their own), which land only if the closure returns
+//! `Ok` and the group's commit succeeds.
 
 use std::time::{Duration, SystemTime};
 
@@ -11,7 +12,7 @@ use super::records::{InstanceRecord, RevokedSvid, SvidRecord, TaskRecord};
 use super::{instances, svids};
 
 /// A transaction in progress; every method's effect lands with the others or
-/// not at all. Obtain one from [`Store::transaction`](super::Store::transaction).
+/// not at all. Given to the closures of [`Store::write`](super::Store::write).
 #[derive(Debug)]
 pub struct Tx<'conn> {
     pub(crate) tx: rusqlite::Transaction<'conn>,
