@@ -102,13 +102,23 @@ pub enum Error {
         supported: i64,
     },
     /// A read or write failed at run time (disk full, I/O error, constraint).
-    #[error("the store could not {context}: {message}")]
+    #[error("the store could not {context}: {source}")]
     Sqlite {
         /// What the store was doing.
         context: &'static str,
-        /// What SQLite said.
-        message: String,
+        /// What SQLite said (shared: one failed group commit is every
+        /// caller's error).
+        #[source]
+        source: std::sync::Arc<rusqlite::Error>,
     },
+    /// A write panicked (a bug); it was rolled back alone, and the writer
+    /// goes on with the others.
+    #[error("a write to the store failed inside Sigil (a bug; see the log): it was rolled back")]
+    WritePanicked,
+    /// The writer thread is gone (the daemon is stopping), so nothing more
+    /// can be written.
+    #[error("the store's writer has stopped (the daemon is shutting down); nothing was written")]
+    WriterStopped,
     /// A live task with this id already exists in the instance.
     #[error(
         "task {task_id} of instance {instance_id} is already running; end it first or use another task id"
@@ -141,7 +151,7 @@ pub enum Error {
 pub(crate) fn sqlite(context: &'static str) -> impl Fn(rusqlite::Error) -> Error {
     move |e| Error::Sqlite {
         context,
-        message: e.to_string(),
+        source: std::sync::Arc::new(e),
     }
 }
 

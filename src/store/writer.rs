@@ -69,10 +69,8 @@ where
         // A panicking job must not take the writer (and every later write)
         // down with it: it fails alone, like any other job.
         let outcome = catch_unwind(AssertUnwindSafe(|| work(tx))).unwrap_or_else(|_| {
-            Err(Error::Sqlite {
-                context: "run a write",
-                message: "the write panicked; it was rolled back".to_owned(),
-            })
+            tracing::error!("a store write panicked; it was rolled back");
+            Err(Error::WritePanicked)
         });
         let ok = outcome.is_ok();
         self.outcome = Some(outcome);
@@ -85,10 +83,8 @@ where
             (Some(Err(e)), _) => Err(e),
             (Some(Ok(_)), Err(e)) => Err(e.clone()),
             (None, Err(e)) => Err(e.clone()),
-            (None, Ok(())) => Err(Error::Sqlite {
-                context: "run a write",
-                message: "the write was never run".to_owned(),
-            }),
+            // Not reachable: every job of a committed group was run.
+            (None, Ok(())) => Err(Error::WritePanicked),
         };
         match self.reply {
             Reply::Async(tx) => {
@@ -191,10 +187,7 @@ impl Drop for Writer {
 }
 
 fn stopped() -> Error {
-    Error::Sqlite {
-        context: "queue a write",
-        message: "the store's writer has stopped".to_owned(),
-    }
+    Error::WriterStopped
 }
 
 /// The writer thread: one group per iteration until every sender is gone.
