@@ -50,6 +50,11 @@ impl AuditKind {
         AuditKind::Admin,
     ];
 
+    /// Every kind's name, comma-separated, for messages.
+    pub fn names() -> String {
+        AuditKind::ALL.map(AuditKind::as_str).join(", ")
+    }
+
     /// The stored and displayed name, e.g. `task_begin`.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -138,9 +138,7 @@ pub enum Error {
         serial: String,
     },
     /// An audit kind name that is not one of [`AuditKind::ALL`].
-    #[error(
-        "unknown audit kind {kind:?}; use one of attestation, refusal, issuance, rotation, task_begin, task_end, revocation, instance_end, admin"
-    )]
+    #[error("unknown audit kind {kind:?}; use one of {}", AuditKind::names())]
     UnknownAuditKind {
         /// The name as given.
         kind: String,
