@@ -1,0 +1,1394 @@
+//! `cargo bench --bench load -- [--quick] [scenario...]`: the daemon under
+//! load, driven over its socket by real client processes.
+//!
+//! The real `sigil` binary runs on a temp dir (a fresh daemon per scenario).
+//! Clients are separate processes: this binary re-executes itself in a
+//! hidden client mode, and each client times its own requests with
+//! `Instant` and prints one JSON line per step to stdout. The parent steps
+//! them together (a `go` line on each client's stdin), samples the daemon's
+//! CPU time (utime+stime), VmRSS and Threads from /proc, and prints every
+//! figure next to an `openssl speed ecdsap256` single-core baseline measured
+//! in the same run, as a ratio:
+//!
+//! - CPU as sign-equivalents: daemon CPU seconds x openssl P-256 signs/s;
+//! - latencies as sign-times: the same product for wall-clock time;
+//! - rates as a fraction of the openssl sign rate.
+//!
+//! Scenarios (default: all):
+//! - `new-processes`: N processes at once do a connect-only round trip
+//!   (FetchX509SVID without the `workload.spiffe.io` header, answered
+//!   InvalidArgument without attestation), then, at a second `go`, connect
+//!   and FetchX509SVID until the first message;
+//! - `streams`: N FetchX509SVID streams held open, RSS per stream, and RSS
+//!   after they close;
+//! - `tasks`: Begin+End pairs per second from 1 and from 8 client processes,
+//!   each holding a FetchX509SVID stream as an agent would;
+//! - `rotation`: streams from several processes under a short instance TTL;
+//!   rotations (a new set of serials on one process's streams, counted once
+//!   per process) per one-second bin over a window.
+//!
+//! Flags: `--quick` (small sizes, a short window: a smoke run), `--processes
+//! N`, `--streams N`, `--streams-per-process N`, `--streams-per-connection
+//! N`, `--task-secs S`, `--rotation-secs S`, `--rotation-processes N`,
+//! `--rotation-streams N`, `--rotation-ttl DURATION`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark code: a panic is a failed run"
+)]
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+/// argv[1] of a client process.
+const CLIENT_ARG: &str = "__sigil_load_client";
+/// Longest a client waits for any one answer before reporting an error
+/// (the first run saw first SVIDs after 109 s with 1,000 processes).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Threads allowed above 2 x cores (signal, blocking-pool, logging threads).
+const THREADS_SLACK: usize = 8;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(CLIENT_ARG) {
+        client::main(&args[1..]);
+        return;
+    }
+    // `cargo bench -- --list` style probes from cargo: nothing to list.
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let opts = Opts::parse(&args);
+    raise_fd_limit();
+    let baseline = openssl_sign_rate();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut report = Report::new(baseline, cores);
+    println!(
+        "sigil load bench: {cores} cores, load average {}, scenarios {:?}",
+        load_average(),
+        opts.scenarios
+    );
+    match baseline {
+        Some(b) => println!("openssl speed -seconds 3 ecdsap256: {b:.0} sign/s (single core)"),
+        None => println!("openssl not found or unparsable: raw figures only, no ratios"),
+    }
+    for scenario in opts.scenarios.clone() {
+        let from = report.rows.len();
+        match scenario.as_str() {
+            "new-processes" => new_processes(&opts, &mut report),
+            "streams" => streams(&opts, &mut report),
+            "tasks" => tasks(&opts, &mut report),
+            "rotation" => rotation(&opts, &mut report),
+            _ => unreachable!("checked by Opts::parse"),
+        }
+        report.print(from);
+    }
+    println!("\n== all figures (load average now {}) ==", load_average());
+    report.print(0);
+}
+
+// ---------------------------------------------------------------- options
+
+#[derive(Clone, Debug)]
+struct Opts {
+    scenarios: Vec<String>,
+    processes: usize,
+    streams: usize,
+    streams_per_process: usize,
+    streams_per_connection: usize,
+    task_secs: f64,
+    rotation_secs: u64,
+    rotation_processes: usize,
+    rotation_streams: usize,
+    rotation_ttl: String,
+}
+
+const SCENARIOS: [&str; 4] = ["new-processes", "streams", "tasks", "rotation"];
+
+impl Opts {
+    fn parse(args: &[String]) -> Self {
+        let quick = args.iter().any(|a| a == "--quick");
+        let mut o = if quick {
+            Opts {
+                scenarios: vec![],
+                processes: 50,
+                streams: 500,
+                streams_per_process: 100,
+                streams_per_connection: 100,
+                task_secs: 1.0,
+                rotation_secs: 12,
+                rotation_processes: 10,
+                rotation_streams: 100,
+                rotation_ttl: "4s".into(),
+            }
+        } else {
+            Opts {
+                scenarios: vec![],
+                processes: 1000,
+                streams: 10_000,
+                streams_per_process: 100,
+                streams_per_connection: 100,
+                task_secs: 5.0,
+                rotation_secs: 120,
+                rotation_processes: 50,
+                rotation_streams: 1000,
+                rotation_ttl: "10s".into(),
+            }
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = || -> String {
+                it.next()
+                    .unwrap_or_else(|| usage(&format!("{arg} needs a value")))
+                    .clone()
+            };
+            let num = |v: String| -> usize {
+                v.parse()
+                    .unwrap_or_else(|_| usage(&format!("{arg}: {v:?} is not a number")))
+            };
+            match arg.as_str() {
+                "--bench" | "--quick" => {}
+                "--processes" => o.processes = num(value()),
+                "--streams" => o.streams = num(value()),
+                "--streams-per-process" => o.streams_per_process = num(value()),
+                "--streams-per-connection" => o.streams_per_connection = num(value()),
+                "--task-secs" => o.task_secs = num(value()) as f64,
+                "--rotation-secs" => o.rotation_secs = num(value()) as u64,
+                "--rotation-processes" => o.rotation_processes = num(value()),
+                "--rotation-streams" => o.rotation_streams = num(value()),
+                "--rotation-ttl" => o.rotation_ttl = value(),
+                s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_owned()),
+                s => usage(&format!("unknown argument {s:?}")),
+            }
+        }
+        if o.scenarios.is_empty() {
+            o.scenarios = SCENARIOS.iter().map(|s| (*s).to_owned()).collect();
+        }
+        let positive = [
+            o.processes,
+            o.streams,
+            o.streams_per_process,
+            o.streams_per_connection,
+            o.rotation_processes,
+            o.rotation_streams,
+        ];
+        if positive.contains(&0) || o.rotation_secs == 0 {
+            usage("sizes must be at least 1");
+        }
+        o
+    }
+}
+
+fn usage(problem: &str) -> ! {
+    eprintln!(
+        "{problem}\nusage: cargo bench --bench load -- [--quick] [{}]... \
+         [--processes N] [--streams N] [--streams-per-process N] \
+         [--streams-per-connection N] [--task-secs S] [--rotation-secs S] \
+         [--rotation-processes N] [--rotation-streams N] [--rotation-ttl 10s]",
+        SCENARIOS.join("|")
+    );
+    std::process::exit(2)
+}
+
+// ---------------------------------------------------------------- machine facts
+
+/// ECDSA P-256 signs per second according to `openssl speed`, single core.
+fn openssl_sign_rate() -> Option<f64> {
+    let out = Command::new("openssl")
+        .args(["speed", "-seconds", "3", "ecdsap256"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "256 bits ecdsa (nistp256)   0.0000s   0.0001s  40000.0  13000.0"
+    let line = text.lines().find(|l| l.contains("ecdsa (nistp256)"))?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    fields.get(fields.len().checked_sub(2)?)?.parse().ok()
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// A thousand clients need more descriptors than the usual soft limit.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(hard) = limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(hard),
+                maximum: Some(hard),
+            },
+        );
+    }
+}
+
+// ---------------------------------------------------------------- the daemon
+
+/// The real `sigil run` on a temp dir; killed when dropped (also on panic).
+struct Daemon {
+    child: Child,
+    pid: u32,
+    socket: PathBuf,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(instance_ttl: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("sigil-load")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("w.sock");
+        let config = dir.path().join("sigil.toml");
+        let uid = rustix::process::geteuid().as_raw();
+        std::fs::write(
+            &config,
+            format!(
+                r#"trust_domain = "load.test"
+state_dir = "{state}"
+[workload_api]
+socket = "{socket}"
+# raised so that limits built against hostile clients do not cap the load
+max_connections_per_uid = 1000000
+max_streams_per_connection = 100000
+max_streams_per_instance = 1000000
+handshake_timeout = "10m"
+idle_timeout = "1h"
+[svid]
+instance_ttl = "{instance_ttl}"
+[[entry]]
+name = "load"
+selectors = ["unix:uid:{uid}"]
+[entry.tasks]
+self_declare = true
+max_concurrent = 1024
+begin_burst = 1000
+begin_per_second = 1000.0
+"#,
+                state = dir.path().join("state").display(),
+                socket = socket.display(),
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("daemon.log");
+        let out = File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("SIGIL_SOCKET")
+            .env_remove("SIGIL_STATE_DIR")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut daemon = Daemon {
+            child,
+            pid,
+            socket,
+            log,
+            dir,
+        };
+        let start = Instant::now();
+        loop {
+            daemon.check_alive();
+            if std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok() {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                daemon.fail("the daemon did not open its socket within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            self.fail(&format!("the daemon exited: {status}"));
+        }
+    }
+
+    fn fail(&self, what: &str) -> ! {
+        panic!("{what}\n--- daemon log tail ---\n{}", tail(&self.log, 30))
+    }
+
+    /// utime + stime of the daemon, in seconds.
+    fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        ticks as f64 / procfs::ticks_per_second() as f64
+    }
+
+    fn status(&self) -> Status {
+        read_status(self.pid).unwrap_or_else(|| self.fail("cannot read the daemon's status"))
+    }
+
+    /// Runs one client to completion so that the executable's digest and
+    /// the daemon's lazy state are warm before anything is measured.
+    fn warm_up(&mut self) {
+        let mut clients = Clients::spawn(self, 1, "warm", &[]);
+        let lines = clients.step(None);
+        clients.expect_ok(&lines, "warm-up");
+        clients.finish();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.pid)
+            && let Some(pid) = rustix::process::Pid::from_raw(pid)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => return format!("({}: {e})", path.display()),
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Status {
+    rss_kib: u64,
+    threads: u64,
+}
+
+fn read_status(pid: u32) -> Option<Status> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        line[name.len()..].split_whitespace().next()?.parse().ok()
+    };
+    Some(Status {
+        rss_kib: field("VmRSS:")?,
+        threads: field("Threads:")?,
+    })
+}
+
+/// Samples the daemon's RSS and threads every 50 ms until finished.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Status>,
+}
+
+impl Sampler {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = Status::default();
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(s) = read_status(pid) {
+                    peak.rss_kib = peak.rss_kib.max(s.rss_kib);
+                    peak.threads = peak.threads.max(s.threads);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        Sampler { stop, handle }
+    }
+
+    fn finish(self) -> Status {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+// ---------------------------------------------------------------- client processes
+
+/// Client processes of one kind, stepped together: each prints one JSON
+/// line per step; a failed client is counted and left out of later steps.
+struct Clients {
+    children: Vec<Child>,
+    stdins: Vec<Option<ChildStdin>>,
+    outs: Vec<BufReader<ChildStdout>>,
+    failed: Vec<Option<String>>,
+    log: PathBuf,
+}
+
+impl Clients {
+    fn spawn(daemon: &Daemon, n: usize, kind: &str, params: &[String]) -> Self {
+        let exe = std::env::current_exe().unwrap();
+        let log = daemon.dir.path().join(format!("clients-{kind}.log"));
+        let err = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut clients = Clients {
+            children: Vec::with_capacity(n),
+            stdins: Vec::with_capacity(n),
+            outs: Vec::with_capacity(n),
+            failed: vec![None; n],
+            log,
+        };
+        for _ in 0..n {
+            let mut child = Command::new(&exe)
+                .arg(CLIENT_ARG)
+                .arg(kind)
+                .arg(&daemon.socket)
+                .args(params)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(err.try_clone().unwrap())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start client process: {e}"));
+            clients.stdins.push(child.stdin.take());
+            clients
+                .outs
+                .push(BufReader::new(child.stdout.take().unwrap()));
+            clients.children.push(child);
+        }
+        clients
+    }
+
+    fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    fn failures(&self) -> usize {
+        self.failed.iter().filter(|f| f.is_some()).count()
+    }
+
+    fn first_failure(&self) -> Option<&str> {
+        self.failed.iter().flatten().next().map(String::as_str)
+    }
+
+    /// Writes `command` (if any) to every live client, then reads one line
+    /// from each. A client's `{"error": ...}` line marks it failed.
+    fn step(&mut self, command: Option<&str>) -> Vec<Option<Value>> {
+        if let Some(command) = command {
+            for (i, stdin) in self.stdins.iter_mut().enumerate() {
+                if self.failed[i].is_some() {
+                    continue;
+                }
+                if let Some(s) = stdin
+                    && let Err(e) = s.write_all(format!("{command}\n").as_bytes())
+                {
+                    self.failed[i] = Some(format!("cannot write to client: {e}"));
+                }
+            }
+        }
+        let mut lines = Vec::with_capacity(self.len());
+        for i in 0..self.len() {
+            if self.failed[i].is_some() {
+                lines.push(None);
+                continue;
+            }
+            let mut line = String::new();
+            let parsed = match self.outs[i].read_line(&mut line) {
+                Ok(0) => Err("exited without answering".to_owned()),
+                Ok(_) => serde_json::from_str::<Value>(&line)
+                    .map_err(|e| format!("bad line {line:?}: {e}")),
+                Err(e) => Err(format!("cannot read: {e}")),
+            };
+            match parsed {
+                Ok(v) if v.get("error").is_some_and(|e| !e.is_null()) => {
+                    self.failed[i] = Some(v["error"].to_string());
+                    lines.push(None);
+                }
+                Ok(v) => lines.push(Some(v)),
+                Err(e) => {
+                    self.failed[i] = Some(e);
+                    lines.push(None);
+                }
+            }
+        }
+        lines
+    }
+
+    fn expect_ok(&self, lines: &[Option<Value>], what: &str) {
+        if lines.iter().all(Option::is_none) {
+            panic!(
+                "{what}: every client failed, e.g. {}\n--- client log tail ---\n{}",
+                self.first_failure().unwrap_or("?"),
+                tail(&self.log, 20)
+            );
+        }
+    }
+
+    /// Closes every stdin (a client exits on EOF) and reaps them.
+    fn finish(mut self) {
+        self.stdins.clear();
+        let start = Instant::now();
+        for child in &mut self.children {
+            while start.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            if let Ok(None) = child.try_wait() {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+fn numbers(lines: &[Option<Value>], key: &str) -> Vec<f64> {
+    lines
+        .iter()
+        .flatten()
+        .flat_map(|v| match &v[key] {
+            Value::Array(a) => a.iter().filter_map(Value::as_f64).collect::<Vec<_>>(),
+            other => other.as_f64().into_iter().collect::<Vec<_>>(),
+        })
+        .collect()
+}
+
+fn sum(lines: &[Option<Value>], key: &str) -> f64 {
+    numbers(lines, key).iter().sum()
+}
+
+/// The `p` quantile (0..=1) of `values`, nearest rank.
+fn quantile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
+}
+
+// ---------------------------------------------------------------- report
+
+struct Row {
+    figure: String,
+    value: String,
+    ratio: String,
+    target: String,
+    met: Option<bool>,
+}
+
+struct Report {
+    baseline: Option<f64>,
+    cores: usize,
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn new(baseline: Option<f64>, cores: usize) -> Self {
+        Report {
+            baseline,
+            cores,
+            rows: vec![],
+        }
+    }
+
+    fn row(
+        &mut self,
+        figure: String,
+        value: String,
+        ratio: String,
+        target: &str,
+        met: Option<bool>,
+    ) {
+        self.rows.push(Row {
+            figure,
+            value,
+            ratio,
+            target: target.to_owned(),
+            met,
+        });
+    }
+
+    /// Daemon CPU seconds per operation, as sign-equivalents.
+    fn cpu(&mut self, figure: &str, secs: f64, target: Option<f64>) {
+        let eq = self.baseline.map(|b| secs * b);
+        self.row(
+            figure.into(),
+            format!("{:.3} ms CPU", secs * 1e3),
+            eq.map_or("-".into(), |e| format!("{e:.2} sign-eq")),
+            &target.map_or(String::new(), |t| format!("<= {t} sign-eq")),
+            target.and_then(|t| eq.map(|e| e <= t)),
+        );
+    }
+
+    /// A wall-clock time, as sign-times (how many single-core signs fit).
+    fn latency(&mut self, figure: &str, ms: f64, target: Option<(f64, &str)>) {
+        self.row(
+            figure.into(),
+            format!("{ms:.1} ms"),
+            self.baseline
+                .map_or("-".into(), |b| format!("{:.0} sign-times", ms / 1e3 * b)),
+            target.map_or("", |t| t.1),
+            target.map(|t| ms <= t.0),
+        );
+    }
+
+    /// Operations per second, as a fraction of the sign rate.
+    fn rate(&mut self, figure: &str, per_sec: f64) {
+        self.row(
+            figure.into(),
+            format!("{per_sec:.1} /s"),
+            self.baseline
+                .map_or("-".into(), |b| format!("{:.4} x sign/s", per_sec / b)),
+            "",
+            None,
+        );
+    }
+
+    fn plain(&mut self, figure: &str, value: String, target: &str, met: Option<bool>) {
+        self.row(figure.into(), value, "-".into(), target, met);
+    }
+
+    fn threads(&mut self, scenario: &str, peak: Status) {
+        let limit = 2 * self.cores + THREADS_SLACK;
+        self.plain(
+            &format!("{scenario}: daemon threads, max"),
+            peak.threads.to_string(),
+            &format!("<= {limit} (2x{} + {THREADS_SLACK})", self.cores),
+            Some(peak.threads as usize <= limit),
+        );
+    }
+
+    fn failures(&mut self, scenario: &str, clients: &Clients) {
+        let n = clients.failures();
+        let mut value = format!("{n} of {}", clients.len());
+        if let Some(first) = clients.first_failure() {
+            value.push_str(&format!(
+                " (first: {})",
+                first.chars().take(80).collect::<String>()
+            ));
+        }
+        self.plain(
+            &format!("{scenario}: client failures"),
+            value,
+            "0",
+            Some(n == 0),
+        );
+    }
+
+    fn print(&self, from: usize) {
+        let baseline = self
+            .baseline
+            .map_or("-".to_owned(), |b| format!("{b:.0} sign/s"));
+        println!(
+            "\n{:<52} {:>22} {:>14} {:>20}  {:<22} met",
+            "figure", "value", "baseline", "ratio", "target"
+        );
+        for r in &self.rows[from..] {
+            let met = match r.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "",
+            };
+            let base = if r.ratio == "-" { "-" } else { &baseline };
+            println!(
+                "{:<52} {:>22} {:>14} {:>20}  {:<22} {met}",
+                r.figure, r.value, base, r.ratio, r.target
+            );
+        }
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+// ---------------------------------------------------------------- scenarios
+
+fn new_processes(opts: &Opts, report: &mut Report) {
+    let n = opts.processes;
+    let mut daemon = Daemon::start("1h");
+    daemon.warm_up();
+    let sampler = Sampler::start(daemon.pid);
+    println!("\nnew-processes: starting {n} client processes");
+    let mut clients = Clients::spawn(&daemon, n, "new", &[]);
+    let ready = clients.step(None);
+    clients.expect_ok(&ready, "new-processes start");
+    let cpu0 = daemon.cpu_secs();
+    let connect = clients.step(Some("go"));
+    let cpu1 = daemon.cpu_secs();
+    let mut connect_ms = numbers(&connect, "ms");
+    let svid = clients.step(Some("go"));
+    let cpu2 = daemon.cpu_secs();
+    clients.expect_ok(&svid, "new-processes first SVID");
+    daemon.check_alive();
+    let mut svid_ms = numbers(&svid, "ms");
+    let failures = clients.failures();
+    let served = svid_ms.len() as f64;
+    clients.step(Some("stop"));
+    let (cpu3, _) = settle(&daemon, clients);
+    let peak = sampler.finish();
+
+    let s = format!("new-processes ({n})");
+    let c99 = quantile(&mut connect_ms, 0.99);
+    let f99 = quantile(&mut svid_ms, 0.99);
+    for (label, values) in [
+        ("connect-only", &mut connect_ms),
+        ("first SVID", &mut svid_ms),
+    ] {
+        for (p, name) in [(0.5, "p50"), (0.99, "p99"), (1.0, "max")] {
+            let v = quantile(values, p);
+            report.latency(&format!("{s}: {label} {name}"), v, None);
+        }
+    }
+    report.latency(
+        &format!("{s}: first-SVID p99 - connect-only p99"),
+        f99 - c99,
+        Some((150.0, "<= 150 ms")),
+    );
+    report.cpu(
+        &format!("{s}: daemon CPU per connect-only"),
+        (cpu1 - cpu0) / connect_ms.len().max(1) as f64,
+        None,
+    );
+    report.cpu(
+        &format!("{s}: daemon CPU per first SVID"),
+        (cpu2 - cpu1) / served.max(1.0),
+        Some(5.0),
+    );
+    report.cpu(
+        &format!("{s}: daemon CPU per process exit"),
+        (cpu3 - cpu2) / served.max(1.0),
+        None,
+    );
+    report.plain(
+        &format!("{s}: daemon RSS, max"),
+        mib(peak.rss_kib),
+        "",
+        None,
+    );
+    report.threads(&s, peak);
+    report.plain(
+        &format!("{s}: client failures"),
+        format!("{failures} of {n}"),
+        "0",
+        Some(failures == 0),
+    );
+}
+
+/// Closes the clients and waits for the daemon to go quiet (its CPU time
+/// unchanged over 1 s, at most 20 s). Returns its CPU time then.
+fn settle(daemon: &Daemon, clients: Clients) -> (f64, Duration) {
+    let start = Instant::now();
+    clients.finish();
+    let mut last = daemon.cpu_secs();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = daemon.cpu_secs();
+        if now - last < 0.011 || start.elapsed() > Duration::from_secs(20) {
+            return (now, start.elapsed());
+        }
+        last = now;
+    }
+}
+
+fn streams(opts: &Opts, report: &mut Report) {
+    let n = opts.streams;
+    let per = opts.streams_per_process.min(n);
+    let processes = n.div_ceil(per);
+    let mut daemon = Daemon::start("1h");
+    daemon.warm_up();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = daemon.status();
+    let sampler = Sampler::start(daemon.pid);
+    println!(
+        "\nstreams: {n} streams from {processes} processes, {} per connection",
+        opts.streams_per_connection
+    );
+    let mut clients = Clients::spawn(
+        &daemon,
+        processes,
+        "streams",
+        &[per.to_string(), opts.streams_per_connection.to_string()],
+    );
+    let ready = clients.step(None);
+    clients.expect_ok(&ready, "streams start");
+    let cpu0 = daemon.cpu_secs();
+    let start = Instant::now();
+    let up = clients.step(Some("go"));
+    let all_up = start.elapsed();
+    let cpu1 = daemon.cpu_secs();
+    clients.expect_ok(&up, "streams");
+    daemon.check_alive();
+    let mut lat = numbers(&up, "ms");
+    let opened = lat.len();
+    let stream_errors = sum(&up, "errors");
+    std::thread::sleep(Duration::from_secs(2));
+    let open = daemon.status();
+    report.failures(&format!("streams ({n})"), &clients);
+    clients.step(Some("stop"));
+    let (_, took) = settle(&daemon, clients);
+    std::thread::sleep(Duration::from_secs(5u64.saturating_sub(took.as_secs())));
+    let after = daemon.status();
+    let peak = sampler.finish();
+
+    let s = format!("streams ({n})");
+    report.plain(
+        &format!("{s}: streams opened"),
+        format!("{opened} ({stream_errors} stream errors)"),
+        &format!("{n}"),
+        Some(opened == n),
+    );
+    report.latency(
+        &format!("{s}: time to all first messages"),
+        all_up.as_secs_f64() * 1e3,
+        None,
+    );
+    for (p, name) in [(0.5, "p50"), (0.99, "p99"), (1.0, "max")] {
+        let v = quantile(&mut lat, p);
+        report.latency(&format!("{s}: first message per stream {name}"), v, None);
+    }
+    report.cpu(
+        &format!("{s}: daemon CPU per stream opened"),
+        (cpu1 - cpu0) / opened.max(1) as f64,
+        None,
+    );
+    report.plain(
+        &format!("{s}: daemon RSS before"),
+        mib(before.rss_kib),
+        "",
+        None,
+    );
+    report.plain(
+        &format!("{s}: daemon RSS with all open"),
+        mib(open.rss_kib),
+        "<= 150 MiB",
+        Some(open.rss_kib <= 150 * 1024),
+    );
+    report.plain(
+        &format!("{s}: daemon RSS, max sampled"),
+        mib(peak.rss_kib),
+        "",
+        None,
+    );
+    report.plain(
+        &format!("{s}: daemon RSS per stream"),
+        format!(
+            "{:.1} KiB",
+            open.rss_kib.saturating_sub(before.rss_kib) as f64 / opened.max(1) as f64
+        ),
+        "",
+        None,
+    );
+    let ratio = after.rss_kib as f64 / before.rss_kib.max(1) as f64;
+    report.plain(
+        &format!("{s}: daemon RSS after close / before"),
+        format!("{} ({ratio:.2}x)", mib(after.rss_kib)),
+        "<= 1.20x",
+        Some(ratio <= 1.2),
+    );
+    report.threads(&s, peak);
+}
+
+fn tasks(opts: &Opts, report: &mut Report) {
+    for n in [1usize, 8] {
+        let mut daemon = Daemon::start("1h");
+        daemon.warm_up();
+        let sampler = Sampler::start(daemon.pid);
+        println!("\ntasks: {n} client process(es), {} s", opts.task_secs);
+        let mut clients = Clients::spawn(&daemon, n, "tasks", &[opts.task_secs.to_string()]);
+        let ready = clients.step(None);
+        clients.expect_ok(&ready, "tasks start");
+        let cpu0 = daemon.cpu_secs();
+        let done = clients.step(Some("go"));
+        let cpu1 = daemon.cpu_secs();
+        clients.expect_ok(&done, "tasks");
+        daemon.check_alive();
+        let s = format!("tasks ({n} client{})", if n == 1 { "" } else { "s" });
+        report.failures(&s, &clients);
+        settle(&daemon, clients);
+        let peak = sampler.finish();
+        let pairs = sum(&done, "pairs");
+        let per_sec: f64 = done
+            .iter()
+            .flatten()
+            .map(|v| v["pairs"].as_f64().unwrap_or(0.0) / v["secs"].as_f64().unwrap_or(1.0))
+            .sum();
+        let mut lat = numbers(&done, "lat_ms");
+        report.rate(&format!("{s}: Begin+End pairs"), per_sec);
+        report.cpu(
+            &format!("{s}: daemon CPU per Begin+End"),
+            (cpu1 - cpu0) / pairs.max(1.0),
+            Some(5.0),
+        );
+        report.latency(
+            &format!("{s}: Begin+End p50"),
+            quantile(&mut lat, 0.5),
+            None,
+        );
+        report.latency(
+            &format!("{s}: Begin+End p99"),
+            quantile(&mut lat, 0.99),
+            None,
+        );
+        report.plain(
+            &format!("{s}: Begins refused (rate limit)"),
+            format!("{}", sum(&done, "refused")),
+            "",
+            None,
+        );
+        report.threads(&s, peak);
+    }
+}
+
+fn rotation(opts: &Opts, report: &mut Report) {
+    let processes = opts.rotation_processes;
+    let n = opts.rotation_streams.max(processes);
+    let per = n.div_ceil(processes);
+    let mut daemon = Daemon::start(&opts.rotation_ttl);
+    daemon.warm_up();
+    let sampler = Sampler::start(daemon.pid);
+    println!(
+        "\nrotation: {} streams from {processes} processes, instance TTL {}, {} s window",
+        per * processes,
+        opts.rotation_ttl,
+        opts.rotation_secs
+    );
+    let mut clients = Clients::spawn(
+        &daemon,
+        processes,
+        "rotation",
+        &[per.to_string(), opts.streams_per_connection.to_string()],
+    );
+    let ready = clients.step(None);
+    clients.expect_ok(&ready, "rotation start");
+    let up = clients.step(Some("go"));
+    clients.expect_ok(&up, "rotation streams");
+    let window_start = epoch_ms();
+    let cpu0 = daemon.cpu_secs();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(opts.rotation_secs) {
+        std::thread::sleep(Duration::from_millis(200));
+        daemon.check_alive();
+    }
+    let cpu1 = daemon.cpu_secs();
+    let window_end = epoch_ms();
+    let done = clients.step(Some("stop"));
+    let s = format!("rotation ({processes} procs, {} streams)", per * processes);
+    report.failures(&s, &clients);
+    settle(&daemon, clients);
+    let peak = sampler.finish();
+
+    let secs = opts.rotation_secs as usize;
+    let mut bins = vec![0u64; secs];
+    for t in numbers(&done, "rotations") {
+        let t = t as u64;
+        if (window_start..window_end).contains(&t) {
+            let i = ((t - window_start) / 1000) as usize;
+            if let Some(b) = bins.get_mut(i) {
+                *b += 1;
+            }
+        }
+    }
+    let total: u64 = bins.iter().sum();
+    let mean = total as f64 / secs as f64;
+    let max = bins.iter().copied().max().unwrap_or(0);
+    let min = bins.iter().copied().min().unwrap_or(0);
+    report.plain(
+        &format!("{s}: rotations in the window"),
+        format!("{total} in {secs} s (TTL {})", opts.rotation_ttl),
+        "",
+        None,
+    );
+    report.rate(&format!("{s}: rotations, mean"), mean);
+    report.plain(
+        &format!("{s}: rotations, max / min second"),
+        format!("{max} / {min}"),
+        "",
+        None,
+    );
+    report.plain(
+        &format!("{s}: rotations, max second / mean"),
+        format!("{:.2}", max as f64 / mean.max(f64::MIN_POSITIVE)),
+        "<= 2",
+        Some(max as f64 <= 2.0 * mean && total > 0),
+    );
+    report.cpu(
+        &format!("{s}: daemon CPU per rotation"),
+        (cpu1 - cpu0) / (total.max(1)) as f64,
+        None,
+    );
+    report.plain(
+        &format!("{s}: stream errors / messages"),
+        format!("{} / {}", sum(&done, "errors"), sum(&done, "messages")),
+        "",
+        None,
+    );
+    report.threads(&s, peak);
+}
+
+fn epoch_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+// ---------------------------------------------------------------- client side
+
+/// The client processes. Each step ends with one JSON line on stdout; any
+/// failure is a line `{"error": "..."}` and a non-zero exit.
+mod client {
+    use super::*;
+    use sigil::proto::sigil::workload::v1::tasks_client::TasksClient;
+    use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest};
+    use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use sigil::proto::workload::{X509svidRequest, X509svidResponse};
+    use tokio::sync::mpsc;
+    use tonic::transport::Channel;
+
+    type Stream = tonic::Streaming<X509svidResponse>;
+    type Lines = mpsc::UnboundedReceiver<String>;
+
+    pub fn main(args: &[String]) {
+        let (kind, socket) = (args[0].as_str(), PathBuf::from(&args[1]));
+        let params: Vec<usize> = args[2..].iter().filter_map(|a| a.parse().ok()).collect();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let lines = stdin_lines();
+        let result = runtime.block_on(async {
+            match kind {
+                "warm" => warm(&socket).await,
+                "new" => new_process(&socket, lines).await,
+                "streams" => streams(&socket, lines, params[0], params[1]).await,
+                "tasks" => {
+                    let secs: f64 = args[2].parse().map_err(|_| "bad seconds".to_owned())?;
+                    tasks(&socket, lines, secs).await
+                }
+                "rotation" => rotation(&socket, lines, params[0], params[1]).await,
+                other => Err(format!("unknown client kind {other}")),
+            }
+        });
+        if let Err(e) = result {
+            say(json!({ "error": e }));
+            std::process::exit(1);
+        }
+    }
+
+    fn say(v: Value) {
+        println!("{v}");
+    }
+
+    /// stdin lines, read on a thread; EOF (the parent is gone) ends it.
+    fn stdin_lines() -> Lines {
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    /// Waits for the parent's next command; EOF counts as "stop".
+    async fn next(lines: &mut Lines) -> String {
+        lines.recv().await.unwrap_or_else(|| "stop".into())
+    }
+
+    async fn timed<T, E: std::fmt::Display>(
+        what: &str,
+        f: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(CLIENT_TIMEOUT, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!("{what}: no answer in {CLIENT_TIMEOUT:?}")),
+        }
+    }
+
+    async fn channel(socket: &Path) -> Result<Channel, String> {
+        let path = socket.to_owned();
+        let endpoint = tonic::transport::Endpoint::from_static("http://localhost");
+        let connect = endpoint.connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }));
+        timed("connect", connect).await
+    }
+
+    fn with_header<T>(msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        req.metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        req
+    }
+
+    async fn open_stream(ch: Channel) -> Result<Stream, String> {
+        let mut client = SpiffeWorkloadApiClient::new(ch);
+        let call = client.fetch_x509svid(with_header(X509svidRequest {}));
+        Ok(timed("FetchX509SVID", call).await?.into_inner())
+    }
+
+    async fn first_message(stream: &mut Stream) -> Result<X509svidResponse, String> {
+        timed("first message", stream.message())
+            .await?
+            .ok_or_else(|| "stream ended before its first message".to_owned())
+    }
+
+    fn ms(since: Instant) -> f64 {
+        since.elapsed().as_secs_f64() * 1e3
+    }
+
+    async fn warm(socket: &Path) -> Result<(), String> {
+        let mut stream = open_stream(channel(socket).await?).await?;
+        first_message(&mut stream).await?;
+        say(json!({ "ok": true }));
+        Ok(())
+    }
+
+    /// Connect-only round trip, then (at the second go) the first SVID,
+    /// each timed from before connect().
+    async fn new_process(socket: &Path, mut lines: Lines) -> Result<(), String> {
+        say(json!({ "ready": true }));
+        next(&mut lines).await;
+        let start = Instant::now();
+        let ch = channel(socket).await?;
+        let answer = tokio::time::timeout(
+            CLIENT_TIMEOUT,
+            SpiffeWorkloadApiClient::new(ch).fetch_x509svid(X509svidRequest {}),
+        )
+        .await;
+        let connect_ms = ms(start);
+        match answer {
+            Err(_) => return Err("connect-only: no answer".into()),
+            Ok(Ok(_)) => return Err("connect-only: answered without the header".into()),
+            Ok(Err(s)) if s.code() != tonic::Code::InvalidArgument => {
+                return Err(format!("connect-only: {s}"));
+            }
+            Ok(Err(_)) => {}
+        }
+        say(json!({ "ms": connect_ms }));
+        next(&mut lines).await;
+        let start = Instant::now();
+        let mut stream = open_stream(channel(socket).await?).await?;
+        first_message(&mut stream).await?;
+        say(json!({ "ms": ms(start) }));
+        next(&mut lines).await;
+        drop(stream);
+        say(json!({ "closed": true }));
+        Ok(())
+    }
+
+    /// Opens `count` streams, `per_conn` to a connection; reports when each
+    /// got its first message; keeps them open (drained) until "stop".
+    async fn open_many(
+        socket: &Path,
+        count: usize,
+        per_conn: usize,
+        forward: Option<mpsc::UnboundedSender<Vec<Vec<u8>>>>,
+    ) -> Result<(tokio::task::JoinSet<()>, Vec<f64>, usize), String> {
+        let mut channels = Vec::new();
+        for _ in 0..count.div_ceil(per_conn.max(1)) {
+            channels.push(channel(socket).await?);
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel::<Result<f64, String>>();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..count {
+            let ch = channels[i / per_conn.max(1)].clone();
+            let (tx, forward) = (tx.clone(), forward.clone());
+            set.spawn(async move {
+                let start = Instant::now();
+                let mut stream = match open_stream(ch).await {
+                    Ok(s) => s,
+                    Err(e) => return drop(tx.send(Err(e))),
+                };
+                match first_message(&mut stream).await {
+                    Ok(msg) => {
+                        let _ = tx.send(Ok(ms(start)));
+                        if let Some(f) = &forward {
+                            let _ = f.send(serials(&msg));
+                        }
+                    }
+                    Err(e) => return drop(tx.send(Err(e))),
+                }
+                while let Ok(Some(msg)) = stream.message().await {
+                    if let Some(f) = &forward {
+                        let _ = f.send(serials(&msg));
+                    }
+                }
+                if let Some(f) = &forward {
+                    let _ = f.send(vec![]); // the stream ended
+                }
+            });
+        }
+        let (mut lat, mut errors) = (Vec::with_capacity(count), 0);
+        let mut first_error = None;
+        for _ in 0..count {
+            match rx.recv().await {
+                Some(Ok(ms)) => lat.push(ms),
+                Some(Err(e)) => {
+                    errors += 1;
+                    first_error.get_or_insert(e);
+                }
+                None => break,
+            }
+        }
+        if lat.is_empty() {
+            return Err(first_error.unwrap_or_else(|| "no stream opened".into()));
+        }
+        Ok((set, lat, errors))
+    }
+
+    fn serials(msg: &X509svidResponse) -> Vec<Vec<u8>> {
+        let mut s: Vec<Vec<u8>> = msg
+            .svids
+            .iter()
+            .filter_map(|svid| {
+                x509_parser::parse_x509_certificate(&svid.x509_svid)
+                    .ok()
+                    .map(|(_, c)| c.raw_serial().to_vec())
+            })
+            .collect();
+        s.sort();
+        s
+    }
+
+    async fn streams(
+        socket: &Path,
+        mut lines: Lines,
+        count: usize,
+        per_conn: usize,
+    ) -> Result<(), String> {
+        say(json!({ "ready": true }));
+        next(&mut lines).await;
+        let (set, lat, errors) = open_many(socket, count, per_conn, None).await?;
+        say(json!({ "ms": lat, "errors": errors }));
+        next(&mut lines).await;
+        drop(set);
+        say(json!({ "closed": true }));
+        Ok(())
+    }
+
+    async fn rotation(
+        socket: &Path,
+        mut lines: Lines,
+        count: usize,
+        per_conn: usize,
+    ) -> Result<(), String> {
+        say(json!({ "ready": true }));
+        next(&mut lines).await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (set, _, errors) = open_many(socket, count, per_conn, Some(tx)).await?;
+        say(json!({ "up": true, "errors": errors }));
+        let mut seen: HashSet<Vec<Vec<u8>>> = HashSet::new();
+        let (mut rotations, mut messages, mut ended) = (Vec::new(), 0u64, 0u64);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(s) = msg else { break };
+                    if s.is_empty() {
+                        ended += 1;
+                        continue;
+                    }
+                    messages += 1;
+                    let first = seen.is_empty();
+                    if seen.insert(s) && !first {
+                        rotations.push(epoch_ms());
+                    }
+                }
+                _ = next(&mut lines) => break,
+            }
+        }
+        drop(set);
+        say(json!({
+            "rotations": rotations,
+            "messages": messages,
+            "errors": errors as u64 + ended,
+        }));
+        Ok(())
+    }
+
+    /// Holds a FetchX509SVID stream (drained), then loops Begin + End on
+    /// this process's own instance for `secs`.
+    async fn tasks(socket: &Path, mut lines: Lines, secs: f64) -> Result<(), String> {
+        let ch = channel(socket).await?;
+        let mut stream = open_stream(ch.clone()).await?;
+        first_message(&mut stream).await?;
+        tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
+        let mut tasks = TasksClient::new(ch);
+        say(json!({ "ready": true }));
+        next(&mut lines).await;
+        let (mut pairs, mut refused, mut lat) = (0u64, 0u64, Vec::new());
+        let start = Instant::now();
+        let run_for = Duration::from_secs_f64(secs);
+        while start.elapsed() < run_for {
+            let id = format!("t{pairs}");
+            let t = Instant::now();
+            let begin = BeginRequest {
+                task_id: id.clone(),
+                ttl: None,
+                attributes: Default::default(),
+            };
+            match tokio::time::timeout(CLIENT_TIMEOUT, tasks.begin(with_header(begin))).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+                Ok(Err(s)) => return Err(format!("Begin: {s}")),
+                Err(_) => return Err("Begin: no answer".into()),
+            }
+            timed("End", tasks.end(with_header(EndRequest { task_id: id }))).await?;
+            lat.push(ms(t));
+            pairs += 1;
+        }
+        say(json!({
+            "pairs": pairs,
+            "secs": start.elapsed().as_secs_f64(),
+            "refused": refused,
+            "lat_ms": lat,
+        }));
+        next(&mut lines).await;
+        Ok(())
+    }
+}
