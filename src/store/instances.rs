@@ -149,9 +149,16 @@ pub(crate) fn live_tasks(
     conn: &Connection,
     instance_id: Option<&str>,
 ) -> Result<Vec<TaskRecord>, Error> {
+    // One query per case: `(?1 IS NULL OR instance_id = ?1)` would keep
+    // SQLite from using the live-task index for one instance.
+    let filter = if instance_id.is_some() {
+        "instance_id = ?1 AND"
+    } else {
+        "?1 IS NULL AND"
+    };
     let sql = format!(
         "SELECT {TASK_COLUMNS} FROM tasks
-         WHERE ended_at_ms IS NULL AND (?1 IS NULL OR instance_id = ?1)
+         WHERE {filter} ended_at_ms IS NULL
          ORDER BY started_at_ms, instance_id, task_id"
     );
     collect(conn, &sql, [instance_id], task_from_row).map_err(sqlite("list live tasks"))

@@ -60,15 +60,28 @@ pub(crate) fn revoke_svids(
     at: SystemTime,
     reason: &str,
 ) -> Result<Vec<String>, Error> {
-    let mut serials = collect(
-        conn,
-        "UPDATE svids SET revoked_at_ms = ?3, revoke_reason = ?4
-         WHERE instance_id = ?1 AND (?2 IS NULL OR task_id = ?2)
-           AND revoked_at_ms IS NULL AND not_after_ms > ?3
-         RETURNING serial",
-        params![instance_id, task_id, to_ms(at), reason],
-        |row| row.get(0),
-    )
+    // Two statements rather than `(?2 IS NULL OR task_id = ?2)`, which
+    // keeps SQLite from using the (instance_id, task_id) index: ending one
+    // task of an instance that ran thousands would scan all their SVIDs.
+    let mut serials = match task_id {
+        Some(task_id) => collect(
+            conn,
+            "UPDATE svids SET revoked_at_ms = ?3, revoke_reason = ?4
+             WHERE instance_id = ?1 AND task_id = ?2
+               AND revoked_at_ms IS NULL AND not_after_ms > ?3
+             RETURNING serial",
+            params![instance_id, task_id, to_ms(at), reason],
+            |row| row.get(0),
+        ),
+        None => collect(
+            conn,
+            "UPDATE svids SET revoked_at_ms = ?2, revoke_reason = ?3
+             WHERE instance_id = ?1 AND revoked_at_ms IS NULL AND not_after_ms > ?2
+             RETURNING serial",
+            params![instance_id, to_ms(at), reason],
+            |row| row.get(0),
+        ),
+    }
     .map_err(sqlite("revoke svids"))?;
     serials.sort();
     Ok(serials)
@@ -293,5 +306,28 @@ mod tests {
             .map(|s| s.serial)
             .collect();
         assert_eq!(left, vec!["03", "04"]);
+    }
+
+    #[test]
+    fn revoking_one_task_searches_the_owner_index_not_every_svid_of_the_instance() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(crate::store::schema::MIGRATIONS[0])
+            .unwrap();
+        let plan: Vec<String> = conn
+            .prepare(
+                "EXPLAIN QUERY PLAN UPDATE svids SET revoked_at_ms = 1
+                 WHERE instance_id = 'i' AND task_id = 't'
+                   AND revoked_at_ms IS NULL AND not_after_ms > 1",
+            )
+            .unwrap()
+            .query_map([], |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(
+            plan.contains("svids_by_owner (instance_id=? AND task_id=?)"),
+            "{plan}"
+        );
     }
 }

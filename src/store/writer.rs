@@ -205,6 +205,15 @@ fn run(mut conn: Connection, queue: &mpsc::Receiver<Box<dyn Job>>, groups: &Atom
     }
 }
 
+/// Runs one savepoint statement (prepared once, cached by the connection).
+fn statement(tx: &Tx<'_>, sql: &str) -> Result<(), Error> {
+    tx.tx
+        .prepare_cached(sql)
+        .and_then(|mut stmt| stmt.execute([]))
+        .map(drop)
+        .map_err(sqlite("manage a savepoint"))
+}
+
 /// Runs `group` in one transaction, each job in its own savepoint, commits
 /// once, then answers every job.
 fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) {
@@ -213,19 +222,21 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sqlite("begin a transaction"))?;
         let tx = Tx { tx };
+        if let [job] = group.as_mut_slice() {
+            // Alone in its group: the transaction is its savepoint.
+            if !job.run(&tx) {
+                return tx.tx.rollback().map_err(sqlite("roll back a transaction"));
+            }
+            return tx.tx.commit().map_err(sqlite("commit a transaction"));
+        }
         for job in &mut group {
-            tx.tx
-                .execute_batch("SAVEPOINT job")
-                .map_err(sqlite("open a savepoint"))?;
-            let ok = job.run(&tx);
-            let end = if ok {
-                "RELEASE job"
+            statement(&tx, "SAVEPOINT job")?;
+            if job.run(&tx) {
+                statement(&tx, "RELEASE job")?;
             } else {
-                "ROLLBACK TO job; RELEASE job"
-            };
-            tx.tx
-                .execute_batch(end)
-                .map_err(sqlite("close a savepoint"))?;
+                statement(&tx, "ROLLBACK TO job")?;
+                statement(&tx, "RELEASE job")?;
+            }
         }
         tx.tx.commit().map_err(sqlite("commit a transaction"))
     })();
