@@ -173,6 +173,24 @@ pub struct PeerCred {
     pub foreign_writer: Option<u32>,
 }
 
+impl PeerCred {
+    /// The credentials attestation works from, built from the kernel's facts
+    /// about an accepted connection and the first process other than the
+    /// connecting one seen writing on it (if any). The one place these are
+    /// put together. `None` when the kernel named no connecting pid.
+    pub fn from_accepted(accepted: &socket::Accepted, foreign_writer: Option<u32>) -> Option<Self> {
+        Some(Self {
+            pid: accepted.cred.pid?,
+            uid: accepted.cred.uid,
+            gid: accepted.cred.gid,
+            accepted_at_ticks: Some(accepted.cred.accepted_at_ticks),
+            start_time: accepted.pinned.map(|p| p.start_time),
+            exe: accepted.pinned.map(|p| p.exe),
+            foreign_writer,
+        })
+    }
+}
+
 /// An attested process: who it is and the selectors it was found to have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attestation {
@@ -438,6 +456,32 @@ mod tests {
         };
         let err = attestor.attest(&peer).unwrap_err();
         assert!(matches!(err, Error::CredentialsChanged { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_accepted_connection_gives_the_credentials_of_its_pinned_peer() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let cred = socket::SocketCred::read(&a).unwrap();
+        let accepted = socket::Accepted::read(&a, cred);
+        let peer = PeerCred::from_accepted(&accepted, None).unwrap();
+        let start = process::start_time(std::process::id()).unwrap();
+        assert_eq!(
+            peer,
+            PeerCred {
+                accepted_at_ticks: Some(cred.accepted_at_ticks),
+                start_time: Some(start),
+                exe: Some(socket::exe_id(std::process::id()).unwrap()),
+                ..me()
+            }
+        );
+        assert!(accepted.client_inode.is_some());
+        let written = PeerCred::from_accepted(&accepted, Some(1)).unwrap();
+        assert_eq!(written.foreign_writer, Some(1));
+        let unnamed = socket::Accepted {
+            cred: socket::SocketCred { pid: None, ..cred },
+            ..accepted
+        };
+        assert_eq!(PeerCred::from_accepted(&unnamed, None), None);
     }
 
     #[test]

@@ -108,6 +108,78 @@ pub fn pin_peer(socket: &impl AsFd) -> Option<PinnedPeer> {
     })
 }
 
+/// SO_PEERCRED of an accepted connection, and when it was accepted: the
+/// first facts read, before the connection is admitted (they are all a
+/// per-uid cap needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketCred {
+    /// The pid that called connect(2); `None` when the kernel reports none
+    /// (0: the peer is in a pid namespace the daemon cannot see into).
+    pub pid: Option<u32>,
+    /// Its effective uid at connect time.
+    pub uid: u32,
+    /// Its effective gid at connect time.
+    pub gid: u32,
+    /// When the connection was accepted, in clock ticks since boot (read
+    /// before the credentials, so never after the connecting process's
+    /// real accept).
+    pub accepted_at_ticks: u64,
+}
+
+impl SocketCred {
+    /// Reads the accept time, then SO_PEERCRED. `None` when the socket has
+    /// no peer credentials (not a connected Unix socket).
+    pub fn read(socket: &impl AsFd) -> Option<Self> {
+        let accepted_at_ticks = super::now_in_ticks();
+        let cred = sock::getsockopt(socket, sock::sockopt::PeerCredentials).ok()?;
+        Some(Self {
+            pid: u32::try_from(cred.pid()).ok().filter(|pid| *pid != 0),
+            uid: cred.uid(),
+            gid: cred.gid(),
+            accepted_at_ticks,
+        })
+    }
+}
+
+/// Everything the kernel says about an accepted connection, read once when
+/// it is admitted: the credentials, the pinned connecting process, the
+/// client end's inode and how much the client had written by the pin.
+/// [`super::PeerCred::from_accepted`] turns it into what attestation reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// SO_PEERCRED and the accept time.
+    pub cred: SocketCred,
+    /// The connecting process, pinned through its pidfd; `None`: the
+    /// connection never gets a private key.
+    pub pinned: Option<PinnedPeer>,
+    /// Inode of the client's end of the socket (sock_diag), for the check
+    /// that nobody else holds it before a key is written.
+    pub client_inode: Option<u64>,
+    /// How many bytes the client had written before the connecting process
+    /// was pinned (`u64::MAX`: unknown, count all of them).
+    pub queued_at_pin: u64,
+}
+
+impl Accepted {
+    /// Pins the peer of `socket`, then reads what was queued by then and
+    /// the client end's inode. Blocking (a few /proc reads and one netlink
+    /// round trip); failures leave the fact unknown, which costs the
+    /// connection its keys, never the daemon its safety.
+    pub fn read(socket: &impl AsFd, cred: SocketCred) -> Self {
+        let pinned = pin_peer(socket);
+        // After the pin: what is queued now includes all that was written
+        // before it.
+        let queued_at_pin = rustix::io::ioctl_fionread(socket).unwrap_or(u64::MAX);
+        let client_inode = peer_inode(socket).ok();
+        Self {
+            cred,
+            pinned,
+            client_inode,
+            queued_at_pin,
+        }
+    }
+}
+
 /// Checks, before each message carrying private keys, that the connection
 /// was pinned to a program and that `pid` still runs it (an exec since the
 /// last message ends the connection's right to keys).

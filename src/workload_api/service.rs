@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::header::NO_IDENTITY_ISSUED;
-use super::peer::{Connection, PeerInfo};
+use super::peer::{Connection, caller};
 use crate::attest::PeerCred;
 use crate::identity::{self, IdentityManager, IdentitySet, InstanceState, TrustBundle};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
@@ -60,12 +60,7 @@ impl WorkloadService {
     /// Attests the caller and opens one of its streams: its instance's
     /// state channel and a slot under the per-instance stream cap.
     async fn subscribe<T>(&self, req: &Request<T>) -> Result<Subscription, Status> {
-        let info = req.extensions().get::<PeerInfo>();
-        let peer = info.and_then(PeerInfo::peer_cred).ok_or_else(|| {
-            status(&identity::Error::Attest(
-                crate::attest::Error::NoPeerCredentials,
-            ))
-        })?;
+        let (peer, conn) = caller(req).map_err(|e| status(&e.into()))?;
         let state = self.identity.subscribe(peer).await.map_err(|e| {
             log_refusal(&e, peer.pid);
             status(&e)
@@ -74,7 +69,7 @@ impl WorkloadService {
         Ok(Subscription {
             state,
             peer,
-            conn: info.map(|i| i.conn.clone()),
+            conn: Some(conn),
             slot,
         })
     }
@@ -138,7 +133,7 @@ impl HolderCheck {
     /// by the attested program's own doing.
     async fn verdict(&self) -> Result<(), identity::Error> {
         use crate::attest::{self, socket};
-        let (peer, pid, pinned) = (self.peer, self.peer.pid, self.conn.pinned);
+        let (peer, pid, pinned) = (self.peer, self.peer.pid, self.conn.accepted.pinned);
         self.identity
             .check_connection(peer, move || socket::check_program(pid, pinned))
             .await?;
@@ -149,7 +144,7 @@ impl HolderCheck {
         if pinned.is_some_and(|p| !socket::needs_holder_scan(&p, early)) {
             return Ok(());
         }
-        let Some(inode) = self.conn.client_inode else {
+        let Some(inode) = self.conn.accepted.client_inode else {
             let no_end = move || Err(attest::Error::NoClientEnd { pid });
             return self.identity.check_connection(peer, no_end).await;
         };
