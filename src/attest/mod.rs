@@ -7,6 +7,7 @@
 //! `spawn_blocking` (the exit watch, which waits on a pidfd, is async).
 
 pub mod exit_watch;
+pub mod holders;
 pub mod process;
 pub mod selectors;
 pub mod socket;

@@ -19,6 +19,7 @@ use super::convert;
 use super::header::NO_IDENTITY_ISSUED;
 use super::peer::{Connection, caller};
 use crate::attest::PeerCred;
+use crate::attest::holders::HolderScans;
 use crate::identity::{self, IdentityManager, IdentitySet, InstanceState, TrustBundle};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::proto::workload::{
@@ -31,13 +32,10 @@ pub struct WorkloadService {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     streams: StreamCounts,
-    scans: Arc<tokio::sync::Semaphore>,
+    /// Sole-holder checks, served by shared walks of /proc (one at a time):
+    /// a burst of new connections costs a walk or two, not one walk each.
+    scans: HolderScans,
 }
-
-/// Most sole-holder scans of /proc at once: each reads every fd table on the
-/// host, so a burst of new connections queues for them rather than taking
-/// every blocking thread.
-const CONCURRENT_HOLDER_SCANS: usize = 2;
 
 impl WorkloadService {
     /// Serves identities from `identity`; open streams end on `shutdown`.
@@ -53,7 +51,7 @@ impl WorkloadService {
             shutdown,
             tracker,
             streams: StreamCounts::new(max_streams_per_instance),
-            scans: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HOLDER_SCANS)),
+            scans: HolderScans::default(),
         }
     }
 
@@ -120,7 +118,7 @@ struct HolderCheck {
     identity: IdentityManager,
     peer: PeerCred,
     conn: Arc<Connection>,
-    scans: Arc<tokio::sync::Semaphore>,
+    scans: HolderScans,
 }
 
 impl HolderCheck {
@@ -151,9 +149,11 @@ impl HolderCheck {
         self.conn
             .sole_holder
             .get_or_init(|| async {
-                let _permit = self.scans.acquire().await;
-                let scan = move || socket::check_sole_holder(pid, inode);
-                self.identity.check_connection(peer, scan).await
+                match self.scans.check(pid, inode).await {
+                    Ok(()) => Ok(()),
+                    // Through `check_connection` so the refusal is audited.
+                    Err(e) => self.identity.check_connection(peer, || Err(e)).await,
+                }
             })
             .await
             .clone()
