@@ -7,13 +7,14 @@
 //!
 //! An entry is keyed by the process (pid and start time) and holds the
 //! [`Snapshot`] it was built from. On every use a new snapshot is read (the
-//! cheap reads: ~10 system calls, no hashing, no NSS) and the entry is
-//! reused only if every fact equals the cached one; one difference rebuilds
-//! it. Each fact, and why comparing it is enough:
+//! cheap reads: about a dozen system calls, no hashing, no NSS) and the
+//! entry is reused only if every fact equals the cached one; one difference
+//! rebuilds it. Each fact, and why comparing it is enough:
 //!
 //! - **pid and start time** (stat): the key; a reused pid has another start
-//!   time. The snapshot is read through one open /proc/<pid> directory, so
-//!   its facts are of one process.
+//!   time. The snapshot is read through one open `/proc/<pid>` directory, so
+//!   its facts are of one process, and the program is read through it once
+//!   more at the end: that succeeds only while the process lives.
 //! - **program** (the exe link's device, inode and path): an exec of another
 //!   file, or of the same file by another path, changes it. An exec of the
 //!   very same program is the same instance anyway (the instance id is made
@@ -30,12 +31,18 @@
 //!   the old one, so it has another pid), and a parent's exec changes its
 //!   link.
 //!
-//! The cost measured (release, this machine): a full attestation reads and
-//! hashes the above plus the digest cache, NSS (/etc/passwd, /etc/group
-//! parsed on every call) and builds the selectors; a cached one reads the
-//! snapshot and compares. Names from NSS are cached per uid and gid for
-//! [`NAME_TTL`], and an attestation is rebuilt at least that often, so a
-//! renamed user or group is seen within it. The cache holds at most
+//! What it costs (release build, CPU time per attestation of a known
+//! process, measured in a loop): 103 us before this cache, when every call
+//! parsed stat and status through procfs, read the exe and the parent by
+//! path, opened the program for its digest key, looked up NSS (parsing
+//! /etc/passwd and /etc/group each time) and rebuilt the selectors; 42 us
+//! now on a hit, 48 us on a miss. Nearly all of what is left is the
+//! kernel making the files compared (perf: status 14%, stat 7%, cgroup 8%,
+//! opens, closes and the exe links the rest); user space is under 2%.
+//! Every one of those reads is a fact above, so none is skipped. Names from
+//! NSS are cached per uid and gid for [`NAME_TTL`], and an attestation is
+//! rebuilt at least that often, so a renamed user or group is seen within
+//! it. The cache holds at most
 //! [`MAX_CACHED`] processes; full, it drops expired entries and those of
 //! processes that exited, and if that is not enough, everything.
 

@@ -165,7 +165,7 @@ pub struct PeerCred {
     /// Its effective gid at connect time.
     pub gid: u32,
     /// When the connection was accepted, in clock ticks since boot (the unit
-    /// of /proc/<pid>/stat's start time), if known.
+    /// of `/proc/<pid>/stat`'s start time), if known.
     pub accepted_at_ticks: Option<u64>,
     /// The start time of the very process that connected, pinned through
     /// its pidfd (SO_PEERPIDFD, Linux 6.5+) when the connection was accepted.
@@ -260,11 +260,7 @@ impl Attestor {
         if let Some(writer) = peer.foreign_writer {
             return Err(Error::ForeignWriter { pid, writer });
         }
-        let snapshot = process::Snapshot::read(pid).inspect_err(|e| {
-            if matches!(e, Error::ProcessGone { .. }) {
-                self.attestations.forget(pid);
-            }
-        })?;
+        let (dir, snapshot) = self.snapshot(pid)?;
         let start = snapshot.start_time;
         if peer.start_time.is_some_and(|pinned| pinned != start) {
             return Err(Error::PidReused { pid });
@@ -275,7 +271,7 @@ impl Attestor {
                 return Err(Error::StartedAfterConnect { pid });
             }
         }
-        let attestation = self.attest_process(snapshot)?;
+        let attestation = self.attest_process(&dir, snapshot)?;
         // The facts are of one program, the one running now (checked last
         // in `attest_process`); it must be the one that connected.
         if peer
@@ -303,30 +299,47 @@ impl Attestor {
     /// As [`Attestor::attest`]; [`Error::ProcessChanged`] if the pid now names
     /// another process.
     pub fn reattest(&self, pid: u32, start_time: u64) -> Result<Attestation, Error> {
-        let snapshot = process::Snapshot::read(pid).inspect_err(|e| {
-            if matches!(e, Error::ProcessGone { .. }) {
-                self.attestations.forget(pid);
-            }
-        })?;
+        let (dir, snapshot) = self.snapshot(pid)?;
         if snapshot.start_time != start_time {
             self.attestations.forget(pid);
             return Err(Error::ProcessChanged { pid });
         }
-        self.attest_process(snapshot)
+        self.attest_process(&dir, snapshot)
     }
 
-    /// The attestation of the process `snapshot` was just read from: the
-    /// cached one if its facts still hold, or one built from `snapshot`.
-    fn attest_process(&self, snapshot: process::Snapshot) -> Result<Attestation, Error> {
-        let (pid, start, exe_id) = (snapshot.pid, snapshot.start_time, snapshot.exe_id);
+    /// Opens the /proc directory of `pid` and reads its snapshot; a process
+    /// found gone is forgotten.
+    fn snapshot(&self, pid: u32) -> Result<(process::ProcDir, process::Snapshot), Error> {
+        let read = process::ProcDir::open(pid).and_then(|dir| Ok((dir.snapshot()?, dir)));
+        match read {
+            Ok((snapshot, dir)) => Ok((dir, snapshot)),
+            Err(e) => {
+                if matches!(e, Error::ProcessGone { .. }) {
+                    self.attestations.forget(pid);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The attestation of the process `snapshot` was just read from
+    /// (through `dir`): the cached one if its facts still hold, or one built
+    /// from `snapshot`.
+    fn attest_process(
+        &self,
+        dir: &process::ProcDir,
+        snapshot: process::Snapshot,
+    ) -> Result<Attestation, Error> {
+        let (pid, exe_id) = (snapshot.pid, snapshot.exe_id);
         let (attestation, cached) = match self.attestations.get(&snapshot) {
             Some(a) => (a, true),
             None => (self.build(&snapshot)?, false),
         };
-        // Read the start time last: if it still matches, every fact above was
-        // read from the same process. And the program last: an exec while the
-        // facts were read would mix two programs' facts.
-        if process::start_time(pid)? != start || socket::exe_id(pid)? != exe_id {
+        // Read the program last, through the directory the snapshot was
+        // read from: it succeeds only if that very process is still alive
+        // (so the digest, read by pid, was of it too), and an exec while the
+        // facts were read, which would mix two programs' facts, is seen.
+        if dir.exe()?.0 != exe_id {
             self.attestations.forget(pid);
             return Err(Error::ProcessChanged { pid });
         }
@@ -358,6 +371,12 @@ impl Attestor {
             facts,
             selectors,
         })
+    }
+
+    /// Drops the cached attestation of `pid` (say, when it exited); its
+    /// next attestation is built from scratch.
+    pub fn forget(&self, pid: u32) {
+        self.attestations.forget(pid);
     }
 
     /// Processes with a cached attestation now.

@@ -1,8 +1,9 @@
 //! Facts about a process, read from /proc.
 //!
 //! Everything here comes from the kernel: the exe link, its content, status,
-//! stat and cgroup files. Nothing a client sends is consulted. Reading another
-//! user's /proc/<pid>/exe needs privilege, so a daemon that runs as a normal
+//! stat and cgroup files, read through one open `/proc/<pid>` directory
+//! ([`ProcDir`]) into a [`Snapshot`]. Nothing a client sends is consulted. Reading another
+//! user's `/proc/<pid>/exe` needs privilege, so a daemon that runs as a normal
 //! user can attest only that user's processes, and says so.
 
 use std::collections::HashMap;
@@ -68,9 +69,9 @@ pub fn read_facts(pid: u32, digests: &DigestCache) -> Result<ProcessFacts, Error
 /// its program, read from /proc in one go: the cheap reads (stat, status,
 /// cgroup, the exe and the parent's exe links) that a cached attestation is
 /// checked against, and that a fresh one is built from. All but the
-/// parent's link are read through one open /proc/<pid> directory, which
-/// names one process: if the pid is reused meanwhile, the reads fail
-/// rather than mix two processes.
+/// parent's link are read through one [`ProcDir`], so they are of one
+/// process: if it exits meanwhile, the reads fail rather than mix it with a
+/// later process at the same pid.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
     /// Process id.
@@ -85,7 +86,7 @@ pub struct Snapshot {
     pub gids: [u32; 4],
     /// Supplementary gids, as the kernel lists them.
     pub groups: Vec<u32>,
-    /// /proc/<pid>/cgroup, verbatim.
+    /// `/proc/<pid>/cgroup`, verbatim.
     pub cgroup: String,
     /// The executable's path, as the exe link names it.
     pub exe: PathBuf,
@@ -94,56 +95,106 @@ pub struct Snapshot {
     /// The executable's size, mtime and ctime (ns): with its device and
     /// inode, what the digest cache keys on, so a binary changed in place
     /// is seen.
-    pub exe_file: (u64, i128, i128),
+    pub exe_file: ExeFile,
     /// The parent's executable path, when readable.
     pub parent_exe: Option<PathBuf>,
 }
 
-impl Snapshot {
-    /// Reads the snapshot of `pid`. Blocking; about ten system calls.
+/// An executable's size, mtime and ctime (ns).
+pub type ExeFile = (u64, i128, i128);
+
+/// An open `/proc/<pid>` directory: it names one process, so every read
+/// through it is of that process, and fails (ESRCH, or ENOENT) once it has
+/// exited, even if its pid was reused since.
+pub struct ProcDir {
+    pid: u32,
+    dir: std::os::fd::OwnedFd,
+}
+
+impl ProcDir {
+    /// Opens the directory of `pid`.
     ///
     /// # Errors
-    /// [`Error::ProcessGone`] if there is no such process (or it exits
-    /// while being read), [`Error::ProcRead`] when a file cannot be read.
-    pub fn read(pid: u32) -> Result<Self, Error> {
-        use rustix::fs::{AtFlags, Mode, OFlags};
+    /// [`Error::ProcessGone`] if there is no such process.
+    pub fn open(pid: u32) -> Result<Self, Error> {
+        use rustix::fs::{Mode, OFlags};
         let dir = rustix::fs::open(
             format!("/proc/{pid}"),
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
         .map_err(|e| io_error(pid, "/proc entry", e.into()))?;
-        let read = |name: &'static str| -> Result<Vec<u8>, Error> {
-            let fd =
-                rustix::fs::openat(&dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-                    .map_err(|e| io_error(pid, name, e.into()))?;
-            let mut text = Vec::with_capacity(2048);
-            File::from(fd)
-                .read_to_end(&mut text)
-                .map_err(|e| io_error(pid, name, e))?;
-            Ok(text)
-        };
-        let (ppid, start_time) =
-            parse_stat(&read("stat")?).ok_or_else(|| malformed(pid, "stat"))?;
-        let status = read("status")?;
-        let (uids, gids, groups) = parse_status(&status).ok_or_else(|| malformed(pid, "status"))?;
-        let cgroup = String::from_utf8_lossy(&read("cgroup")?).into_owned();
-        let meta = rustix::fs::statat(&dir, "exe", AtFlags::empty())
-            .map_err(|e| io_error(pid, "exe", e.into()))?;
-        let link = rustix::fs::readlinkat(&dir, "exe", Vec::new())
-            .map_err(|e| io_error(pid, "exe", e.into()))?;
+        Ok(Self { pid, dir })
+    }
+
+    /// The content of the file `name` of the directory, read with a
+    /// single buffer (these files are a few KiB at most).
+    fn read(&self, name: &'static str) -> Result<Vec<u8>, Error> {
+        use rustix::fs::{Mode, OFlags};
+        let gone = |e: rustix::io::Errno| io_error(self.pid, name, e.into());
+        let fd = rustix::fs::openat(
+            &self.dir,
+            name,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(gone)?;
+        let mut buf = vec![0u8; 4096];
+        let mut len = 0;
+        loop {
+            if len == buf.len() {
+                buf.resize(len * 2, 0);
+            }
+            match rustix::io::read(&fd, &mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(gone(e)),
+            }
+        }
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// The program the process runs now: its identity, path, and the stat
+    /// fields the digest cache keys on.
+    ///
+    /// # Errors
+    /// [`Error::ProcessGone`] or [`Error::ProcRead`].
+    pub fn exe(&self) -> Result<(crate::ids::ExeId, PathBuf, ExeFile), Error> {
+        let gone = |e: rustix::io::Errno| io_error(self.pid, "exe", e.into());
+        let meta =
+            rustix::fs::statat(&self.dir, "exe", rustix::fs::AtFlags::empty()).map_err(gone)?;
+        let link = rustix::fs::readlinkat(&self.dir, "exe", Vec::new()).map_err(gone)?;
         let exe = PathBuf::from(std::ffi::OsString::from_vec(link.into_bytes()));
         let exe_id =
             crate::ids::ExeId::new(meta.st_dev, meta.st_ino, exe.as_os_str().as_encoded_bytes());
-        let exe_file = (
+        let file = (
             u64::try_from(meta.st_size).unwrap_or(0),
             ns(meta.st_mtime, meta.st_mtime_nsec),
             ns(meta.st_ctime, meta.st_ctime_nsec),
         );
+        Ok((exe_id, exe, file))
+    }
+
+    /// Reads the snapshot of the process. Blocking; about a dozen system
+    /// calls.
+    ///
+    /// # Errors
+    /// [`Error::ProcessGone`] if the process exits while being read,
+    /// [`Error::ProcRead`] when a file cannot be read.
+    pub fn snapshot(&self) -> Result<Snapshot, Error> {
+        let pid = self.pid;
+        let (ppid, start_time) =
+            parse_stat(&self.read("stat")?).ok_or_else(|| malformed(pid, "stat"))?;
+        let (uids, gids, groups) =
+            parse_status(&self.read("status")?).ok_or_else(|| malformed(pid, "status"))?;
+        let cgroup = String::from_utf8_lossy(&self.read("cgroup")?).into_owned();
+        let (exe_id, exe, exe_file) = self.exe()?;
         let parent_exe = (ppid > 0)
             .then(|| std::fs::read_link(format!("/proc/{ppid}/exe")).ok())
             .flatten();
-        Ok(Self {
+        Ok(Snapshot {
             pid,
             start_time,
             ppid,
@@ -156,6 +207,17 @@ impl Snapshot {
             exe_file,
             parent_exe,
         })
+    }
+}
+
+impl Snapshot {
+    /// Reads the snapshot of `pid` (see [`ProcDir::snapshot`]).
+    ///
+    /// # Errors
+    /// [`Error::ProcessGone`] if there is no such process (or it exits
+    /// while being read), [`Error::ProcRead`] when a file cannot be read.
+    pub fn read(pid: u32) -> Result<Self, Error> {
+        ProcDir::open(pid)?.snapshot()
     }
 
     /// The process facts, given the digest of the program.
@@ -202,7 +264,7 @@ impl Snapshot {
     }
 }
 
-/// Parent pid and start time from the content of /proc/<pid>/stat. The
+/// Parent pid and start time from the content of `/proc/<pid>/stat`. The
 /// command name (field 2) may hold spaces and parentheses, so the fields
 /// are counted from its last `)`.
 fn parse_stat(text: &[u8]) -> Option<(u32, u64)> {
@@ -215,7 +277,7 @@ fn parse_stat(text: &[u8]) -> Option<(u32, u64)> {
     Some((ppid, start))
 }
 
-/// The `Uid:`, `Gid:` and `Groups:` lines of /proc/<pid>/status.
+/// The `Uid:`, `Gid:` and `Groups:` lines of `/proc/<pid>/status`.
 fn parse_status(text: &[u8]) -> Option<([u32; 4], [u32; 4], Vec<u32>)> {
     let text = std::str::from_utf8(text).ok()?;
     let (mut uids, mut gids, mut groups) = (None, None, None);
@@ -265,7 +327,7 @@ pub(crate) fn io_error(pid: u32, what: &'static str, e: io::Error) -> Error {
     }
 }
 
-/// Extracts the distinct cgroup paths from the content of /proc/<pid>/cgroup
+/// Extracts the distinct cgroup paths from the content of `/proc/<pid>/cgroup`
 /// (`hierarchy:controllers:path` per line, v1 or v2).
 pub fn parse_cgroup_file(text: &str) -> Vec<String> {
     let mut paths: Vec<String> = text
@@ -335,7 +397,7 @@ const MAX_CACHED_DIGESTS: usize = 4096;
 
 impl DigestCache {
     /// SHA-256 of the executable that `pid` runs, read through
-    /// /proc/<pid>/exe so it is the running inode even if the path was replaced.
+    /// `/proc/<pid>/exe` so it is the running inode even if the path was replaced.
     ///
     /// # Errors
     /// [`Error::ProcessGone`] or [`Error::ProcRead`] when the file cannot be read.
