@@ -10,6 +10,10 @@
 //! - the per-connection checks that bind an SVID to the attested process:
 //!   pinning the peer (pidfd, start time, program), finding the client end
 //!   (sock_diag), and the /proc scan for other holders of it;
+//! - the same scan shared: 200 connections waiting for their holder check at
+//!   once, served by shared walks of /proc (per connection);
+//! - attestation of a process whose attestation is not cached (a new
+//!   instance; the program's digest is cached);
 //! - HPACK: the flood block (480 Huffman-coded empty fields) through
 //!   the `:authority` adapter, against loona-hpack's decoder on the same
 //!   block (the decoder the adapter used before).
@@ -65,6 +69,43 @@ fn connection_checks(baseline: Option<f64>) {
         baseline,
     );
     drop(b);
+}
+
+/// The holder checks of many connections waiting at once, served by shared
+/// walks of /proc, per connection.
+fn batched_holder_checks(baseline: Option<f64>) {
+    use sigil::attest::holders::HolderScans;
+    use sigil::attest::socket;
+    const PENDING: usize = 200;
+    let pairs: Vec<_> = (0..PENDING)
+        .map(|_| std::os::unix::net::UnixStream::pair().unwrap())
+        .collect();
+    let inodes: Vec<u64> = pairs
+        .iter()
+        .map(|(a, _)| socket::peer_inode(a).unwrap())
+        .collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let me = std::process::id();
+    let batch = || {
+        runtime.block_on(async {
+            let scans = HolderScans::default();
+            let checks: Vec<_> = inodes
+                .iter()
+                .map(|&inode| {
+                    let scans = scans.clone();
+                    tokio::spawn(async move { scans.check(me, inode).await })
+                })
+                .collect();
+            for check in checks {
+                check.await.unwrap().unwrap();
+            }
+        });
+    };
+    report(
+        &format!("holder check, {PENDING} at once (shared)"),
+        rate(batch) * PENDING as f64,
+        baseline,
+    );
 }
 
 /// Processes and thread fd-table entries on this machine now.
@@ -217,7 +258,17 @@ fn main() {
         baseline,
     );
 
+    report(
+        "attest a new process (not cached)",
+        rate(|| {
+            attestor.forget(me.pid);
+            drop(attestor.attest(&me).unwrap());
+        }),
+        baseline,
+    );
+
     connection_checks(baseline);
+    batched_holder_checks(baseline);
     hpack_flood_block();
 
     let runtime = tokio::runtime::Runtime::new().unwrap();

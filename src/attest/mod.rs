@@ -4,9 +4,16 @@
 //! the checks that stop a recycled PID from taking another process's
 //! identity. Does not own: which entries match (that is `policy`), nor any
 //! gRPC type. Everything here is blocking /proc I/O; async callers use
-//! `spawn_blocking` (the exit watch, which waits on a pidfd, is async).
+//! `spawn_blocking` (the exit watch, which waits on a pidfd, and the
+//! holder-scan batching, which waits for a shared walk, are async).
+//!
+//! Files: `socket` (the kernel's facts about a connection), `holders` (who
+//! else holds it), `process` (/proc facts of a process), `cache` (an
+//! attestation reused while those facts hold), `selectors`, `exit_watch`.
 
+mod cache;
 pub mod exit_watch;
+pub mod holders;
 pub mod process;
 pub mod selectors;
 pub mod socket;
@@ -158,7 +165,7 @@ pub struct PeerCred {
     /// Its effective gid at connect time.
     pub gid: u32,
     /// When the connection was accepted, in clock ticks since boot (the unit
-    /// of /proc/<pid>/stat's start time), if known.
+    /// of `/proc/<pid>/stat`'s start time), if known.
     pub accepted_at_ticks: Option<u64>,
     /// The start time of the very process that connected, pinned through
     /// its pidfd (SO_PEERPIDFD, Linux 6.5+) when the connection was accepted.
@@ -173,6 +180,24 @@ pub struct PeerCred {
     pub foreign_writer: Option<u32>,
 }
 
+impl PeerCred {
+    /// The credentials attestation works from, built from the kernel's facts
+    /// about an accepted connection and the first process other than the
+    /// connecting one seen writing on it (if any). The one place these are
+    /// put together. `None` when the kernel named no connecting pid.
+    pub fn from_accepted(accepted: &socket::Accepted, foreign_writer: Option<u32>) -> Option<Self> {
+        Some(Self {
+            pid: accepted.cred.pid?,
+            uid: accepted.cred.uid,
+            gid: accepted.cred.gid,
+            accepted_at_ticks: Some(accepted.cred.accepted_at_ticks),
+            start_time: accepted.pinned.map(|p| p.start_time),
+            exe: accepted.pinned.map(|p| p.exe),
+            foreign_writer,
+        })
+    }
+}
+
 /// An attested process: who it is and the selectors it was found to have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attestation {
@@ -184,10 +209,16 @@ pub struct Attestation {
     pub selectors: BTreeSet<Selector>,
 }
 
-/// Attests processes. One per daemon: it holds the boot id and the digest cache.
+/// Attests processes. One per daemon: it holds the boot id and the caches
+/// (digests of programs, attestations per process, user and group names).
 pub struct Attestor {
     boot_id: String,
     digests: DigestCache,
+    attestations: cache::AttestCache,
+    names: cache::NameCache,
+    /// Attestations built from scratch (not from the cache), for tests.
+    #[cfg(test)]
+    built: std::sync::atomic::AtomicUsize,
 }
 
 impl Attestor {
@@ -203,6 +234,10 @@ impl Attestor {
         Ok(Self {
             boot_id,
             digests: DigestCache::default(),
+            attestations: cache::AttestCache::default(),
+            names: cache::NameCache::default(),
+            #[cfg(test)]
+            built: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -212,7 +247,10 @@ impl Attestor {
         &self.boot_id
     }
 
-    /// Attests the process that made a connection. Blocking.
+    /// Attests the process that made a connection. Blocking. An
+    /// attestation of the same process is reused while none of its facts
+    /// has changed (see `cache`); the checks against `peer` are made every
+    /// time.
     ///
     /// # Errors
     /// A refusal when the process is gone, changed, reused a pid, changed uid
@@ -222,7 +260,8 @@ impl Attestor {
         if let Some(writer) = peer.foreign_writer {
             return Err(Error::ForeignWriter { pid, writer });
         }
-        let start = process::start_time(pid)?;
+        let (dir, snapshot) = self.snapshot(pid)?;
+        let start = snapshot.start_time;
         if peer.start_time.is_some_and(|pinned| pinned != start) {
             return Err(Error::PidReused { pid });
         }
@@ -232,7 +271,7 @@ impl Attestor {
                 return Err(Error::StartedAfterConnect { pid });
             }
         }
-        let attestation = self.attest_process(pid, start)?;
+        let attestation = self.attest_process(&dir, snapshot)?;
         // The facts are of one program, the one running now (checked last
         // in `attest_process`); it must be the one that connected.
         if peer
@@ -260,45 +299,115 @@ impl Attestor {
     /// As [`Attestor::attest`]; [`Error::ProcessChanged`] if the pid now names
     /// another process.
     pub fn reattest(&self, pid: u32, start_time: u64) -> Result<Attestation, Error> {
-        if process::start_time(pid)? != start_time {
+        let (dir, snapshot) = self.snapshot(pid)?;
+        if snapshot.start_time != start_time {
+            self.attestations.forget(pid);
             return Err(Error::ProcessChanged { pid });
         }
-        self.attest_process(pid, start_time)
+        self.attest_process(&dir, snapshot)
     }
 
-    fn attest_process(&self, pid: u32, start: u64) -> Result<Attestation, Error> {
-        let facts = process::read_facts(pid, &self.digests)?;
-        let selectors = selectors_of(&facts);
-        // Read the start time last: if it still matches, every fact above was
-        // read from the same process.
-        if facts.start_time != start || process::start_time(pid)? != start {
+    /// Opens the /proc directory of `pid` and reads its snapshot; a process
+    /// found gone is forgotten.
+    fn snapshot(&self, pid: u32) -> Result<(process::ProcDir, process::Snapshot), Error> {
+        let read = process::ProcDir::open(pid).and_then(|dir| Ok((dir.snapshot()?, dir)));
+        match read {
+            Ok((snapshot, dir)) => Ok((dir, snapshot)),
+            Err(e) => {
+                if matches!(e, Error::ProcessGone { .. }) {
+                    self.attestations.forget(pid);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The attestation of the process `snapshot` was just read from
+    /// (through `dir`): the cached one if its facts still hold, or one built
+    /// from `snapshot`.
+    fn attest_process(
+        &self,
+        dir: &process::ProcDir,
+        snapshot: process::Snapshot,
+    ) -> Result<Attestation, Error> {
+        let (pid, exe_id) = (snapshot.pid, snapshot.exe_id);
+        let (attestation, cached) = match self.attestations.get(&snapshot) {
+            Some(a) => (a, true),
+            None => (self.build(&snapshot)?, false),
+        };
+        // Read the program last, through the directory the snapshot was
+        // read from: it succeeds only if that very process is still alive
+        // (so the digest, read by pid, was of it too), and an exec while the
+        // facts were read, which would mix two programs' facts, is seen.
+        if dir.exe()?.0 != exe_id {
+            self.attestations.forget(pid);
             return Err(Error::ProcessChanged { pid });
         }
-        // And the program last: an exec while the facts were read would mix
-        // two programs' facts.
-        if socket::exe_id(pid)? != facts.exe_id {
-            return Err(Error::ProcessChanged { pid });
+        if !cached {
+            self.attestations.insert(snapshot, attestation.clone());
         }
+        Ok(attestation)
+    }
+
+    /// Builds an attestation from scratch: the digest (cached per file),
+    /// the names (cached per id) and the selectors.
+    fn build(&self, snapshot: &process::Snapshot) -> Result<Attestation, Error> {
+        #[cfg(test)]
+        self.built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let facts = snapshot.facts(self.digests.digest_of_exe(snapshot.pid)?)?;
+        let selectors = selectors_named(
+            &facts,
+            self.names.user(facts.uid),
+            self.names.group(facts.gid),
+        );
         Ok(Attestation {
-            instance_id: InstanceId::derive(&self.boot_id, pid, start, facts.exe_id),
+            instance_id: InstanceId::derive(
+                &self.boot_id,
+                snapshot.pid,
+                snapshot.start_time,
+                snapshot.exe_id,
+            ),
             facts,
             selectors,
         })
+    }
+
+    /// Drops the cached attestation of `pid` (say, when it exited); its
+    /// next attestation is built from scratch.
+    pub fn forget(&self, pid: u32) {
+        self.attestations.forget(pid);
+    }
+
+    /// Processes with a cached attestation now.
+    pub fn cached(&self) -> usize {
+        self.attestations.len()
     }
 }
 
 /// Turns process facts into selectors. Names are looked up through NSS; a
 /// uid with no name simply has no `unix:user` selector.
 pub fn selectors_of(facts: &ProcessFacts) -> BTreeSet<Selector> {
+    let user = User::from_uid(Uid::from_raw(facts.uid)).ok().flatten();
+    let group = Group::from_gid(Gid::from_raw(facts.gid)).ok().flatten();
+    selectors_named(facts, user.map(|u| u.name), group.map(|g| g.name))
+}
+
+/// [`selectors_of`], with the user and group names already looked up.
+fn selectors_named(
+    facts: &ProcessFacts,
+    user: Option<String>,
+    group: Option<String>,
+) -> BTreeSet<Selector> {
     use SelectorKind as K;
     let mut set = BTreeSet::new();
     set.insert(Selector::new(K::UnixUid, facts.uid.to_string()));
     set.insert(Selector::new(K::UnixGid, facts.gid.to_string()));
-    if let Ok(Some(user)) = User::from_uid(Uid::from_raw(facts.uid)) {
-        set.insert(Selector::new(K::UnixUser, user.name));
+    if let Some(user) = user {
+        set.insert(Selector::new(K::UnixUser, user));
     }
-    if let Ok(Some(group)) = Group::from_gid(Gid::from_raw(facts.gid)) {
-        set.insert(Selector::new(K::UnixGroup, group.name));
+    if let Some(group) = group {
+        set.insert(Selector::new(K::UnixGroup, group));
     }
     for gid in &facts.supplementary_gids {
         set.insert(Selector::new(K::UnixSupplementaryGid, gid.to_string()));
@@ -438,6 +547,142 @@ mod tests {
         };
         let err = attestor.attest(&peer).unwrap_err();
         assert!(matches!(err, Error::CredentialsChanged { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_accepted_connection_gives_the_credentials_of_its_pinned_peer() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let cred = socket::SocketCred::read(&a).unwrap();
+        let accepted = socket::Accepted::read(&a, cred);
+        let peer = PeerCred::from_accepted(&accepted, None).unwrap();
+        let start = process::start_time(std::process::id()).unwrap();
+        assert_eq!(
+            peer,
+            PeerCred {
+                accepted_at_ticks: Some(cred.accepted_at_ticks),
+                start_time: Some(start),
+                exe: Some(socket::exe_id(std::process::id()).unwrap()),
+                ..me()
+            }
+        );
+        assert!(accepted.client_inode.is_some());
+        let written = PeerCred::from_accepted(&accepted, Some(1)).unwrap();
+        assert_eq!(written.foreign_writer, Some(1));
+        let unnamed = socket::Accepted {
+            cred: socket::SocketCred { pid: None, ..cred },
+            ..accepted
+        };
+        assert_eq!(PeerCred::from_accepted(&unnamed, None), None);
+    }
+
+    fn builds(attestor: &Attestor) -> usize {
+        attestor.built.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_known_process_is_attested_from_the_cache_and_still_checked_against_its_connection() {
+        let attestor = Attestor::new().unwrap();
+        let first = attestor.attest(&me()).unwrap();
+        let again = attestor.attest(&me()).unwrap();
+        assert_eq!(first, again);
+        assert_eq!(builds(&attestor), 1, "built once, then reused");
+        let start = first.facts.start_time;
+        assert_eq!(attestor.reattest(first.facts.pid, start).unwrap(), first);
+        assert_eq!(builds(&attestor), 1);
+        // The connection's checks are not cached.
+        let other_uid = PeerCred {
+            uid: me().uid.wrapping_add(1),
+            ..me()
+        };
+        assert!(matches!(
+            attestor.attest(&other_uid),
+            Err(Error::CredentialsChanged { .. })
+        ));
+        assert_eq!(attestor.cached(), 1);
+    }
+
+    /// A python child that runs each line it reads as a statement, then
+    /// answers "ok".
+    struct Child(
+        std::process::Child,
+        std::io::BufReader<std::process::ChildStdout>,
+    );
+
+    impl Child {
+        fn spawn() -> Self {
+            let script = "import os, sys\nfor line in sys.stdin:\n    exec(line)\n    print('ok', flush=True)\n";
+            let mut child = std::process::Command::new("python3")
+                .args(["-c", script])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let mut child = Self(child, out);
+            // `python3` may be a shim that execs the interpreter: wait for it.
+            child.run("pass");
+            child
+        }
+
+        fn run(&mut self, statement: &str) {
+            use std::io::{BufRead, Write};
+            let stdin = self.0.stdin.as_mut().unwrap();
+            writeln!(stdin, "{statement}").unwrap();
+            let mut line = String::new();
+            self.1.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ok", "{statement}");
+        }
+
+        fn peer(&self) -> PeerCred {
+            PeerCred {
+                pid: self.0.id(),
+                ..me()
+            }
+        }
+    }
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn a_change_of_groups_or_program_is_seen_at_the_next_attestation() {
+        let attestor = Attestor::new().unwrap();
+        let mut child = Child::spawn();
+        let before = attestor.attest(&child.peer()).unwrap();
+        assert_eq!(attestor.attest(&child.peer()).unwrap(), before);
+        assert_eq!(builds(&attestor), 1);
+        if nix::unistd::geteuid().is_root() {
+            // Without an exec: new supplementary groups and egid.
+            child.run("os.setgroups([4242]); os.setegid(4243)");
+            let after = attestor.attest(&child.peer()).unwrap();
+            assert_eq!(builds(&attestor), 2);
+            assert_eq!(after.facts.supplementary_gids, vec![4242]);
+            assert_eq!(after.facts.gid, 4243);
+            let gid = Selector::new(SelectorKind::UnixGid, "4243");
+            assert!(after.selectors.contains(&gid));
+            assert_eq!(after.instance_id, before.instance_id, "same program");
+        } else {
+            eprintln!("skipped the setgroups part: needs root");
+        }
+        // An exec of another program: another instance.
+        let sleep = std::fs::canonicalize("/usr/bin/sleep").unwrap();
+        let exec = format!("os.execv({:?}, ['sleep', '30'])", sleep.to_string_lossy());
+        use std::io::Write;
+        writeln!(child.0.stdin.as_mut().unwrap(), "{exec}").unwrap();
+        let exec_d = std::time::Instant::now();
+        let after = loop {
+            let a = attestor.attest(&child.peer()).unwrap();
+            if a.facts.exe == sleep || exec_d.elapsed() > std::time::Duration::from_secs(5) {
+                break a;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(after.facts.exe, sleep);
+        assert_ne!(after.instance_id, before.instance_id);
     }
 
     #[test]

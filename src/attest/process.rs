@@ -1,13 +1,15 @@
 //! Facts about a process, read from /proc.
 //!
 //! Everything here comes from the kernel: the exe link, its content, status,
-//! stat and cgroup files. Nothing a client sends is consulted. Reading another
-//! user's /proc/<pid>/exe needs privilege, so a daemon that runs as a normal
+//! stat and cgroup files, read through one open `/proc/<pid>` directory
+//! ([`ProcDir`]) into a [`Snapshot`]. Nothing a client sends is consulted. Reading another
+//! user's `/proc/<pid>/exe` needs privilege, so a daemon that runs as a normal
 //! user can attest only that user's processes, and says so.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -47,8 +49,10 @@ pub struct ProcessFacts {
 /// # Errors
 /// [`Error::ProcessGone`] when there is no such process.
 pub fn start_time(pid: u32) -> Result<u64, Error> {
-    let stat = proc(pid)?.stat().map_err(|e| proc_error(pid, "stat", e))?;
-    Ok(stat.starttime)
+    let text = std::fs::read(format!("/proc/{pid}/stat")).map_err(|e| io_error(pid, "stat", e))?;
+    parse_stat(&text)
+        .map(|(_, start)| start)
+        .ok_or_else(|| malformed(pid, "stat"))
 }
 
 /// Collects every fact about `pid` that selectors are made from.
@@ -57,49 +61,262 @@ pub fn start_time(pid: u32) -> Result<u64, Error> {
 /// [`Error::ProcessGone`] if the process exits while being read,
 /// [`Error::ProcRead`] when a /proc file cannot be read (often: permission).
 pub fn read_facts(pid: u32, digests: &DigestCache) -> Result<ProcessFacts, Error> {
-    let process = proc(pid)?;
-    let stat = process.stat().map_err(|e| proc_error(pid, "stat", e))?;
-    let status = process.status().map_err(|e| proc_error(pid, "status", e))?;
-    let exe = process.exe().map_err(|e| proc_error(pid, "exe", e))?;
-    let exe_id = super::socket::exe_id(pid)?;
-    let exe_sha256 = digests.digest_of_exe(pid)?;
-    let parent_exe = u32::try_from(stat.ppid)
-        .ok()
-        .filter(|ppid| *ppid > 0)
-        .and_then(|ppid| procfs::process::Process::new(ppid as i32).ok()?.exe().ok());
-    let cgroups = read_cgroups(pid)?;
-    Ok(ProcessFacts {
-        pid,
-        start_time: stat.starttime,
-        uid: status.euid,
-        gid: status.egid,
-        supplementary_gids: status.groups,
-        exe,
-        exe_sha256,
-        exe_id,
-        parent_exe,
-        cgroups,
-    })
+    let snapshot = Snapshot::read(pid)?;
+    snapshot.facts(digests.digest_of_exe(pid)?)
 }
 
-fn proc(pid: u32) -> Result<procfs::process::Process, Error> {
-    let raw = i32::try_from(pid).map_err(|_| Error::ProcessGone { pid })?;
-    procfs::process::Process::new(raw).map_err(|e| proc_error(pid, "/proc entry", e))
+/// Every fact of one process that attestation uses, except the digest of
+/// its program, read from /proc in one go: the cheap reads (stat, status,
+/// cgroup, the exe and the parent's exe links) that a cached attestation is
+/// checked against, and that a fresh one is built from. All but the
+/// parent's link are read through one [`ProcDir`], so they are of one
+/// process: if it exits meanwhile, the reads fail rather than mix it with a
+/// later process at the same pid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in clock ticks since boot.
+    pub start_time: u64,
+    /// Parent pid (0: none).
+    pub ppid: u32,
+    /// Real, effective, saved and file-system uid.
+    pub uids: [u32; 4],
+    /// Real, effective, saved and file-system gid.
+    pub gids: [u32; 4],
+    /// Supplementary gids, as the kernel lists them.
+    pub groups: Vec<u32>,
+    /// `/proc/<pid>/cgroup`, verbatim.
+    pub cgroup: String,
+    /// The executable's path, as the exe link names it.
+    pub exe: PathBuf,
+    /// The executable's identity (device, inode, path).
+    pub exe_id: crate::ids::ExeId,
+    /// The executable's size, mtime and ctime (ns): with its device and
+    /// inode, what the digest cache keys on, so a binary changed in place
+    /// is seen.
+    pub exe_file: ExeFile,
+    /// The parent's executable path, when readable.
+    pub parent_exe: Option<PathBuf>,
 }
 
-fn proc_error(pid: u32, what: &'static str, e: procfs::ProcError) -> Error {
-    match e {
-        procfs::ProcError::NotFound(_) => Error::ProcessGone { pid },
-        other => Error::ProcRead {
+/// An executable's size, mtime and ctime (ns).
+pub type ExeFile = (u64, i128, i128);
+
+/// An open `/proc/<pid>` directory: it names one process, so every read
+/// through it is of that process, and fails (ESRCH, or ENOENT) once it has
+/// exited, even if its pid was reused since.
+pub struct ProcDir {
+    pid: u32,
+    dir: std::os::fd::OwnedFd,
+}
+
+impl ProcDir {
+    /// Opens the directory of `pid`.
+    ///
+    /// # Errors
+    /// [`Error::ProcessGone`] if there is no such process.
+    pub fn open(pid: u32) -> Result<Self, Error> {
+        use rustix::fs::{Mode, OFlags};
+        let dir = rustix::fs::open(
+            format!("/proc/{pid}"),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io_error(pid, "/proc entry", e.into()))?;
+        Ok(Self { pid, dir })
+    }
+
+    /// The content of the file `name` of the directory, read with a
+    /// single buffer (these files are a few KiB at most).
+    fn read(&self, name: &'static str) -> Result<Vec<u8>, Error> {
+        use rustix::fs::{Mode, OFlags};
+        let gone = |e: rustix::io::Errno| io_error(self.pid, name, e.into());
+        let fd = rustix::fs::openat(
+            &self.dir,
+            name,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(gone)?;
+        let mut buf = vec![0u8; 4096];
+        let mut len = 0;
+        loop {
+            if len == buf.len() {
+                buf.resize(len * 2, 0);
+            }
+            match rustix::io::read(&fd, &mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(gone(e)),
+            }
+        }
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// The program the process runs now: its identity, path, and the stat
+    /// fields the digest cache keys on.
+    ///
+    /// # Errors
+    /// [`Error::ProcessGone`] or [`Error::ProcRead`].
+    pub fn exe(&self) -> Result<(crate::ids::ExeId, PathBuf, ExeFile), Error> {
+        let gone = |e: rustix::io::Errno| io_error(self.pid, "exe", e.into());
+        let meta =
+            rustix::fs::statat(&self.dir, "exe", rustix::fs::AtFlags::empty()).map_err(gone)?;
+        let link = rustix::fs::readlinkat(&self.dir, "exe", Vec::new()).map_err(gone)?;
+        let exe = PathBuf::from(std::ffi::OsString::from_vec(link.into_bytes()));
+        let exe_id =
+            crate::ids::ExeId::new(meta.st_dev, meta.st_ino, exe.as_os_str().as_encoded_bytes());
+        let file = (
+            u64::try_from(meta.st_size).unwrap_or(0),
+            ns(meta.st_mtime, meta.st_mtime_nsec),
+            ns(meta.st_ctime, meta.st_ctime_nsec),
+        );
+        Ok((exe_id, exe, file))
+    }
+
+    /// Reads the snapshot of the process. Blocking; about a dozen system
+    /// calls.
+    ///
+    /// # Errors
+    /// [`Error::ProcessGone`] if the process exits while being read,
+    /// [`Error::ProcRead`] when a file cannot be read.
+    pub fn snapshot(&self) -> Result<Snapshot, Error> {
+        let pid = self.pid;
+        let (ppid, start_time) =
+            parse_stat(&self.read("stat")?).ok_or_else(|| malformed(pid, "stat"))?;
+        let (uids, gids, groups) =
+            parse_status(&self.read("status")?).ok_or_else(|| malformed(pid, "status"))?;
+        let cgroup = String::from_utf8_lossy(&self.read("cgroup")?).into_owned();
+        let (exe_id, exe, exe_file) = self.exe()?;
+        let parent_exe = (ppid > 0)
+            .then(|| std::fs::read_link(format!("/proc/{ppid}/exe")).ok())
+            .flatten();
+        Ok(Snapshot {
             pid,
-            what,
-            source: Arc::new(io::Error::other(other.to_string())),
-        },
+            start_time,
+            ppid,
+            uids,
+            gids,
+            groups,
+            cgroup,
+            exe,
+            exe_id,
+            exe_file,
+            parent_exe,
+        })
+    }
+}
+
+impl Snapshot {
+    /// Reads the snapshot of `pid` (see [`ProcDir::snapshot`]).
+    ///
+    /// # Errors
+    /// [`Error::ProcessGone`] if there is no such process (or it exits
+    /// while being read), [`Error::ProcRead`] when a file cannot be read.
+    pub fn read(pid: u32) -> Result<Self, Error> {
+        ProcDir::open(pid)?.snapshot()
+    }
+
+    /// The process facts, given the digest of the program.
+    ///
+    /// # Errors
+    /// None today; kept fallible for facts that may need checking.
+    pub fn facts(&self, exe_sha256: String) -> Result<ProcessFacts, Error> {
+        Ok(ProcessFacts {
+            pid: self.pid,
+            start_time: self.start_time,
+            uid: self.uids[1],
+            gid: self.gids[1],
+            supplementary_gids: self.groups.clone(),
+            exe: self.exe.clone(),
+            exe_sha256,
+            exe_id: self.exe_id,
+            parent_exe: self.parent_exe.clone(),
+            cgroups: parse_cgroup_file(&self.cgroup),
+        })
+    }
+
+    /// The first fact of `self` (read now) that differs from `cached`, the
+    /// snapshot a cached attestation was built from; `None`: it still holds.
+    pub fn changed_from(&self, cached: &Snapshot) -> Option<&'static str> {
+        [
+            (
+                self.pid != cached.pid || self.start_time != cached.start_time,
+                "process",
+            ),
+            (
+                self.exe_id != cached.exe_id || self.exe != cached.exe,
+                "program",
+            ),
+            (self.exe_file != cached.exe_file, "program file"),
+            (self.uids != cached.uids, "uid"),
+            (self.gids != cached.gids, "gid"),
+            (self.groups != cached.groups, "supplementary groups"),
+            (self.cgroup != cached.cgroup, "cgroup"),
+            (self.ppid != cached.ppid, "parent"),
+            (self.parent_exe != cached.parent_exe, "parent program"),
+        ]
+        .into_iter()
+        .find_map(|(changed, what)| changed.then_some(what))
+    }
+}
+
+/// Parent pid and start time from the content of `/proc/<pid>/stat`. The
+/// command name (field 2) may hold spaces and parentheses, so the fields
+/// are counted from its last `)`.
+fn parse_stat(text: &[u8]) -> Option<(u32, u64)> {
+    let close = text.iter().rposition(|b| *b == b')')?;
+    let rest = std::str::from_utf8(text.get(close + 1..)?).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    // After the name: state (3), ppid (4), ..., starttime (22).
+    let ppid = fields.nth(1)?.parse().ok()?;
+    let start = fields.nth(17)?.parse().ok()?;
+    Some((ppid, start))
+}
+
+/// The `Uid:`, `Gid:` and `Groups:` lines of `/proc/<pid>/status`.
+fn parse_status(text: &[u8]) -> Option<([u32; 4], [u32; 4], Vec<u32>)> {
+    let text = std::str::from_utf8(text).ok()?;
+    let (mut uids, mut gids, mut groups) = (None, None, None);
+    let four = |v: &str| -> Option<[u32; 4]> {
+        let mut it = v.split_ascii_whitespace().map(|n| n.parse().ok());
+        Some([it.next()??, it.next()??, it.next()??, it.next()??])
+    };
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("Uid:") {
+            uids = four(v);
+        } else if let Some(v) = line.strip_prefix("Gid:") {
+            gids = four(v);
+        } else if let Some(v) = line.strip_prefix("Groups:") {
+            groups = v
+                .split_ascii_whitespace()
+                .map(|n| n.parse().ok())
+                .collect::<Option<Vec<u32>>>();
+            break; // Groups comes after Uid and Gid
+        }
+    }
+    Some((uids?, gids?, groups?))
+}
+
+/// Seconds and nanoseconds as nanoseconds (the field types vary by arch).
+fn ns(secs: impl Into<i128>, nsec: impl Into<i128>) -> i128 {
+    secs.into() * 1_000_000_000 + nsec.into()
+}
+
+fn malformed(pid: u32, what: &'static str) -> Error {
+    Error::ProcRead {
+        pid,
+        what,
+        source: Arc::new(io::Error::other("unexpected format")),
     }
 }
 
 pub(crate) fn io_error(pid: u32, what: &'static str, e: io::Error) -> Error {
-    if e.kind() == io::ErrorKind::NotFound {
+    // ESRCH: the open /proc/<pid> directory outlived its process.
+    if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
         Error::ProcessGone { pid }
     } else {
         Error::ProcRead {
@@ -110,13 +327,7 @@ pub(crate) fn io_error(pid: u32, what: &'static str, e: io::Error) -> Error {
     }
 }
 
-fn read_cgroups(pid: u32) -> Result<Vec<String>, Error> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map_err(|e| io_error(pid, "cgroup", e))?;
-    Ok(parse_cgroup_file(&text))
-}
-
-/// Extracts the distinct cgroup paths from the content of /proc/<pid>/cgroup
+/// Extracts the distinct cgroup paths from the content of `/proc/<pid>/cgroup`
 /// (`hierarchy:controllers:path` per line, v1 or v2).
 pub fn parse_cgroup_file(text: &str) -> Vec<String> {
     let mut paths: Vec<String> = text
@@ -186,7 +397,7 @@ const MAX_CACHED_DIGESTS: usize = 4096;
 
 impl DigestCache {
     /// SHA-256 of the executable that `pid` runs, read through
-    /// /proc/<pid>/exe so it is the running inode even if the path was replaced.
+    /// `/proc/<pid>/exe` so it is the running inode even if the path was replaced.
     ///
     /// # Errors
     /// [`Error::ProcessGone`] or [`Error::ProcRead`] when the file cannot be read.
@@ -313,6 +524,20 @@ mod tests {
         assert_eq!(cache.len(), 1);
         read_facts(pid, &cache).unwrap();
         assert_eq!(cache.len(), 1, "the digest is computed once");
+    }
+
+    #[test]
+    fn stat_and_status_are_parsed_as_procfs_parses_them() {
+        let me = procfs::process::Process::myself().unwrap();
+        let (stat, status) = (me.stat().unwrap(), me.status().unwrap());
+        let snapshot = Snapshot::read(std::process::id()).unwrap();
+        assert_eq!(snapshot.start_time, stat.starttime);
+        assert_eq!(i64::from(snapshot.ppid), i64::from(stat.ppid));
+        assert_eq!(snapshot.uids[1], status.euid);
+        assert_eq!(snapshot.gids[1], status.egid);
+        assert_eq!(snapshot.groups, status.groups);
+        let odd = b"42 (a) b (c)) S 7 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 99 0 0";
+        assert_eq!(parse_stat(odd), Some((7, 99)));
     }
 
     #[test]

@@ -23,11 +23,12 @@
 //!    read when the connection is accepted (with the start time, under the
 //!    peer's pidfd). A process that exec's another program after that is
 //!    refused: the connection belongs to the program that opened it.
-//! 3. **Who can read the answer** ([`check_sole_holder`]): before a private
-//!    key is written, the client end of the connection (found with
-//!    sock_diag) must be held by the attested process and by no other
-//!    process or thread. This covers the fork-then-exec race where the exec
-//!    happens before the daemon accepts the connection.
+//! 3. **Who can read the answer** ([`check_sole_holder`]; the walk and its
+//!    batching are in `attest::holders`): before a private key is written,
+//!    the client end of the connection (found with sock_diag) must be held
+//!    by the attested process and by no other process or thread. This
+//!    covers the fork-then-exec race where the exec happens before the
+//!    daemon accepts the connection.
 //!
 //! What remains (stated in the README): a file descriptor in flight in an
 //! SCM_RIGHTS message that nobody has received yet is in no process's fd
@@ -45,6 +46,7 @@ use nix::sys::socket::{self as sock, ControlMessageOwned, MsgFlags, UnixCredenti
 
 use super::Error;
 
+pub use super::holders::check_sole_holder;
 pub use crate::ids::ExeId;
 
 /// The executable `pid` runs now.
@@ -106,6 +108,78 @@ pub fn pin_peer(socket: &impl AsFd) -> Option<PinnedPeer> {
         exe,
         same_pid_ns,
     })
+}
+
+/// SO_PEERCRED of an accepted connection, and when it was accepted: the
+/// first facts read, before the connection is admitted (they are all a
+/// per-uid cap needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketCred {
+    /// The pid that called connect(2); `None` when the kernel reports none
+    /// (0: the peer is in a pid namespace the daemon cannot see into).
+    pub pid: Option<u32>,
+    /// Its effective uid at connect time.
+    pub uid: u32,
+    /// Its effective gid at connect time.
+    pub gid: u32,
+    /// When the connection was accepted, in clock ticks since boot (read
+    /// before the credentials, so never after the connecting process's
+    /// real accept).
+    pub accepted_at_ticks: u64,
+}
+
+impl SocketCred {
+    /// Reads the accept time, then SO_PEERCRED. `None` when the socket has
+    /// no peer credentials (not a connected Unix socket).
+    pub fn read(socket: &impl AsFd) -> Option<Self> {
+        let accepted_at_ticks = super::now_in_ticks();
+        let cred = sock::getsockopt(socket, sock::sockopt::PeerCredentials).ok()?;
+        Some(Self {
+            pid: u32::try_from(cred.pid()).ok().filter(|pid| *pid != 0),
+            uid: cred.uid(),
+            gid: cred.gid(),
+            accepted_at_ticks,
+        })
+    }
+}
+
+/// Everything the kernel says about an accepted connection, read once when
+/// it is admitted: the credentials, the pinned connecting process, the
+/// client end's inode and how much the client had written by the pin.
+/// [`super::PeerCred::from_accepted`] turns it into what attestation reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// SO_PEERCRED and the accept time.
+    pub cred: SocketCred,
+    /// The connecting process, pinned through its pidfd; `None`: the
+    /// connection never gets a private key.
+    pub pinned: Option<PinnedPeer>,
+    /// Inode of the client's end of the socket (sock_diag), for the check
+    /// that nobody else holds it before a key is written.
+    pub client_inode: Option<u64>,
+    /// How many bytes the client had written before the connecting process
+    /// was pinned (`u64::MAX`: unknown, count all of them).
+    pub queued_at_pin: u64,
+}
+
+impl Accepted {
+    /// Pins the peer of `socket`, then reads what was queued by then and
+    /// the client end's inode. Blocking (a few /proc reads and one netlink
+    /// round trip); failures leave the fact unknown, which costs the
+    /// connection its keys, never the daemon its safety.
+    pub fn read(socket: &impl AsFd, cred: SocketCred) -> Self {
+        let pinned = pin_peer(socket);
+        // After the pin: what is queued now includes all that was written
+        // before it.
+        let queued_at_pin = rustix::io::ioctl_fionread(socket).unwrap_or(u64::MAX);
+        let client_inode = peer_inode(socket).ok();
+        Self {
+            cred,
+            pinned,
+            client_inode,
+            queued_at_pin,
+        }
+    }
 }
 
 /// Checks, before each message carrying private keys, that the connection
@@ -227,119 +301,6 @@ pub fn peer_inode(socket: &impl AsFd) -> io::Result<u64> {
     diag::peer_of(&reply[..n]).map(u64::from)
 }
 
-/// Checks that the client end `client_inode` of `pid`'s connection is held
-/// by `pid` and by no other process or thread. A thread may have an fd table
-/// of its own (unshare(CLONE_FILES)), so every thread's table is looked at,
-/// but each table once: threads that share their process's table (kcmp(2)
-/// says so) are skipped.
-///
-/// # Errors
-/// [`Error::NotHeldByCaller`] when `pid` does not hold it,
-/// [`Error::SharedConnection`] naming another holder.
-pub fn check_sole_holder(pid: u32, client_inode: u64) -> Result<(), Error> {
-    let started = std::time::Instant::now();
-    let target = format!("socket:[{client_inode}]");
-    if !holds(pid, &target) {
-        return Err(Error::NotHeldByCaller { pid });
-    }
-    let procs = std::fs::read_dir("/proc").map_err(|e| Error::ProcRead {
-        pid,
-        what: "list of processes",
-        source: std::sync::Arc::new(e),
-    })?;
-    for entry in procs.flatten() {
-        // Fail closed: other users can make the scan long (many threads
-        // with private fd tables), and a scan that does not finish proves
-        // nothing.
-        if started.elapsed() > MAX_SCAN {
-            return Err(Error::HolderScanTooLong { pid });
-        }
-        let Some(other) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if other != pid && holds(other, &target) {
-            return Err(Error::SharedConnection { pid, holder: other });
-        }
-    }
-    Ok(())
-}
-
-/// Longest a sole-holder scan may take before the key is refused.
-const MAX_SCAN: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Whether any fd table of process `pid` (its own, or a thread's private
-/// one) has an fd whose link is `target`. Unreadable directories (a process
-/// that exited, or one a non-root daemon may not inspect) count as not
-/// holding it.
-fn holds(pid: u32, target: &str) -> bool {
-    if table_holds(&format!("/proc/{pid}/fd"), target) {
-        return true;
-    }
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|task| {
-        let Some(tid) = task
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            return false;
-        };
-        tid != pid
-            && crate::sys::same_fd_table(pid, tid) != Some(true)
-            && table_holds(&format!("/proc/{pid}/task/{tid}/fd"), target)
-    })
-}
-
-/// Whether the fd directory `dir` has an fd whose link is `target`. The
-/// links are read relative to the open directory into one reused buffer:
-/// this is the daemon's most repeated /proc read.
-fn table_holds(dir: &str, target: &str) -> bool {
-    use rustix::fs::{Dir, Mode, OFlags};
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let Ok(dir_fd) = rustix::fs::open(dir, flags, Mode::empty()) else {
-        return false;
-    };
-    let Ok(entries) = Dir::read_from(&dir_fd) else {
-        return false;
-    };
-    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 64];
-    entries.flatten().any(|entry| {
-        let name = entry.file_name();
-        if name.to_bytes().first() == Some(&b'.') {
-            return false;
-        }
-        let Ok((link, _)) = rustix::fs::readlinkat_raw(&dir_fd, name, &mut buf) else {
-            return false;
-        };
-        link == target.as_bytes() || (link == IO_URING.as_bytes() && ring_holds(dir, name, target))
-    })
-}
-
-/// What /proc shows as the link of an io_uring instance's fd.
-const IO_URING: &str = "anon_inode:[io_uring]";
-
-/// Whether the io_uring instance at fd `name` of fd directory `dir` holds
-/// `target` as a registered ("fixed") file: such a file is in no fd table,
-/// yet the ring's owner can read from it. Its fdinfo lists them.
-fn ring_holds(dir: &str, name: &std::ffi::CStr, target: &str) -> bool {
-    let Some(base) = dir.strip_suffix("/fd") else {
-        return false;
-    };
-    let fdinfo = format!("{base}/fdinfo/{}", name.to_string_lossy());
-    std::fs::read_to_string(fdinfo).is_ok_and(|info| {
-        info.lines().any(|line| {
-            line.split_once(": ")
-                .is_some_and(|(_, file)| file == target)
-        })
-    })
-}
-
 /// The sock_diag wire format for one AF_UNIX lookup by inode
 /// (linux/sock_diag.h, linux/unix_diag.h).
 mod diag {
@@ -424,125 +385,6 @@ mod tests {
             .unwrap()
             .ino();
         assert_eq!(peer_inode(&a).unwrap(), b_ino);
-    }
-
-    #[test]
-    fn the_holder_of_both_ends_is_found_and_a_missing_end_is_reported() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let me = std::process::id();
-        let b_ino = peer_inode(&a).unwrap();
-        check_sole_holder(me, b_ino).unwrap();
-        drop(b);
-        // Nobody holds the client end any more (the socket is gone).
-        assert!(matches!(
-            check_sole_holder(me, b_ino),
-            Err(Error::NotHeldByCaller { .. })
-        ));
-    }
-
-    #[test]
-    fn a_child_holding_the_client_end_is_named() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let b_ino = peer_inode(&a).unwrap();
-        // A child that inherits `b` (as a forked process would).
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
-                b.try_clone().unwrap(),
-            )))
-            .spawn()
-            .unwrap();
-        let child_pid = child.id();
-        let verdict = check_sole_holder(std::process::id(), b_ino);
-        child.kill().unwrap();
-        child.wait().unwrap();
-        match verdict {
-            Err(Error::SharedConnection { holder, .. }) => assert_eq!(holder, child_pid),
-            other => panic!("expected the child to be named, got {other:?}"),
-        }
-    }
-
-    /// Runs a python `script` with `socket` as its stdin, and returns it and
-    /// the first line it prints (once it has hidden its copy).
-    fn python_holding(socket: UnixStream, script: &str) -> (std::process::Child, String) {
-        use std::io::{BufRead, BufReader};
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", script])
-            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
-                socket,
-            )))
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        (child, line)
-    }
-
-    #[test]
-    fn a_copy_hidden_in_a_threads_private_fd_table_is_found() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let b_ino = peer_inode(&a).unwrap();
-        // The child gets `b` as stdin; a thread of it unshars its fd table
-        // (so it keeps a copy) and the main thread then closes its own.
-        let script = r#"
-import ctypes, os, sys, threading, time
-libc = ctypes.CDLL(None, use_errno=True)
-ready = threading.Event()
-def hide():
-    assert libc.unshare(0x400) == 0  # CLONE_FILES
-    ready.set()
-    time.sleep(30)
-threading.Thread(target=hide, daemon=True).start()
-ready.wait()
-os.close(0)
-print("hidden", flush=True)
-time.sleep(30)
-"#;
-        let (mut child, line) = python_holding(b, script);
-        assert_eq!(line.trim(), "hidden");
-        assert!(
-            !table_holds(
-                &format!("/proc/{}/fd", child.id()),
-                &format!("socket:[{b_ino}]")
-            ),
-            "the process's own table no longer has it"
-        );
-        let found = holds(child.id(), &format!("socket:[{b_ino}]"));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert!(found, "the copy in the thread's own table is found");
-    }
-
-    #[test]
-    fn a_copy_registered_in_an_io_uring_and_closed_is_found() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let b_ino = peer_inode(&a).unwrap();
-        // The child registers its stdin (`b`) as an io_uring fixed file and
-        // closes the fd: the ring alone keeps the socket.
-        let script = r#"
-import ctypes, os, time
-libc = ctypes.CDLL(None, use_errno=True)
-params = ctypes.create_string_buffer(120)
-ring = libc.syscall(425, 4, params)  # io_uring_setup
-if ring < 0:
-    print("no-io-uring", flush=True); time.sleep(30)
-files = (ctypes.c_int * 1)(0)
-assert libc.syscall(427, ring, 2, files, 1) == 0  # IORING_REGISTER_FILES
-os.close(0)
-print("registered", flush=True)
-time.sleep(30)
-"#;
-        let (mut child, line) = python_holding(b, script);
-        let found = holds(child.id(), &format!("socket:[{b_ino}]"));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        match line.trim() {
-            "registered" => assert!(found, "the ring's fixed file is found"),
-            other => eprintln!("skipped: {other} (io_uring unavailable here)"),
-        }
     }
 
     #[test]

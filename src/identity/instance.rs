@@ -127,6 +127,7 @@ impl InstanceTask {
                     if let Err(e) = result {
                         tracing::warn!(instance = %self.live.attestation.instance_id, error = %e, "cannot watch the process; ending it");
                     }
+                    self.ctx.attestor.forget(pid);
                     self.finish(EndReason::Exited, "daemon").await
                 }
                 Some(command) = self.commands.recv() => self.handle(command).await,

@@ -5,9 +5,10 @@
 //! share ([`Connection`], reached from a request through [`PeerInfo`]), the
 //! per-uid connection cap applied at accept, and the watchdog that closes a
 //! connection which never gets a request through (an idle client, a
-//! slowloris) or stays open with nothing in flight. The kernel facts
-//! themselves (pidfd pinning, SO_PASSCRED reads, sock_diag) come from
-//! `attest::socket`; the rules they feed are in `attest`.
+//! slowloris) or stays open with nothing in flight, and [`caller`], the one
+//! place a request's [`PeerCred`] is taken from. The kernel facts themselves
+//! (SO_PEERCRED, pidfd pinning, SO_PASSCRED reads, sock_diag) are read by
+//! `attest::socket` ([`Accepted`]); the rules they feed are in `attest`.
 
 use std::collections::HashMap;
 use std::io;
@@ -22,10 +23,10 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
-use tonic::transport::server::{Connected, UdsConnectInfo};
+use tonic::transport::server::Connected;
 
 use super::authority::AuthorityFix;
-use crate::attest::{self, PeerCred, socket::PinnedPeer};
+use crate::attest::{self, PeerCred, socket::Accepted};
 use crate::config::ClientLimits;
 use crate::identity;
 
@@ -36,31 +37,30 @@ pub struct PeerInfo {
     pub conn: Arc<Connection>,
 }
 
-impl PeerInfo {
-    /// The credentials attestation works from, if the kernel gave any.
-    pub fn peer_cred(&self) -> Option<PeerCred> {
-        self.conn.peer_cred()
-    }
+/// The caller of a request on the workload socket: the credentials
+/// attestation works from, and its connection.
+///
+/// # Errors
+/// [`attest::Error::NoPeerCredentials`] when the request did not come over
+/// an accepted Unix connection whose peer the kernel named.
+pub fn caller<T>(req: &tonic::Request<T>) -> Result<(PeerCred, Arc<Connection>), attest::Error> {
+    let conn = &req
+        .extensions()
+        .get::<PeerInfo>()
+        .ok_or(attest::Error::NoPeerCredentials)?
+        .conn;
+    let peer = conn.peer_cred().ok_or(attest::Error::NoPeerCredentials)?;
+    Ok((peer, conn.clone()))
 }
 
 /// One accepted connection, as the kernel described it at accept time,
 /// plus what has been seen on it since.
 #[derive(Debug)]
 pub struct Connection {
-    /// SO_PEERCRED and the peer address, as tonic reads them.
-    pub uds: UdsConnectInfo,
-    /// When the connection was accepted, in clock ticks since boot.
-    pub accepted_at_ticks: u64,
-    /// The connecting process, pinned through its pidfd.
-    pub pinned: Option<PinnedPeer>,
-    /// Inode of the client's end of the socket (sock_diag), for the check
-    /// that nobody else holds it before a key is written.
-    pub client_inode: Option<u64>,
-    /// How many bytes the client had written before the connecting process
-    /// was pinned (unknown: all of them).
-    pub queued_at_pin: u64,
-    /// Whether a request (an HTTP/2 HEADERS frame) started within those
-    /// bytes. If not, every request on the connection was written by the
+    /// The kernel's facts, read when the connection was admitted.
+    pub accepted: Accepted,
+    /// Whether a request (an HTTP/2 HEADERS frame) started within the bytes
+    /// queued when the peer was pinned (`accepted.queued_at_pin`). If not, every request on the connection was written by the
     /// pinned program itself, and the sole-holder scan is not needed (see
     /// `attest::socket`).
     pub early_request: AtomicBool,
@@ -77,19 +77,11 @@ pub struct Connection {
 impl Connection {
     /// The credentials attestation works from, if the kernel gave any.
     pub fn peer_cred(&self) -> Option<PeerCred> {
-        let cred = self.uds.peer_cred?;
-        Some(PeerCred {
-            pid: u32::try_from(cred.pid()?).ok()?,
-            uid: cred.uid(),
-            gid: cred.gid(),
-            accepted_at_ticks: Some(self.accepted_at_ticks),
-            start_time: self.pinned.map(|p| p.start_time),
-            exe: self.pinned.map(|p| p.exe),
-            foreign_writer: match self.foreign_writer.load(Ordering::Acquire) {
-                0 => None,
-                pid => Some(pid),
-            },
-        })
+        let writer = match self.foreign_writer.load(Ordering::Acquire) {
+            0 => None,
+            pid => Some(pid),
+        };
+        PeerCred::from_accepted(&self.accepted, writer)
     }
 
     /// Marks a request (or a response stream) in flight until the guard is
@@ -101,10 +93,7 @@ impl Connection {
     }
 
     fn peer_pid(&self) -> Option<u32> {
-        self.uds
-            .peer_cred
-            .and_then(|c| c.pid())
-            .and_then(|p| u32::try_from(p).ok())
+        self.accepted.cred.pid
     }
 
     /// Records who wrote `n` bytes just read. The first foreign writer
@@ -476,9 +465,8 @@ impl Incoming {
     }
 
     fn admit(&self, inner: UnixStream) -> Option<AcceptedStream> {
-        let accepted_at_ticks = attest::now_in_ticks();
-        let uds = inner.connect_info();
-        let uid = uds.peer_cred.map(|c| c.uid())?;
+        let cred = attest::socket::SocketCred::read(&inner)?;
+        let uid = cred.uid;
         let Some(slot) = self
             .limiter
             .try_acquire(uid, self.limits.max_connections_per_uid)
@@ -499,17 +487,8 @@ impl Incoming {
             return None;
         }
         slot.charge(CONNECTION_COST_BYTES, now);
-        let pinned = attest::socket::pin_peer(&inner);
-        // After the pin: what is queued now includes all that was written
-        // before it.
-        let queued_at_pin = rustix::io::ioctl_fionread(&inner).unwrap_or(u64::MAX);
-        let client_inode = attest::socket::peer_inode(&inner).ok();
         let conn = Arc::new(Connection {
-            uds,
-            accepted_at_ticks,
-            pinned,
-            client_inode,
-            queued_at_pin,
+            accepted: Accepted::read(&inner, cred),
             early_request: AtomicBool::new(false),
             sole_holder: tokio::sync::OnceCell::new(),
             foreign_writer: AtomicU32::new(0),
@@ -544,7 +523,7 @@ impl Stream for Incoming {
                         let (billed, early) = (stream.conn.clone(), stream.conn.clone());
                         let fix = AuthorityFix::new(stream)
                             .charging(move |decoded| billed.slot.charge(decoded, Instant::now()))
-                            .watching_early_headers(early.queued_at_pin, move || {
+                            .watching_early_headers(early.accepted.queued_at_pin, move || {
                                 early.early_request.store(true, Ordering::Release);
                             });
                         return Poll::Ready(Some(Ok(fix)));

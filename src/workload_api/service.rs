@@ -16,9 +16,10 @@ use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::peer::{Connection, PeerInfo};
+use super::peer::{Connection, caller};
 use super::status::{log_refusal, revoked, status};
 use crate::attest::PeerCred;
+use crate::attest::holders::HolderScans;
 use crate::identity::{self, IdentityManager, IdentitySet, InstanceState, TrustBundle};
 use crate::proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi;
 use crate::proto::workload::{
@@ -31,13 +32,10 @@ pub struct WorkloadService {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     streams: StreamCounts,
-    scans: Arc<tokio::sync::Semaphore>,
+    /// Sole-holder checks, served by shared walks of /proc (one at a time):
+    /// a burst of new connections costs a walk or two, not one walk each.
+    scans: HolderScans,
 }
-
-/// Most sole-holder scans of /proc at once: each reads every fd table on the
-/// host, so a burst of new connections queues for them rather than taking
-/// every blocking thread.
-const CONCURRENT_HOLDER_SCANS: usize = 2;
 
 impl WorkloadService {
     /// Serves identities from `identity`; open streams end on `shutdown`.
@@ -53,19 +51,14 @@ impl WorkloadService {
             shutdown,
             tracker,
             streams: StreamCounts::new(max_streams_per_instance),
-            scans: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HOLDER_SCANS)),
+            scans: HolderScans::default(),
         }
     }
 
     /// Attests the caller and opens one of its streams: its instance's
     /// state channel and a slot under the per-instance stream cap.
     async fn subscribe<T>(&self, req: &Request<T>) -> Result<Subscription, Status> {
-        let info = req.extensions().get::<PeerInfo>();
-        let peer = info.and_then(PeerInfo::peer_cred).ok_or_else(|| {
-            status(&identity::Error::Attest(
-                crate::attest::Error::NoPeerCredentials,
-            ))
-        })?;
+        let (peer, conn) = caller(req).map_err(|e| status(&e.into()))?;
         let state = self.identity.subscribe(peer).await.map_err(|e| {
             log_refusal(&e, peer.pid);
             status(&e)
@@ -74,7 +67,7 @@ impl WorkloadService {
         Ok(Subscription {
             state,
             peer,
-            conn: info.map(|i| i.conn.clone()),
+            conn: Some(conn),
             slot,
         })
     }
@@ -82,12 +75,7 @@ impl WorkloadService {
     /// Attests the caller and checks an entry admits it, without starting
     /// an instance; takes a slot under the per-instance stream cap.
     async fn authorize<T>(&self, req: &Request<T>) -> Result<(PeerCred, StreamSlot), Status> {
-        let info = req.extensions().get::<PeerInfo>();
-        let peer = info.and_then(PeerInfo::peer_cred).ok_or_else(|| {
-            status(&identity::Error::Attest(
-                crate::attest::Error::NoPeerCredentials,
-            ))
-        })?;
+        let (peer, _) = caller(req).map_err(|e| status(&e.into()))?;
         self.identity.authorize(peer).await.map_err(|e| {
             log_refusal(&e, peer.pid);
             status(&e)
@@ -142,7 +130,7 @@ struct HolderCheck {
     identity: IdentityManager,
     peer: PeerCred,
     conn: Arc<Connection>,
-    scans: Arc<tokio::sync::Semaphore>,
+    scans: HolderScans,
 }
 
 impl HolderCheck {
@@ -155,7 +143,7 @@ impl HolderCheck {
     /// by the attested program's own doing.
     async fn verdict(&self) -> Result<(), identity::Error> {
         use crate::attest::{self, socket};
-        let (peer, pid, pinned) = (self.peer, self.peer.pid, self.conn.pinned);
+        let (peer, pid, pinned) = (self.peer, self.peer.pid, self.conn.accepted.pinned);
         self.identity
             .check_connection(peer, move || socket::check_program(pid, pinned))
             .await?;
@@ -166,16 +154,18 @@ impl HolderCheck {
         if pinned.is_some_and(|p| !socket::needs_holder_scan(&p, early)) {
             return Ok(());
         }
-        let Some(inode) = self.conn.client_inode else {
+        let Some(inode) = self.conn.accepted.client_inode else {
             let no_end = move || Err(attest::Error::NoClientEnd { pid });
             return self.identity.check_connection(peer, no_end).await;
         };
         self.conn
             .sole_holder
             .get_or_init(|| async {
-                let _permit = self.scans.acquire().await;
-                let scan = move || socket::check_sole_holder(pid, inode);
-                self.identity.check_connection(peer, scan).await
+                match self.scans.check(pid, inode).await {
+                    Ok(()) => Ok(()),
+                    // Through `check_connection` so the refusal is audited.
+                    Err(e) => self.identity.check_connection(peer, || Err(e)).await,
+                }
             })
             .await
             .clone()

@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 
 use tonic::{Request, Response, Status};
 
-use super::peer::PeerInfo;
 use super::status::{log_refusal, status};
 use crate::attest::PeerCred;
 use crate::identity::{self, BeginTask, IdentityManager, TaskInfo};
@@ -29,14 +28,9 @@ impl TaskService {
 }
 
 fn caller<T>(req: &Request<T>) -> Result<PeerCred, Status> {
-    req.extensions()
-        .get::<PeerInfo>()
-        .and_then(PeerInfo::peer_cred)
-        .ok_or_else(|| {
-            status(&identity::Error::Attest(
-                crate::attest::Error::NoPeerCredentials,
-            ))
-        })
+    super::peer::caller(req)
+        .map(|(peer, _)| peer)
+        .map_err(|e| status(&e.into()))
 }
 
 /// The Tasks service's status for a refusal, mapped and logged as on the
