@@ -299,3 +299,14 @@ async fn many_checks_of_real_connections_share_few_walks() {
         "64 checks took {walks} walks"
     );
 }
+
+#[test]
+fn back_to_back_walks_pause_twice_the_last_walk_up_to_a_cap() {
+    use std::time::Duration;
+    assert_eq!(
+        walk_gap(Duration::from_millis(10)),
+        Duration::from_millis(20)
+    );
+    assert_eq!(walk_gap(Duration::ZERO), Duration::ZERO);
+    assert_eq!(walk_gap(Duration::from_secs(1)), MAX_WALK_GAP);
+}
