@@ -317,11 +317,14 @@ impl Walker {
     fn run(mut self) {
         let mut last_walk = None;
         loop {
-            // Back-to-back walks (a burst of new connections) pause for
-            // twice the last walk's time first: the walker then takes at
-            // most a third of one core, a check waits at most about three
-            // walks, and the pause gathers more checks into the next walk.
-            if let Some(took) = last_walk {
+            // Back-to-back walks (checks queued during the last one: a burst
+            // of new connections) pause for twice the last walk's time
+            // first: the walker then takes at most a third of one core, a
+            // check waits at most about three walks, and the pause gathers
+            // more checks into the next walk. A lone check never waits.
+            if let Some(took) = last_walk.take()
+                && !self.shared.lock().waiting.is_empty()
+            {
                 std::thread::sleep(walk_gap(took));
             }
             let batch = {
