@@ -30,7 +30,9 @@
 //! Flags: `--quick` (small sizes, a short window: a smoke run), `--processes
 //! N`, `--streams N`, `--streams-per-process N`, `--streams-per-connection
 //! N`, `--task-secs S`, `--rotation-secs S`, `--rotation-processes N`,
-//! `--rotation-streams N`, `--rotation-ttl DURATION`.
+//! `--rotation-streams N`, `--rotation-ttl DURATION`, `--rounds N` (streams:
+//! N identical rounds against one daemon, RSS after each: memory that grows
+//! round after round is a leak, memory that plateaus is allocator retention).
 
 #![allow(
     clippy::unwrap_used,
@@ -110,6 +112,7 @@ struct Opts {
     rotation_processes: usize,
     rotation_streams: usize,
     rotation_ttl: String,
+    rounds: usize,
 }
 
 const SCENARIOS: [&str; 4] = ["new-processes", "streams", "tasks", "rotation"];
@@ -129,6 +132,7 @@ impl Opts {
                 rotation_processes: 10,
                 rotation_streams: 100,
                 rotation_ttl: "4s".into(),
+                rounds: 1,
             }
         } else {
             Opts {
@@ -142,6 +146,7 @@ impl Opts {
                 rotation_processes: 50,
                 rotation_streams: 1000,
                 rotation_ttl: "10s".into(),
+                rounds: 1,
             }
         };
         let mut it = args.iter();
@@ -166,6 +171,7 @@ impl Opts {
                 "--rotation-processes" => o.rotation_processes = num(value()),
                 "--rotation-streams" => o.rotation_streams = num(value()),
                 "--rotation-ttl" => o.rotation_ttl = value(),
+                "--rounds" => o.rounds = num(value()),
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_owned()),
                 s => usage(&format!("unknown argument {s:?}")),
             }
@@ -180,6 +186,7 @@ impl Opts {
             o.streams_per_connection,
             o.rotation_processes,
             o.rotation_streams,
+            o.rounds,
         ];
         if positive.contains(&0) || o.rotation_secs == 0 {
             usage("sizes must be at least 1");
@@ -193,7 +200,8 @@ fn usage(problem: &str) -> ! {
         "{problem}\nusage: cargo bench --bench load -- [--quick] [{}]... \
          [--processes N] [--streams N] [--streams-per-process N] \
          [--streams-per-connection N] [--task-secs S] [--rotation-secs S] \
-         [--rotation-processes N] [--rotation-streams N] [--rotation-ttl 10s]",
+         [--rotation-processes N] [--rotation-streams N] [--rotation-ttl 10s] \
+         [--rounds N]",
         SCENARIOS.join("|")
     );
     std::process::exit(2)
@@ -831,13 +839,45 @@ fn streams(opts: &Opts, report: &mut Report) {
     daemon.warm_up();
     std::thread::sleep(Duration::from_secs(1));
     let before = daemon.status();
+    println!("\nstreams: daemon pid {}", daemon.pid);
+    hold("SIGIL_LOAD_HOLD_BEFORE_SECS");
+    for round in 1..=opts.rounds {
+        let s = if opts.rounds == 1 {
+            format!("streams ({n})")
+        } else {
+            format!("streams ({n}) round {round}")
+        };
+        streams_round(opts, report, &mut daemon, before, &s, processes, per);
+    }
+    hold("SIGIL_LOAD_HOLD_AFTER_SECS");
+}
+
+/// Sleeps for the seconds in the environment variable `var`, if set: time
+/// to attach a profiler or debugger to the daemon (its pid is printed).
+fn hold(var: &str) {
+    if let Some(secs) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
+        println!("{var}: holding {secs} s");
+        std::thread::sleep(Duration::from_secs(secs));
+    }
+}
+
+fn streams_round(
+    opts: &Opts,
+    report: &mut Report,
+    daemon: &mut Daemon,
+    before: Status,
+    s: &str,
+    processes: usize,
+    per: usize,
+) {
+    let n = opts.streams;
     let sampler = Sampler::start(daemon.pid);
     println!(
-        "\nstreams: {n} streams from {processes} processes, {} per connection",
+        "\n{s}: {n} streams from {processes} processes, {} per connection",
         opts.streams_per_connection
     );
     let mut clients = Clients::spawn(
-        &daemon,
+        daemon,
         processes,
         "streams",
         &[per.to_string(), opts.streams_per_connection.to_string()],
@@ -856,14 +896,19 @@ fn streams(opts: &Opts, report: &mut Report) {
     let stream_errors = sum(&up, "errors");
     std::thread::sleep(Duration::from_secs(2));
     let open = daemon.status();
-    report.failures(&format!("streams ({n})"), &clients);
+    report.failures(s, &clients);
     clients.step(Some("stop"));
-    let (_, took) = settle(&daemon, clients);
+    let (_, took) = settle(daemon, clients);
     std::thread::sleep(Duration::from_secs(5u64.saturating_sub(took.as_secs())));
     let after = daemon.status();
     let peak = sampler.finish();
+    println!(
+        "{s}: RSS before {}, all open {}, after close {}",
+        mib(before.rss_kib),
+        mib(open.rss_kib),
+        mib(after.rss_kib)
+    );
 
-    let s = format!("streams ({n})");
     report.plain(
         &format!("{s}: streams opened"),
         format!("{opened} ({stream_errors} stream errors)"),
@@ -918,7 +963,7 @@ fn streams(opts: &Opts, report: &mut Report) {
         "<= 1.20x",
         Some(ratio <= 1.2),
     );
-    report.threads(&s, peak);
+    report.threads(s, peak);
 }
 
 fn tasks(opts: &Opts, report: &mut Report) {

@@ -33,6 +33,19 @@ pub fn same_fd_table(a: u32, b: u32) -> Option<bool> {
     }
 }
 
+/// jemalloc's options (the `sigil` binary's allocator), read by jemalloc
+/// itself before `main`: a background thread gives freed pages back to the
+/// kernel one second after they were last used, so memory freed when
+/// thousands of streams close is returned while the daemon is idle
+/// (BENCHMARKS.md "Memory after load"). `_RJEM_MALLOC_CONF` in the
+/// environment still overrides these.
+// SAFETY: jemalloc declares `const char *malloc_conf` (prefixed
+// `_rjem_`) and only reads it: a thin pointer to NUL-terminated bytes that
+// live for the whole program, which this static is.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static JEMALLOC_CONF: &[u8; 85] =
+    b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 //! status in `status`.
 
 pub mod authority;
+pub mod codec;
 pub mod convert;
 pub mod header;
 pub mod peer;

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -94,9 +95,7 @@ impl WorkloadService {
         keys: bool,
         build: fn(&IdentitySet, &TrustBundle) -> T,
     ) -> BoxStream<T> {
-        // Room for one message: a client that has not read its last update
-        // gets only the newest one when it does.
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, rx) = channel();
         let bundle = self.identity.bundle();
         let shutdown = self.shutdown.clone();
         let holder_check = match (keys, sub.conn) {
@@ -113,8 +112,25 @@ impl WorkloadService {
             drive(state, bundle, tx, build, holder_check, shutdown).await;
             drop(slot);
         });
-        Box::pin(ReceiverStream::new(rx))
+        rx
     }
+}
+
+/// One message of a stream, boxed on its way from `drive` to tonic: tokio's
+/// channel allocates room for 32 items whatever its capacity, and 32 unboxed
+/// `Result<X509svidResponse, Status>` take 3 KiB for every open stream
+/// (heaptrack, BENCHMARKS.md "Memory after load"); 32 boxes take 256 bytes.
+type Item<T> = Box<Result<T, Status>>;
+
+/// The channel between a stream's `drive` task and tonic. Room for one
+/// message: a client that has not read its last update gets only the newest
+/// one when it does.
+fn channel<T: Send + 'static>() -> (mpsc::Sender<Item<T>>, BoxStream<T>) {
+    let (tx, rx) = mpsc::channel(1);
+    (
+        tx,
+        Box::pin(ReceiverStream::new(rx).map(|item: Item<T>| *item)),
+    )
 }
 
 /// An attested caller's open stream, before it is driven.
@@ -253,7 +269,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         // Attest-only: the bundle is public, and a caller that is entitled
         // to it gets it without an instance or any SVID being minted.
         let (peer, slot) = self.authorize(&request).await?;
-        let (tx, rx) = mpsc::channel(1);
+        let (tx, rx) = channel();
         let bundle = self.identity.bundle();
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
@@ -261,7 +277,7 @@ impl SpiffeWorkloadApi for WorkloadService {
             drop(slot);
             tracing::trace!(pid = peer.pid, "bundle stream ended");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 }
 
@@ -271,7 +287,7 @@ impl SpiffeWorkloadApi for WorkloadService {
 async fn drive<T>(
     mut state: watch::Receiver<InstanceState>,
     mut bundle: watch::Receiver<Arc<TrustBundle>>,
-    tx: mpsc::Sender<Result<T, Status>>,
+    tx: mpsc::Sender<Item<T>>,
     build: fn(&IdentitySet, &TrustBundle) -> T,
     holder_check: Option<HolderCheck>,
     shutdown: CancellationToken,
@@ -290,14 +306,14 @@ async fn drive<T>(
             && let Err(e) = check.verdict().await
         {
             log_refusal(&e, check.peer.pid);
-            permit.send(Err(status(&e)));
+            permit.send(Box::new(Err(status(&e))));
             return;
         }
         if let InstanceState::Active(set) = &current {
-            permit.send(Ok(build(set, &trust)));
+            permit.send(Box::new(Ok(build(set, &trust))));
         } else {
             if let Some(reason) = current.lost_identity() {
-                permit.send(Err(revoked(&reason.to_string())));
+                permit.send(Box::new(Err(revoked(&reason.to_string()))));
             }
             return;
         }
@@ -321,7 +337,7 @@ async fn drive<T>(
 /// before reading, so what it sends is always the newest.
 async fn drive_bundle(
     mut bundle: watch::Receiver<Arc<TrustBundle>>,
-    tx: mpsc::Sender<Result<X509BundlesResponse, Status>>,
+    tx: mpsc::Sender<Item<X509BundlesResponse>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -333,7 +349,7 @@ async fn drive_bundle(
             () = shutdown.cancelled() => return,
         };
         let trust = bundle.borrow_and_update().clone();
-        permit.send(Ok(convert::x509_bundles_response(&trust)));
+        permit.send(Box::new(Ok(convert::x509_bundles_response(&trust))));
         tokio::select! {
             changed = bundle.changed() => if changed.is_err() { return },
             () = tx.closed() => return,
