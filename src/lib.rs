@@ -21,7 +21,7 @@
 //!   one writer thread group-commits every write.
 //! - [`workload_api`]: the gRPC server on the socket (thin adapters for the
 //!   Workload API and the task extension, and the `:authority` repair).
-//! - [`sys`]: the one module with `unsafe` (kcmp(2)).
+//! - [`sys`]: the one module with `unsafe` (kcmp(2), jemalloc's options).
 //! - [`app`]: the single wiring point and the bounded runtime;
 //!   [`shutdown`]: stop and drain.
 //! - [`fsutil`]: directories only root or the daemon's user can change,

@@ -1,7 +1,9 @@
-//! The one module allowed `unsafe`: system calls that no safe crate wraps.
+//! The one module allowed `unsafe`: system calls that no safe crate wraps,
+//! and the allocator's options symbol.
 //!
 //! Each function is a single system call taking plain integers, with its
-//! SAFETY argument beside it. Everything else in the crate stays safe
+//! SAFETY argument beside it; [`JEMALLOC_CONF`] is a static that jemalloc
+//! reads before `main`. Everything else in the crate stays safe
 //! (`unsafe_code` is denied at the crate root and allowed only here).
 #![allow(unsafe_code)]
 
