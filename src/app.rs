@@ -59,18 +59,28 @@ pub enum Error {
 /// cannot grow the daemon to hundreds of threads (the default is 512).
 pub const BLOCKING_THREADS_PER_CORE: usize = 2;
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+}
+
+/// The size of the runtime's blocking pool: [`BLOCKING_THREADS_PER_CORE`]
+/// per core, plus 2 kept for the store's reads, CRL signing and the holder
+/// walker (attestation never takes those).
+pub fn blocking_threads() -> usize {
+    BLOCKING_THREADS_PER_CORE * cores() + 2
+}
+
 /// The daemon's runtime: one worker per core, and a blocking pool of
-/// [`BLOCKING_THREADS_PER_CORE`] per core. Together with the store's writer
-/// thread and the main thread, the daemon never runs more than
-/// 3 x cores + 2 threads.
+/// [`blocking_threads`]. With the store's writer, jemalloc's purging thread
+/// and the main thread, the daemon never runs more than 3 x cores + 5
+/// threads.
 ///
 /// # Errors
 /// When the runtime's threads cannot be started.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores)
-        .max_blocking_threads(BLOCKING_THREADS_PER_CORE * cores)
+        .worker_threads(cores())
+        .max_blocking_threads(blocking_threads())
         .thread_name("sigil-worker")
         .enable_all()
         .build()

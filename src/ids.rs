@@ -72,6 +72,14 @@ impl InstanceId {
         Self(hex)
     }
 
+    /// Reads an id as an operator or the store gives it: exactly the
+    /// lower-case hex that [`InstanceId::derive`] produces, or `None`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let well_formed = text.len() == INSTANCE_ID_HEX_LEN
+            && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        well_formed.then(|| Self(text.to_owned()))
+    }
+
     /// The id as a SPIFFE path segment.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -212,5 +220,19 @@ mod tests {
             assert!(quoted.len() <= ECHO_MAX + 2, "{echo}");
             assert!(echo.as_str().ends_with(&format!("({} bytes)", input.len())));
         }
+    }
+
+    #[test]
+    fn an_instance_id_parses_back_and_nothing_else_does() {
+        let exe = ExeId {
+            dev: 1,
+            ino: 2,
+            path_hash: 3,
+        };
+        let id = InstanceId::derive("boot", 1, 2, exe);
+        assert_eq!(InstanceId::parse(id.as_str()), Some(id.clone()));
+        assert_eq!(InstanceId::parse(&id.as_str().to_uppercase()), None);
+        assert_eq!(InstanceId::parse(&id.as_str()[1..]), None);
+        assert_eq!(InstanceId::parse("../etc"), None);
     }
 }

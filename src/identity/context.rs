@@ -50,24 +50,50 @@ pub(crate) struct Context {
     pub(crate) attesting: UidSlots,
 }
 
-/// Attestations (blocking /proc reads) in flight per uid. The blocking pool
-/// is small (see `app::runtime`); a uid whose processes' reads hang (a
-/// binary on its own FUSE mount) holds at most this many of its threads,
-/// and every other uid is still attested.
+/// Attestations and program checks (blocking /proc reads, which can hang
+/// on a binary on a FUSE mount) in flight per uid.
 pub(crate) const ATTESTATIONS_PER_UID: usize = 2;
+
+/// Blocking-pool threads kept for the store's reads, CRL signing and the
+/// holder walker: attestation never takes them, however many uids hang.
+pub(crate) const RESERVED_BLOCKING_THREADS: usize = 2;
 
 /// Most uids tracked before idle ones are forgotten.
 const MAX_TRACKED_UIDS: usize = 1024;
 
-/// Per-uid semaphores of [`ATTESTATIONS_PER_UID`] permits.
-#[derive(Default)]
+/// Who may run blocking /proc work now: per uid at most
+/// [`ATTESTATIONS_PER_UID`], and all uids together at most the blocking
+/// pool minus [`RESERVED_BLOCKING_THREADS`]. The permits go with the work
+/// onto its thread, so work that hangs keeps holding them even when its
+/// caller gave up: a uid whose reads hang holds at most its share.
 pub(crate) struct UidSlots {
     slots: Mutex<HashMap<u32, Arc<Semaphore>>>,
+    all: Arc<Semaphore>,
+}
+
+impl Default for UidSlots {
+    fn default() -> Self {
+        Self::with_total(crate::app::blocking_threads().saturating_sub(RESERVED_BLOCKING_THREADS))
+    }
+}
+
+/// The permits blocking work of one uid holds while it runs.
+pub(crate) struct Slot {
+    _uid: OwnedSemaphorePermit,
+    _all: OwnedSemaphorePermit,
 }
 
 impl UidSlots {
-    /// Waits for one of `uid`'s slots.
-    pub(crate) async fn acquire(&self, uid: u32) -> Option<OwnedSemaphorePermit> {
+    /// Slots for `total` pieces of work at once (at least one).
+    pub(crate) fn with_total(total: usize) -> Self {
+        Self {
+            slots: Mutex::default(),
+            all: Arc::new(Semaphore::new(total.max(1))),
+        }
+    }
+
+    /// Waits for one of `uid`'s slots, then for one of all.
+    pub(crate) async fn acquire(&self, uid: u32) -> Option<Slot> {
         let semaphore = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             if slots.len() >= MAX_TRACKED_UIDS {
@@ -78,8 +104,13 @@ impl UidSlots {
                 .or_insert_with(|| Arc::new(Semaphore::new(ATTESTATIONS_PER_UID)))
                 .clone()
         };
-        // Never closed, so this only fails if that changes; then unlimited.
-        semaphore.acquire_owned().await.ok()
+        // Never closed, so these only fail if that changes.
+        let uid_permit = semaphore.acquire_owned().await.ok()?;
+        let all = self.all.clone().acquire_owned().await.ok()?;
+        Some(Slot {
+            _uid: uid_permit,
+            _all: all,
+        })
     }
 }
 
@@ -98,11 +129,15 @@ impl Context {
         T: Send + 'static,
         F: FnOnce(&Attestor) -> T + Send + 'static,
     {
-        let _slot = self.attesting.acquire(uid).await;
+        let slot = self.attesting.acquire(uid).await;
         let ctx = self.clone();
-        tokio::task::spawn_blocking(move || f(&ctx.attestor))
-            .await
-            .map_err(|_| Error::ShuttingDown)
+        tokio::task::spawn_blocking(move || {
+            let result = f(&ctx.attestor);
+            drop(slot);
+            result
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)
     }
 
     /// The entries that admit this attested process.
@@ -124,7 +159,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_uid_with_every_slot_taken_waits_while_other_uids_go_on() {
-        let slots = UidSlots::default();
+        let slots = UidSlots::with_total(8);
         let mut held = Vec::new();
         for _ in 0..ATTESTATIONS_PER_UID {
             held.push(slots.acquire(1000).await);
@@ -136,5 +171,19 @@ mod tests {
         held.pop();
         let again = tokio::time::timeout(std::time::Duration::from_secs(5), slots.acquire(1000));
         assert!(again.await.is_ok(), "a freed slot is reused");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn uids_together_never_take_more_than_the_total() {
+        let slots = UidSlots::with_total(3);
+        let mut held = Vec::new();
+        for uid in [1, 2, 3] {
+            held.push(slots.acquire(uid).await);
+        }
+        let fourth = tokio::time::timeout(std::time::Duration::from_secs(5), slots.acquire(4));
+        assert!(fourth.await.is_err(), "the reserve is never taken");
+        held.pop();
+        let fourth = tokio::time::timeout(std::time::Duration::from_secs(5), slots.acquire(4));
+        assert!(fourth.await.is_ok());
     }
 }

@@ -66,6 +66,10 @@ const END_RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Longest pause between attempts to record an instance's end.
 const END_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// Longest wait for a re-attestation before the actor goes back to its
+/// commands (and tries again later).
+const REATTEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Pause after a failed rotation or task expiry (e.g. a full disk) before
 /// trying again; the current SVIDs stay valid meanwhile.
 pub(super) const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -226,10 +230,20 @@ impl InstanceTask {
             self.live.attestation.facts.start_time,
             self.live.attestation.facts.uid,
         );
-        let reattested = self
+        let attesting = self
             .ctx
-            .attest_off_thread(uid, move |a| a.reattest(pid, start))
-            .await;
+            .attest_off_thread(uid, move |a| a.reattest(pid, start));
+        // An attestation that hangs (a binary on a FUSE mount) must not keep
+        // this actor from revocation, the process's exit or shutdown: give
+        // up after a while and keep the current SVIDs until the next try.
+        let reattested = tokio::select! {
+            reattested = attesting => reattested,
+            () = self.shutdown.cancelled() => return Err(Step::Stop),
+            () = tokio::time::sleep(REATTEST_TIMEOUT) => {
+                let e = format!("re-attestation took over {REATTEST_TIMEOUT:?}");
+                return Err(self.retry_later(&e).await);
+            }
+        };
         let attestation = match reattested {
             // The same process running another program is another instance:
             // this one ended with its program (its SVIDs are revoked).
@@ -244,7 +258,7 @@ impl InstanceTask {
             }
             // Not readable right now (e.g. out of file descriptors): keep the
             // current SVIDs and try again shortly; they stay valid meanwhile.
-            Ok(Err(e)) => return Err(self.retry_later(&e.into()).await),
+            Ok(Err(e)) => return Err(self.retry_later(&e).await),
             Err(_) => return Err(Step::Stop), // the runtime is shutting down
         };
         match self.ctx.matching(&attestation) {
@@ -259,7 +273,7 @@ impl InstanceTask {
     /// Keeps the current SVIDs after a failure (e.g. a full disk) and tries
     /// again after [`RETRY_AFTER_FAILURE`], rather than spinning; a shutdown
     /// meanwhile stops at once.
-    async fn retry_later(&self, e: &Error) -> Step {
+    async fn retry_later(&self, e: &(dyn std::fmt::Display + Sync)) -> Step {
         tracing::warn!(instance = %self.live.attestation.instance_id, error = %e, retry_in = ?RETRY_AFTER_FAILURE, "rotation failed; retrying");
         tokio::select! {
             () = self.shutdown.cancelled() => Step::Stop,
@@ -340,6 +354,18 @@ impl InstanceTask {
         }
         self.registry
             .remove(&id, self.live.attestation.facts.start_time);
+    }
+}
+
+impl Drop for InstanceTask {
+    /// However the actor ends (even by a panic), its instance leaves the
+    /// registry, so no caller joins an instance nobody runs. (Its streams
+    /// end when the state sender drops with it.)
+    fn drop(&mut self) {
+        self.registry.remove(
+            &self.live.attestation.instance_id,
+            self.live.attestation.facts.start_time,
+        );
     }
 }
 

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use super::context::{Context, Mint};
 use super::instance::{self, Command, InstanceTask};
-use super::registry::{Handle, Join, Registry};
+use super::registry::{Handle, Join, Registry, Starting};
 use super::state::Live;
 use super::{
     BeginTask, Error, InstanceState, InstanceSummary, Parts, TaskInfo, TrustBundle, audit, revoke,
@@ -96,7 +96,12 @@ impl IdentityManager {
     /// # Errors
     /// [`Error::Store`] when the store cannot be read.
     pub async fn restore(&self) -> Result<(), Error> {
-        for record in self.ctx.store.live_instances()? {
+        let live = self
+            .ctx
+            .store
+            .read_async(|store| store.live_instances())
+            .await?;
+        for record in live {
             let (pid, start) = (record.pid, record.start_time);
             let same_boot = record.boot_id == self.ctx.attestor.boot_id();
             let reattested = self
@@ -133,8 +138,8 @@ impl IdentityManager {
 
     async fn restore_one(&self, a: Attestation, entries: Vec<Arc<Entry>>) -> Result<(), Error> {
         if let Join::Start(starting) = self.registry.join(&a.instance_id) {
-            let handle = self.start(a, entries).await?;
-            self.registry.complete(starting, handle);
+            let started = self.start(a, entries).await?;
+            self.go_live(starting, started);
         }
         Ok(())
     }
@@ -174,7 +179,8 @@ impl IdentityManager {
 
     /// Runs `check`, one of `attest::socket`'s checks of `peer`'s
     /// connection made before a message with private keys is written, off
-    /// the async workers; a refusal is audited like any other.
+    /// the async workers and within `peer`'s uid's share of them; a refusal
+    /// is audited like any other.
     ///
     /// # Errors
     /// [`Error::Attest`] with the check's reason.
@@ -182,9 +188,12 @@ impl IdentityManager {
     where
         F: FnOnce() -> Result<(), attest::Error> + Send + 'static,
     {
-        let checked = tokio::task::spawn_blocking(check)
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
+        // Within the caller's uid's share: a program check stats the
+        // program's file, which can hang on a FUSE mount.
+        let checked = self
+            .ctx
+            .attest_off_thread(peer.uid, move |_| check())
+            .await?;
         checked.map_err(|e| {
             self.ctx.audit_refusal(&peer, &e.to_string(), None);
             e.into()
@@ -281,15 +290,42 @@ impl IdentityManager {
         .await
     }
 
-    /// Revokes a live instance: its tasks end, its SVIDs are revoked, and its
+    /// Revokes an instance: its tasks end, its SVIDs are revoked, and its
     /// streams end with PermissionDenied. The revocation sticks for the life
-    /// of its process.
+    /// of its process. An instance the store holds as live but no actor runs
+    /// (one being started, or one not restorable at start-up) is revoked in
+    /// the store; a start in progress then refuses it in the write that
+    /// would record its SVIDs.
     ///
     /// # Errors
-    /// [`Error::UnknownInstance`].
+    /// [`Error::UnknownInstance`] when neither the daemon nor the store
+    /// knows it as live; [`Error::Store`].
     pub async fn revoke_instance(&self, instance: &InstanceId, actor: String) -> Result<(), Error> {
-        let commands = self.commands_of(instance)?;
-        instance::request(&commands, |reply| Command::Revoke { actor, reply }).await
+        if let Ok(commands) = self.commands_of(instance) {
+            let request = instance::request(&commands, |reply| Command::Revoke {
+                actor: actor.clone(),
+                reply,
+            });
+            match request.await {
+                // Ended meanwhile: what the store says decides below.
+                Err(Error::InstanceEnded) => {}
+                done => return done,
+            }
+        }
+        let id = instance.to_string();
+        let live = self
+            .ctx
+            .store
+            .read_async(move |store| store.instance(&id))
+            .await?
+            .is_some_and(|r| r.ended_at.is_none());
+        if !live {
+            return Err(Error::UnknownInstance(instance.to_string()));
+        }
+        let reason = EndReason::Revoked { by: actor.clone() };
+        self.ctx
+            .end_stored_instance(instance.as_str(), reason, Vec::new(), &actor)
+            .await
     }
 
     fn commands_of(&self, instance: &InstanceId) -> Result<mpsc::Sender<Command>, Error> {
@@ -368,17 +404,18 @@ impl IdentityManager {
                     // costs no signing; the write that records the SVIDs
                     // checks again, and is the one that decides.
                     let id = attestation.instance_id.to_string();
-                    if let Some(end) = self
+                    let sticky = self
                         .ctx
                         .store
-                        .instance(&id)?
+                        .read_async(move |store| store.instance(&id))
+                        .await?
                         .and_then(|r| r.end_reason)
-                        .filter(EndReason::is_sticky)
-                    {
+                        .filter(EndReason::is_sticky);
+                    if let Some(end) = sticky {
                         return Err(refused(&end));
                     }
-                    let handle = match self.start(attestation.clone(), entries.clone()).await {
-                        Ok(handle) => handle,
+                    let started = match self.start(attestation.clone(), entries.clone()).await {
+                        Ok(started) => started,
                         Err(Error::Revoked(reason)) => {
                             self.ctx.audit_refusal(
                                 &peer,
@@ -389,21 +426,27 @@ impl IdentityManager {
                         }
                         Err(e) => return Err(e),
                     };
-                    self.registry.complete(starting, handle.clone());
-                    return Ok(handle);
+                    return Ok(self.go_live(starting, started));
                 }
             }
         }
     }
 
-    /// Mints and records a new instance's SVIDs and starts its actor. The
-    /// caller holds the registry's right to start it (or is restoring at
-    /// start-up, before any request).
+    /// Makes a started instance live in the registry, then starts its actor
+    /// (in that order: an actor that ends at once finds its slot to remove).
+    fn go_live(&self, starting: Starting, (handle, task): (Handle, InstanceTask)) -> Handle {
+        self.registry.complete(starting, handle.clone());
+        self.tracker.spawn(task.run());
+        handle
+    }
+
+    /// Mints and records a new instance's SVIDs and builds its actor. The
+    /// caller holds the registry's right to start it.
     async fn start(
         &self,
         attestation: Attestation,
         entries: Vec<Arc<Entry>>,
-    ) -> Result<Handle, Error> {
+    ) -> Result<(Handle, InstanceTask), Error> {
         let live = Live::start(&self.ctx, attestation, entries).await?;
         let (pid, start_time) = (
             live.attestation.facts.pid,
@@ -425,7 +468,6 @@ impl IdentityManager {
             commands_rx,
             self.shutdown.clone(),
         );
-        self.tracker.spawn(task.run());
-        Ok(handle)
+        Ok((handle, task))
     }
 }

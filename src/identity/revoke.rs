@@ -91,14 +91,16 @@ pub(crate) fn spawn_publisher(
 /// Signs a CRL of the revoked, unexpired SVIDs and publishes it. Returns
 /// when the next one is due (an entry expiring, or half the validity).
 async fn publish(
-    store: &Store,
-    ca: &Ca,
+    store: &Arc<Store>,
+    ca: &Arc<Ca>,
     bundle: &watch::Sender<Arc<TrustBundle>>,
 ) -> Result<SystemTime, Box<dyn std::error::Error>> {
     let now = SystemTime::now();
     // An entry stays listed for BACKDATE past its certificate's expiry: a
     // verifier whose clock is that far behind still sees it revoked.
-    let revoked = store.revoked_unexpired(now - profile::BACKDATE)?;
+    let revoked = store
+        .read_async(move |store| store.revoked_unexpired(now - profile::BACKDATE))
+        .await?;
     let entries: Vec<RevokedEntry> = revoked
         .iter()
         .map(|r| RevokedEntry {
@@ -107,22 +109,24 @@ async fn publish(
         })
         .collect();
     let number = store.write_async(|tx| tx.next_crl_number()).await?;
-    let der = ca.sign_crl(
-        number,
-        &entries,
-        now - profile::BACKDATE,
-        now + CRL_VALIDITY,
-    )?;
+    // Signing encodes every entry: off the async workers.
+    let signer = ca.clone();
+    let listed = entries.len();
+    let der = tokio::task::spawn_blocking(move || {
+        signer.sign_crl(
+            number,
+            &entries,
+            now - profile::BACKDATE,
+            now + CRL_VALIDITY,
+        )
+    })
+    .await??;
     bundle.send_modify(|current| {
         let mut updated = TrustBundle::clone(current);
         updated.crls = vec![der];
         *current = Arc::new(updated);
     });
-    tracing::debug!(
-        crl_number = number,
-        entries = entries.len(),
-        "published a CRL"
-    );
+    tracing::debug!(crl_number = number, entries = listed, "published a CRL");
     let soonest_expiry = revoked
         .iter()
         .map(|r| r.not_after + profile::BACKDATE)

@@ -43,7 +43,7 @@ pub fn nth_jitter(n: u64) -> f64 {
 }
 
 /// When an SVID issued at `issued_at` and valid until `not_after` should be
-/// replaced. `jitter` is a number in `[0, 1)`, drawn at random by the caller.
+/// replaced. `jitter` is a number in `[0, 1)`, from [`jitter`].
 ///
 /// The lifetime counts from issuance, not from the backdated notBefore: with
 /// a TTL of a few seconds the backdate would otherwise put the rotation time

@@ -81,7 +81,10 @@ impl Live {
         entries: Vec<Arc<Entry>>,
     ) -> Result<Self, Error> {
         let id = attestation.instance_id.to_string();
-        let stored_tasks = ctx.store.live_tasks(&id)?;
+        let stored_tasks = ctx
+            .store
+            .read_async(move |store| store.live_tasks(&id))
+            .await?;
         let mut live = Self {
             attestation,
             entries,
@@ -117,6 +120,10 @@ impl Live {
                 if let Some(end) = tx.sticky_end(&record.instance_id)? {
                     return Ok(Err(end));
                 }
+                // Ended before for a reason that does not stick (it stopped
+                // matching, then matched again): live again, so that a later
+                // end, a revocation above all, is recorded on it.
+                tx.revive_instance(&record.instance_id)?;
                 tx.upsert_instance(&record)?;
                 tx.append_audit(&attested)?;
                 for m in instance_svids.iter().chain(restored.iter().map(|(_, m)| m)) {
@@ -370,8 +377,25 @@ impl Live {
             .iter()
             .map(|e| &e.name)
             .eq(self.entries.iter().map(|e| &e.name));
-        self.attestation = attestation;
-        self.entries = entries;
+        // Minted against the new facts, but kept only if the write lands:
+        // a failed rotation retries from the old state, so an SVID for an
+        // entry the process no longer matches is still found superseded.
+        let old_attestation = std::mem::replace(&mut self.attestation, attestation);
+        let old_entries = std::mem::replace(&mut self.entries, entries);
+        let rotated = self.rotate_current(ctx, same_entries, now).await;
+        if rotated.is_err() {
+            self.attestation = old_attestation;
+            self.entries = old_entries;
+        }
+        rotated
+    }
+
+    async fn rotate_current(
+        &mut self,
+        ctx: &Context,
+        same_entries: bool,
+        now: SystemTime,
+    ) -> Result<(), Error> {
         let record = instance_record(ctx, &self.attestation);
         let instance_due = !same_entries || self.instance_svids.iter().any(|h| h.rotate_at <= now);
         let fresh = if instance_due {

@@ -216,6 +216,89 @@ async fn an_actor_waiting_to_retry_a_failed_rotation_stops_at_once_on_shutdown()
     );
 }
 
+/// The store row of this process's instance, as an earlier run left it.
+fn my_record() -> crate::store::InstanceRecord {
+    let attested = Attestor::new().unwrap().attest(&me()).unwrap();
+    crate::store::InstanceRecord {
+        instance_id: attested.instance_id.to_string(),
+        pid: attested.facts.pid,
+        start_time: attested.facts.start_time,
+        boot_id: "boot".to_owned(),
+        uid: attested.facts.uid,
+        selectors: Vec::new(),
+        first_seen: std::time::SystemTime::now(),
+        last_seen: std::time::SystemTime::now(),
+        ended_at: None,
+        end_reason: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_sticks_even_for_a_process_whose_earlier_instance_ended_otherwise() {
+    let f = fixture("1h");
+    // This very process had an instance that ended without being revoked
+    // (it stopped matching its entries for a moment).
+    let record = my_record();
+    let id = record.instance_id.clone();
+    let ended = id.clone();
+    f.store
+        .write_async(move |tx| {
+            tx.upsert_instance(&record)?;
+            let why = "a gid changed".to_owned();
+            tx.end_instance(
+                &ended,
+                std::time::SystemTime::now(),
+                &EndReason::NoLongerMatches { why },
+            )
+        })
+        .await
+        .unwrap();
+    // It matches again and gets an identity; then an operator revokes it.
+    f.manager.subscribe(me()).await.unwrap();
+    let instance: crate::ids::InstanceId = f.manager.instances()[0].instance_id.clone();
+    f.manager
+        .revoke_instance(&instance, "operator".to_owned())
+        .await
+        .unwrap();
+    let err = f.manager.subscribe(me()).await.unwrap_err();
+    assert!(matches!(err, Error::Revoked(_)), "{err}");
+    let stored = f.store.instance(&id).unwrap().unwrap();
+    assert!(
+        stored.end_reason.as_ref().is_some_and(EndReason::is_sticky),
+        "{:?}",
+        stored.end_reason
+    );
+    f.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_revokes_an_instance_the_store_holds_but_no_actor_runs() {
+    let f = fixture("1h");
+    // Live in the store (say, not restorable at start-up), not in memory.
+    let record = my_record();
+    let id = record.instance_id.clone();
+    f.store
+        .write_async(move |tx| tx.upsert_instance(&record))
+        .await
+        .unwrap();
+    let instance = crate::ids::InstanceId::parse(&id).unwrap();
+    f.manager
+        .revoke_instance(&instance, "operator".to_owned())
+        .await
+        .unwrap();
+    let err = f.manager.subscribe(me()).await.unwrap_err();
+    assert!(matches!(err, Error::Revoked(_)), "{err}");
+    assert_eq!(f.mint.minted.load(Ordering::SeqCst), 0, "nothing signed");
+    let unknown = crate::ids::InstanceId::parse(&"0".repeat(id.len())).unwrap();
+    let err = f
+        .manager
+        .revoke_instance(&unknown, "operator".to_owned())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownInstance(_)), "{err}");
+    f.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundle_path_attests_but_mints_nothing() {
     let f = fixture("1h");

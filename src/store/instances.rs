@@ -68,6 +68,20 @@ pub(crate) fn end_instance(
     Ok(changed > 0)
 }
 
+/// Makes an instance that ended live again, unless its end is sticky (a
+/// revocation): its process got a new identity, and the row must be live
+/// for a later end (say, a revocation) to be recorded on it. Returns
+/// whether it was revived.
+pub(crate) fn revive_instance(conn: &Connection, instance_id: &str) -> Result<bool, Error> {
+    conn.execute(
+        "UPDATE instances SET ended_at_ms = NULL, end_kind = NULL, end_reason = NULL
+         WHERE instance_id = ?1 AND ended_at_ms IS NOT NULL AND end_kind IS NOT 'revoked'",
+        [instance_id],
+    )
+    .map(|changed| changed > 0)
+    .map_err(sqlite("revive instance"))
+}
+
 /// One instance, live or ended.
 pub(crate) fn instance(
     conn: &Connection,
@@ -214,6 +228,25 @@ mod tests {
         assert_eq!(got.first_seen, t(0));
         assert_eq!(got.last_seen, t(100));
         assert_eq!(got.selectors, again.selectors);
+    }
+
+    #[test]
+    fn an_instance_that_ended_comes_back_live_unless_it_was_revoked() {
+        let (_dir, store) = store();
+        store.upsert_instance(&instance("i1")).unwrap();
+        store.upsert_instance(&instance("i2")).unwrap();
+        let why = "a gid changed".to_owned();
+        store
+            .end_instance("i1", t(5), EndReason::NoLongerMatches { why })
+            .unwrap();
+        let by = "admin".to_owned();
+        store
+            .end_instance("i2", t(5), EndReason::Revoked { by })
+            .unwrap();
+        assert!(store.write(|tx| tx.revive_instance("i1")).unwrap());
+        assert!(!store.write(|tx| tx.revive_instance("i2")).unwrap());
+        assert_eq!(store.instance("i1").unwrap().unwrap().ended_at, None);
+        assert!(store.instance("i2").unwrap().unwrap().ended_at.is_some());
     }
 
     #[test]

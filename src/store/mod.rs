@@ -228,6 +228,23 @@ impl Store {
         self.writer.write_async(work).await
     }
 
+    /// Runs reads `f` on the blocking pool, so an async caller never waits
+    /// on the read connection's lock or on disk.
+    ///
+    /// # Errors
+    /// `f`'s error, or [`Error::WriterStopped`] when the runtime is going
+    /// away.
+    pub async fn read_async<T, F>(self: &std::sync::Arc<Self>, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, Error> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|_| Error::WriterStopped)?
+    }
+
     /// How many transactions the writer has run: with concurrent writers,
     /// fewer than the writes (group commit). For tests and the load tool.
     pub fn groups_committed(&self) -> u64 {

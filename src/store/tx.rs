@@ -28,6 +28,15 @@ impl Tx<'_> {
         instances::upsert_instance(&self.tx, rec)
     }
 
+    /// Makes an ended instance live again unless it was revoked; see
+    /// `instances::revive_instance`. Returns whether it was revived.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] if the write fails.
+    pub fn revive_instance(&self, instance_id: &str) -> Result<bool, Error> {
+        instances::revive_instance(&self.tx, instance_id)
+    }
+
     /// Marks a live instance ended, and with it every live task of the
     /// instance (same time and reason), so no task outlives its process.
     /// Ending an unknown or already ended instance does nothing.

@@ -14,8 +14,10 @@
 //! - if the commit itself fails, every job of the group gets the error and
 //!   none of them is acknowledged.
 //!
-//! Callers wait on a channel, never on a lock: async callers `.await` (no
-//! runtime worker blocks on disk), blocking callers block on a std channel.
+//! Callers wait on a channel, never on a lock: async callers `.await` their
+//! answer, and room in the queue when [`QUEUE`] of their writes are
+//! waiting (no runtime worker blocks on disk or on the queue); blocking
+//! callers (tests and tools) block on a std channel.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
@@ -24,7 +26,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::{Error, Tx, sqlite};
 
@@ -32,7 +34,8 @@ use super::{Error, Tx, sqlite};
 /// the write lock and how much one failed commit takes down with it.
 pub(crate) const MAX_BATCH: usize = 256;
 
-/// Queued jobs before callers wait to enqueue: bounds memory under a flood.
+/// Writes queued by async callers before more wait (asynchronously) for
+/// room: bounds memory under a flood without blocking a runtime thread.
 const QUEUE: usize = 4096;
 
 /// A job as the writer thread sees it: run inside the group's transaction,
@@ -55,6 +58,8 @@ struct TypedJob<T, F> {
     work: Option<F>,
     outcome: Option<Result<T, Error>>,
     reply: Reply<T>,
+    /// The async caller's room in the queue, given back once answered.
+    _room: Option<OwnedSemaphorePermit>,
 }
 
 impl<T, F> Job for TypedJob<T, F>
@@ -100,7 +105,8 @@ where
 /// The handle to the writer thread; dropping it lets the thread finish the
 /// queued jobs, close the connection and exit (the drop waits for that).
 pub(crate) struct Writer {
-    jobs: Option<mpsc::SyncSender<Box<dyn Job>>>,
+    jobs: Option<mpsc::Sender<Box<dyn Job>>>,
+    room: Arc<Semaphore>,
     thread: Option<JoinHandle<()>>,
     groups: Arc<AtomicU64>,
 }
@@ -114,7 +120,7 @@ impl std::fmt::Debug for Writer {
 impl Writer {
     /// Starts the writer thread on `conn`.
     pub(crate) fn start(conn: Connection, path: PathBuf) -> Result<Self, Error> {
-        let (jobs, queue) = mpsc::sync_channel(QUEUE);
+        let (jobs, queue) = mpsc::channel();
         let groups = Arc::new(AtomicU64::new(0));
         let counter = groups.clone();
         let thread = std::thread::Builder::new()
@@ -126,6 +132,7 @@ impl Writer {
             })?;
         Ok(Self {
             jobs: Some(jobs),
+            room: Arc::new(Semaphore::new(QUEUE)),
             thread: Some(thread),
             groups,
         })
@@ -144,7 +151,7 @@ impl Writer {
         F: FnOnce(&Tx<'_>) -> Result<T, Error> + Send + 'static,
     {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.enqueue(work, Reply::Blocking(tx))?;
+        self.enqueue(work, Reply::Blocking(tx), None)?;
         rx.recv().map_err(|_| stopped())?
     }
 
@@ -155,12 +162,23 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&Tx<'_>) -> Result<T, Error> + Send + 'static,
     {
+        let room = self
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| stopped())?;
         let (tx, rx) = oneshot::channel();
-        self.enqueue(work, Reply::Async(tx))?;
+        self.enqueue(work, Reply::Async(tx), Some(room))?;
         rx.await.map_err(|_| stopped())?
     }
 
-    fn enqueue<T, F>(&self, work: F, reply: Reply<T>) -> Result<(), Error>
+    fn enqueue<T, F>(
+        &self,
+        work: F,
+        reply: Reply<T>,
+        room: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), Error>
     where
         T: Send + 'static,
         F: FnOnce(&Tx<'_>) -> Result<T, Error> + Send + 'static,
@@ -169,10 +187,9 @@ impl Writer {
             work: Some(work),
             outcome: None,
             reply,
+            _room: room,
         });
         let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
-        // A full queue blocks the caller briefly (the writer drains up to
-        // MAX_BATCH per commit); it never drops a write.
         jobs.send(job).map_err(|_| stopped())
     }
 }

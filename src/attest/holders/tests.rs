@@ -232,9 +232,15 @@ async fn checks_that_arrive_during_a_walk_wait_and_share_the_next_walk() {
     second.await.unwrap().unwrap();
     third.await.unwrap().unwrap();
     let batches = fake.batches.lock().unwrap().clone();
+    // Within a batch the order is the order the checks were queued, which
+    // the two late checks race for.
     let inodes: Vec<Vec<u64>> = batches
         .iter()
-        .map(|b| b.iter().map(|w| w.inode).collect())
+        .map(|b| {
+            let mut inodes: Vec<u64> = b.iter().map(|w| w.inode).collect();
+            inodes.sort_unstable();
+            inodes
+        })
         .collect();
     assert_eq!(
         inodes,
