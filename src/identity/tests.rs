@@ -152,20 +152,8 @@ async fn a_revocation_that_lands_during_the_mint_wins_and_nothing_is_handed_out(
         .unwrap();
     // While the SVID is being signed, an operator's revocation of this very
     // instance is committed.
-    let id = my_instance_id();
-    let attested = Attestor::new().unwrap().attest(&me()).unwrap();
-    let record = crate::store::InstanceRecord {
-        instance_id: id.clone(),
-        pid: attested.facts.pid,
-        start_time: attested.facts.start_time,
-        boot_id: "boot".to_owned(),
-        uid: attested.facts.uid,
-        selectors: Vec::new(),
-        first_seen: std::time::SystemTime::now(),
-        last_seen: std::time::SystemTime::now(),
-        ended_at: None,
-        end_reason: None,
-    };
+    let record = my_record();
+    let id = record.instance_id.clone();
     let revoke_id = id.clone();
     f.store
         .write_async(move |tx| {
