@@ -414,19 +414,26 @@ impl IdentityManager {
                     if let Some(end) = sticky {
                         return Err(refused(&end));
                     }
-                    let started = match self.start(attestation.clone(), entries.clone()).await {
-                        Ok(started) => started,
+                    // Started on a task of its own: a caller that goes away
+                    // mid-start (a client hanging up) must not leave SVIDs
+                    // recorded for an instance that no actor watches.
+                    let manager = self.clone();
+                    let (a, e) = (attestation.clone(), entries.clone());
+                    let start = self.tracker.spawn(async move {
+                        let started = manager.start(a, e).await?;
+                        Ok::<_, Error>(manager.go_live(starting, started))
+                    });
+                    return match start.await.map_err(|_| Error::ShuttingDown)? {
                         Err(Error::Revoked(reason)) => {
                             self.ctx.audit_refusal(
                                 &peer,
                                 &format!("revoked instance: {reason}"),
                                 Some(&attestation),
                             );
-                            return Err(Error::Revoked(reason));
+                            Err(Error::Revoked(reason))
                         }
-                        Err(e) => return Err(e),
+                        other => other,
                     };
-                    return Ok(self.go_live(starting, started));
                 }
             }
         }

@@ -288,6 +288,33 @@ async fn an_operator_revokes_an_instance_the_store_holds_but_no_actor_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_caller_hangs_up_still_goes_live_and_is_watched() {
+    let f = fixture("1h");
+    let (go, gate) = std::sync::mpsc::channel();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    *f.mint.gate.lock().unwrap() = Some(gate);
+    *f.mint.started.lock().unwrap() = Some(started_tx);
+    let manager = f.manager.clone();
+    let call = tokio::spawn(async move { manager.subscribe(me()).await });
+    tokio::task::spawn_blocking(move || started.recv().unwrap())
+        .await
+        .unwrap();
+    call.abort(); // the client went away while its SVID was being signed
+    go.send(()).unwrap();
+    let _ = call.await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.manager.instances().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the SVIDs were recorded, so an actor must own the instance"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(f.store.svids_of(&my_instance_id()).unwrap().len(), 1);
+    f.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundle_path_attests_but_mints_nothing() {
     let f = fixture("1h");
     f.manager.authorize(me()).await.unwrap();
