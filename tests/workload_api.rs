@@ -76,6 +76,33 @@ async fn a_caller_matching_no_entry_is_denied_with_no_identity_issued() {
     daemon.stop().await;
 }
 
+/// FetchX509Bundles attests the caller and checks it is entitled, but
+/// starts no instance and mints nothing: no instance, SVID or issuance row.
+#[tokio::test]
+async fn fetching_the_bundle_mints_nothing_and_starts_no_instance() {
+    let daemon = TestDaemon::start().await;
+    let mut client = raw_client(&daemon.socket).await;
+    let mut stream = client
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(!first.bundles.is_empty(), "the bundle is sent");
+    assert!(daemon.identity().instances().is_empty());
+    assert!(daemon.store().live_instances().unwrap().is_empty());
+    let issued = daemon
+        .store()
+        .audit(&sigil::store::AuditQuery {
+            kind: Some(sigil::store::AuditKind::Issuance),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(issued.is_empty(), "nothing was minted: {issued:?}");
+    drop(stream);
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn entries_on_uid_and_sha256_admit_this_process_and_refuse_a_wrong_digest() {
     let right = vec![
