@@ -48,6 +48,8 @@ pub(crate) struct Context {
     pub(crate) begins: Mutex<HashMap<(String, u32), TokenBucket>>,
     /// Blocking attestation work in flight, per uid.
     pub(crate) attesting: UidSlots,
+    /// Where each new SVID's rotation falls in its window.
+    pub(crate) jitter: super::schedule::Jitter,
 }
 
 /// Attestations and program checks (blocking /proc reads, which can hang

@@ -79,6 +79,7 @@ impl IdentityManager {
             refusals: audit::RefusalLimiter::default(),
             begins: Mutex::new(HashMap::new()),
             attesting: super::context::UidSlots::default(),
+            jitter: super::schedule::Jitter::default(),
         });
         Self {
             ctx,

@@ -1,12 +1,12 @@
-//! When an SVID is rotated: between 50% and 90% of its life.
+//! When an SVID is rotated: between 45% and 80% of its life.
 //!
-//! Never before half its life (clients and tests rely on that); the last
-//! 10% (six minutes of the default hour) leaves room for retries before the
-//! SVID expires. The window is wide so that SVIDs minted together (a burst
-//! of processes starting, a daemon restart) do not come back in waves: the
-//! first round of a burst that starts in the same instant is at most
-//! 0.7 / 0.4 = 1.75 times as dense as the steady state (the old [50%, 60%]
-//! gave 5.5; [50%, 80%] gave 2.2 in theory and 2.27 measured). The
+//! The last 20% leaves room for retries before the SVID expires (and a
+//! client sees the new SVID well before the old one expires, even with a
+//! TTL of seconds). The window is wide so that SVIDs minted together (a
+//! burst of processes starting, a daemon restart) do not come back in
+//! waves: the first round of a burst that starts in the same instant is
+//! 0.625 / 0.35 = 1.8 times as dense as the steady state (the old
+//! [50%, 60%] gave 5.5; [50%, 80%] 2.2 in theory and 2.27 measured). The
 //! jitter is not drawn at random: consecutive SVIDs take consecutive points
 //! of the golden-ratio sequence, which fills `[0, 1)` evenly however many
 //! are taken, so N SVIDs minted in the same second rotate spread evenly over
@@ -17,21 +17,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 /// Earliest rotation, as a fraction of the SVID's lifetime.
-pub const EARLIEST_FRACTION: f64 = 0.5;
+pub const EARLIEST_FRACTION: f64 = 0.45;
 /// Width of the rotation window, as a fraction of the lifetime: rotation
-/// happens between 50% and 90% of it.
-pub const MAX_JITTER_FRACTION: f64 = 0.4;
+/// happens between 45% and 80% of it.
+pub const MAX_JITTER_FRACTION: f64 = 0.35;
 
 /// The fractional part of the golden ratio: the step of the sequence.
 const GOLDEN_STEP: f64 = 0.618_033_988_749_894_8;
 
-/// How many jitters were handed out (the sequence's position).
-static DRAWN: AtomicU64 = AtomicU64::new(0);
+/// The daemon's jitters: consecutive points of the golden-ratio sequence.
+#[derive(Debug, Default)]
+pub struct Jitter {
+    drawn: AtomicU64,
+}
 
-/// The next jitter in `[0, 1)`: the `n`-th point of the golden-ratio
-/// sequence, from a daemon-wide counter.
-pub fn jitter() -> f64 {
-    nth_jitter(DRAWN.fetch_add(1, Ordering::Relaxed))
+impl Jitter {
+    /// The next jitter in `[0, 1)`.
+    pub fn next(&self) -> f64 {
+        nth_jitter(self.drawn.fetch_add(1, Ordering::Relaxed))
+    }
 }
 
 /// The `n`-th point of the golden-ratio sequence, in `[0, 1)`.
@@ -66,16 +70,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rotation_falls_between_half_and_ninety_percent_of_the_lifetime() {
+    fn rotation_falls_between_45_and_80_percent_of_the_lifetime() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let end = start + Duration::from_secs(100);
         assert_eq!(
             rotation_time(start, end, 0.0),
-            start + Duration::from_secs(50)
+            start + Duration::from_secs(45)
         );
         let latest = rotation_time(start, end, 0.999_999);
-        assert!(latest < start + Duration::from_secs(90));
-        assert!(latest > start + Duration::from_secs(89));
+        assert!(latest < start + Duration::from_secs(80));
+        assert!(latest > start + Duration::from_secs(79));
     }
 
     #[test]
@@ -84,16 +88,16 @@ mod tests {
         let end = start + Duration::from_secs(10);
         assert_eq!(
             rotation_time(start, end, 7.0),
-            start + Duration::from_secs(9)
+            start + Duration::from_secs(8)
         );
         assert_eq!(
             rotation_time(start, end, -1.0),
-            start + Duration::from_secs(5)
+            start + Duration::from_millis(4_500)
         );
     }
 
     /// 1,000 SVIDs minted in the same instant with a 60 s lifetime rotate
-    /// over a 24 s window; no second of it gets more than 2x the mean.
+    /// over a 21 s window; no second of it gets more than 2x the mean.
     #[test]
     fn svids_minted_together_rotate_evenly_spread() {
         let start = SystemTime::UNIX_EPOCH;
@@ -104,14 +108,14 @@ mod tests {
             let second = at.duration_since(start).unwrap().as_secs();
             *per_second.entry(second).or_default() += 1;
         }
-        let seconds = 24.0;
+        let seconds = 21.0;
         let mean = 1_000.0 / seconds;
         let max = f64::from(*per_second.values().max().unwrap());
         assert!(
             max <= 2.0 * mean,
             "max {max} per second against a mean of {mean}"
         );
-        assert!(per_second.len() >= 24, "every second of the window is used");
+        assert!(per_second.len() >= 21, "every second of the window is used");
     }
 
     #[test]

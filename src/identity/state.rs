@@ -33,8 +33,8 @@ struct Held {
 }
 
 impl Held {
-    fn new(svid: Svid) -> Self {
-        let rotate_at = schedule::rotation_time(svid.issued_at, svid.not_after, schedule::jitter());
+    fn new(svid: Svid, jitter: f64) -> Self {
+        let rotate_at = schedule::rotation_time(svid.issued_at, svid.not_after, jitter);
         Self { svid, rotate_at }
     }
 }
@@ -558,7 +558,7 @@ impl Live {
         let audit = events::issuance(minted, &record, &svid.hint, req.ttl);
         tracing::debug!(instance = %self.attestation.instance_id, spiffe_id = %svid.spiffe_id, serial = %svid.serial, ?minted, "signed an X509-SVID");
         Ok(Signed {
-            held: Held::new(svid),
+            held: Held::new(svid, ctx.jitter.next()),
             record,
             audit,
         })
