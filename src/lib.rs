@@ -11,7 +11,10 @@
 //! `workload_api` → `identity` → (`attest`, `policy`, `ca`, `store`).
 //!
 //! - [`config`]: the TOML file and the embedded defaults, validated.
-//! - [`attest`]: peer credentials and /proc → selectors and an instance id.
+//! - [`attest`]: peer credentials and /proc → selectors and an instance id
+//!   (cached per process while what can change without an exec is
+//!   unchanged); which program opened a connection and who holds it
+//!   (shared /proc walks).
 //! - [`policy`]: registration entries, matching, SPIFFE ID templates.
 //! - [`ca`]: the CA key and certificate, the X.509-SVID profile, minting.
 //! - [`identity`]: per-instance SVIDs, tasks, rotation, re-attestation,
