@@ -14,8 +14,7 @@ use crate::attest::{self, Attestor};
 use crate::ca::{self, Ca};
 use crate::config::Config;
 use crate::fsutil;
-use crate::identity::{self, IdentityManager, Parts, SvidSettings};
-use crate::policy::EntrySet;
+use crate::identity::{self, IdentityManager, Parts};
 use crate::shutdown::Shutdown;
 use crate::store::{self, Store};
 use crate::workload_api;
@@ -128,18 +127,7 @@ impl App {
             earlier_run.as_deref(),
         )?);
         let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain)?);
-        let attestor = Attestor::new()?;
-        let parts = Parts {
-            trust_domain: config.trust_domain.clone(),
-            attestor,
-            entries: EntrySet::new(config.entries.clone()),
-            ca,
-            store: store.clone(),
-            settings: SvidSettings {
-                instance_ttl: config.instance_ttl,
-                task_ttl: config.task_ttl,
-            },
-        };
+        let parts = Parts::from_config(&config, Attestor::new()?, ca, store.clone());
         let identity =
             IdentityManager::new(parts, shutdown.token.clone(), shutdown.tracker.clone());
         identity.restore().await?;

@@ -198,6 +198,22 @@ impl PeerCred {
     }
 }
 
+#[cfg(test)]
+impl PeerCred {
+    /// This process as a peer that connected just now, nothing pinned.
+    pub(crate) fn this_process() -> Self {
+        Self {
+            pid: std::process::id(),
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            accepted_at_ticks: Some(now_in_ticks()),
+            start_time: None,
+            exe: None,
+            foreign_writer: None,
+        }
+    }
+}
+
 /// An attested process: who it is and the selectors it was found to have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attestation {
@@ -444,15 +460,7 @@ mod tests {
     use super::*;
 
     fn me() -> PeerCred {
-        PeerCred {
-            pid: std::process::id(),
-            uid: nix::unistd::geteuid().as_raw(),
-            gid: nix::unistd::getegid().as_raw(),
-            accepted_at_ticks: Some(now_in_ticks()),
-            start_time: None,
-            exe: None,
-            foreign_writer: None,
-        }
+        PeerCred::this_process()
     }
 
     #[test]

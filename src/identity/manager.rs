@@ -369,13 +369,13 @@ impl IdentityManager {
                 return Err(e);
             }
         };
-        let refused = |reason: &EndReason| {
+        let refused = |reason: String| {
             self.ctx.audit_refusal(
                 &peer,
                 &format!("revoked instance: {reason}"),
                 Some(&attestation),
             );
-            Error::Revoked(reason.to_string())
+            Error::Revoked(reason)
         };
         loop {
             match self.registry.join(&attestation.instance_id) {
@@ -383,7 +383,9 @@ impl IdentityManager {
                     let state = handle.state.borrow().clone();
                     return match state {
                         InstanceState::Active(_) => Ok(handle),
-                        InstanceState::Ended(reason) if reason.is_sticky() => Err(refused(&reason)),
+                        InstanceState::Ended(reason) if reason.is_sticky() => {
+                            Err(refused(reason.to_string()))
+                        }
                         InstanceState::Ended(_) => Err(Error::InstanceEnded),
                     };
                 }
@@ -401,20 +403,6 @@ impl IdentityManager {
                         // re-attests now and ends (its SVIDs revoked).
                         let _ = earlier.try_send(Command::Recheck);
                     }
-                    // A cheap read first, so a revoked process that retries
-                    // costs no signing; the write that records the SVIDs
-                    // checks again, and is the one that decides.
-                    let id = attestation.instance_id.to_string();
-                    let sticky = self
-                        .ctx
-                        .store
-                        .read_async(move |store| store.instance(&id))
-                        .await?
-                        .and_then(|r| r.end_reason)
-                        .filter(EndReason::is_sticky);
-                    if let Some(end) = sticky {
-                        return Err(refused(&end));
-                    }
                     // Started on a task of its own: a caller that goes away
                     // mid-start (a client hanging up) must not leave SVIDs
                     // recorded for an instance that no actor watches.
@@ -425,14 +413,7 @@ impl IdentityManager {
                         Ok::<_, Error>(manager.go_live(starting, started))
                     });
                     return match start.await.map_err(|_| Error::ShuttingDown)? {
-                        Err(Error::Revoked(reason)) => {
-                            self.ctx.audit_refusal(
-                                &peer,
-                                &format!("revoked instance: {reason}"),
-                                Some(&attestation),
-                            );
-                            Err(Error::Revoked(reason))
-                        }
+                        Err(Error::Revoked(reason)) => Err(refused(reason)),
                         other => other,
                     };
                 }

@@ -211,3 +211,25 @@ pub struct Parts {
     /// SVID lifetimes.
     pub settings: SvidSettings,
 }
+
+impl Parts {
+    /// The parts a daemon with `config` is built from.
+    pub fn from_config(
+        config: &crate::config::Config,
+        attestor: Attestor,
+        ca: Arc<Ca>,
+        store: Arc<Store>,
+    ) -> Self {
+        Self {
+            trust_domain: config.trust_domain.clone(),
+            attestor,
+            entries: EntrySet::new(config.entries.clone()),
+            ca,
+            store,
+            settings: SvidSettings {
+                instance_ttl: config.instance_ttl,
+                task_ttl: config.task_ttl,
+            },
+        }
+    }
+}

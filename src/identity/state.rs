@@ -80,11 +80,23 @@ impl Live {
         attestation: Attestation,
         entries: Vec<Arc<Entry>>,
     ) -> Result<Self, Error> {
+        // One read: a revoked process is refused before anything is signed
+        // (the write below checks again, and is the one that decides), and
+        // its unexpired tasks come back.
         let id = attestation.instance_id.to_string();
-        let stored_tasks = ctx
+        let (sticky, stored_tasks) = ctx
             .store
-            .read_async(move |store| store.live_tasks(&id))
+            .read_async(move |store| {
+                let sticky = store
+                    .instance(&id)?
+                    .and_then(|r| r.end_reason)
+                    .filter(EndReason::is_sticky);
+                Ok((sticky, store.live_tasks(&id)?))
+            })
             .await?;
+        if let Some(end) = sticky {
+            return Err(Error::Revoked(end.to_string()));
+        }
         let mut live = Self {
             attestation,
             entries,

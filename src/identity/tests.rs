@@ -11,11 +11,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Error, IdentityManager, InstanceState, Mint, Parts, SvidSettings};
-use crate::attest::{Attestor, PeerCred, now_in_ticks};
+use super::{Error, IdentityManager, InstanceState, Mint, Parts};
+use crate::attest::{Attestor, PeerCred};
 use crate::ca::{self, Ca, Svid, SvidRequest};
 use crate::config::{Config, Overrides};
-use crate::policy::EntrySet;
 use crate::store::{EndReason, Store};
 
 /// Signs with a real CA, counting, and optionally waiting for a go signal
@@ -70,17 +69,7 @@ fn fixture(instance_ttl: &str) -> Fixture {
     });
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let parts = Parts {
-        trust_domain: config.trust_domain.clone(),
-        attestor: Attestor::new().unwrap(),
-        entries: EntrySet::new(config.entries.clone()),
-        ca,
-        store: store.clone(),
-        settings: SvidSettings {
-            instance_ttl: config.instance_ttl,
-            task_ttl: config.task_ttl,
-        },
-    };
+    let parts = Parts::from_config(&config, Attestor::new().unwrap(), ca, store.clone());
     let manager =
         IdentityManager::with_mint(parts, mint.clone(), shutdown.clone(), tracker.clone());
     Fixture {
@@ -95,15 +84,7 @@ fn fixture(instance_ttl: &str) -> Fixture {
 
 /// This test process, as a connecting peer.
 fn me() -> PeerCred {
-    PeerCred {
-        pid: std::process::id(),
-        uid: nix::unistd::geteuid().as_raw(),
-        gid: nix::unistd::getegid().as_raw(),
-        accepted_at_ticks: Some(now_in_ticks()),
-        start_time: None,
-        exe: None,
-        foreign_writer: None,
-    }
+    PeerCred::this_process()
 }
 
 fn my_instance_id() -> String {
@@ -141,15 +122,7 @@ async fn concurrent_first_requests_of_one_process_mint_once_and_share_the_svids(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_that_lands_during_the_mint_wins_and_nothing_is_handed_out() {
     let f = fixture("1h");
-    let (go, gate) = std::sync::mpsc::channel();
-    let (started_tx, started) = std::sync::mpsc::channel();
-    *f.mint.gate.lock().unwrap() = Some(gate);
-    *f.mint.started.lock().unwrap() = Some(started_tx);
-    let manager = f.manager.clone();
-    let call = tokio::spawn(async move { manager.subscribe(me()).await });
-    tokio::task::spawn_blocking(move || started.recv().unwrap())
-        .await
-        .unwrap();
+    let (call, go) = subscribe_held_in_mint(&f).await;
     // While the SVID is being signed, an operator's revocation of this very
     // instance is committed.
     let record = my_record();
@@ -202,6 +175,26 @@ async fn an_actor_waiting_to_retry_a_failed_rotation_stops_at_once_on_shutdown()
         "stopped after {:?}, not after the retry pause",
         stopping.elapsed()
     );
+}
+
+/// Starts this process's first request and returns once its SVID is being
+/// signed: the mint waits until the returned sender is sent `()`.
+async fn subscribe_held_in_mint(
+    f: &Fixture,
+) -> (
+    tokio::task::JoinHandle<Result<tokio::sync::watch::Receiver<InstanceState>, Error>>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (go, gate) = std::sync::mpsc::channel();
+    let (started_tx, started) = std::sync::mpsc::channel();
+    *f.mint.gate.lock().unwrap() = Some(gate);
+    *f.mint.started.lock().unwrap() = Some(started_tx);
+    let manager = f.manager.clone();
+    let call = tokio::spawn(async move { manager.subscribe(me()).await });
+    tokio::task::spawn_blocking(move || started.recv().unwrap())
+        .await
+        .unwrap();
+    (call, go)
 }
 
 /// The store row of this process's instance, as an earlier run left it.
@@ -290,15 +283,7 @@ async fn an_operator_revokes_an_instance_the_store_holds_but_no_actor_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_whose_caller_hangs_up_still_goes_live_and_is_watched() {
     let f = fixture("1h");
-    let (go, gate) = std::sync::mpsc::channel();
-    let (started_tx, started) = std::sync::mpsc::channel();
-    *f.mint.gate.lock().unwrap() = Some(gate);
-    *f.mint.started.lock().unwrap() = Some(started_tx);
-    let manager = f.manager.clone();
-    let call = tokio::spawn(async move { manager.subscribe(me()).await });
-    tokio::task::spawn_blocking(move || started.recv().unwrap())
-        .await
-        .unwrap();
+    let (call, go) = subscribe_held_in_mint(&f).await;
     call.abort(); // the client went away while its SVID was being signed
     go.send(()).unwrap();
     let _ = call.await;

@@ -246,7 +246,8 @@ impl Store {
     }
 
     /// How many transactions the writer has run: with concurrent writers,
-    /// fewer than the writes (group commit). For tests and the load tool.
+    /// fewer than the writes (group commit). Shows that grouping happens
+    /// (the store's tests check it).
     pub fn groups_committed(&self) -> u64 {
         self.writer.groups()
     }

@@ -51,6 +51,13 @@ pub(crate) fn svids_of(conn: &Connection, instance_id: &str) -> Result<Vec<SvidR
     collect(conn, &sql, [instance_id], svid_from_row).map_err(sqlite("list svids"))
 }
 
+/// Revokes one task's unexpired, unrevoked SVIDs (searched by the
+/// `svids_by_owner` index; a test checks the plan).
+const REVOKE_TASK_SVIDS: &str = "UPDATE svids SET revoked_at_ms = ?3, revoke_reason = ?4
+     WHERE instance_id = ?1 AND task_id = ?2
+       AND revoked_at_ms IS NULL AND not_after_ms > ?3
+     RETURNING serial";
+
 /// Revokes the unexpired, unrevoked SVIDs of a task (or of a whole instance)
 /// in one statement; returns the newly revoked serials, sorted.
 pub(crate) fn revoke_svids(
@@ -66,10 +73,7 @@ pub(crate) fn revoke_svids(
     let mut serials = match task_id {
         Some(task_id) => collect(
             conn,
-            "UPDATE svids SET revoked_at_ms = ?3, revoke_reason = ?4
-             WHERE instance_id = ?1 AND task_id = ?2
-               AND revoked_at_ms IS NULL AND not_after_ms > ?3
-             RETURNING serial",
+            REVOKE_TASK_SVIDS,
             params![instance_id, task_id, to_ms(at), reason],
             |row| row.get(0),
         ),
@@ -314,13 +318,11 @@ mod tests {
         conn.execute_batch(crate::store::schema::MIGRATIONS[0])
             .unwrap();
         let plan: Vec<String> = conn
-            .prepare(
-                "EXPLAIN QUERY PLAN UPDATE svids SET revoked_at_ms = 1
-                 WHERE instance_id = 'i' AND task_id = 't'
-                   AND revoked_at_ms IS NULL AND not_after_ms > 1",
-            )
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", super::REVOKE_TASK_SVIDS))
             .unwrap()
-            .query_map([], |row| row.get::<_, String>(3))
+            .query_map(rusqlite::params!["i", "t", 1, "r"], |row| {
+                row.get::<_, String>(3)
+            })
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();

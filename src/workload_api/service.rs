@@ -323,12 +323,19 @@ async fn drive<T>(
             () = tx.closed() => return,
             () = shutdown.cancelled() => return,
         }
-        // Changes come in bursts (a task ends, then the CRL that revokes its
-        // SVID): wait a moment so they reach the client as one message.
-        tokio::select! {
-            () = tokio::time::sleep(PUSH_COALESCE) => {}
-            () = shutdown.cancelled() => return,
+        if !coalesce(&shutdown).await {
+            return;
         }
+    }
+}
+
+/// Changes come in bursts (a task ends, then the CRL that revokes its
+/// SVID): waits a moment so they reach the client as one message. `false`
+/// when the daemon is shutting down.
+async fn coalesce(shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(PUSH_COALESCE) => true,
+        () = shutdown.cancelled() => false,
     }
 }
 
@@ -355,9 +362,8 @@ async fn drive_bundle(
             () = tx.closed() => return,
             () = shutdown.cancelled() => return,
         }
-        tokio::select! {
-            () = tokio::time::sleep(PUSH_COALESCE) => {}
-            () = shutdown.cancelled() => return,
+        if !coalesce(&shutdown).await {
+            return;
         }
     }
 }
