@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/spiffe/workload/workload.proto",
         "proto/sigil/workload/v1/tasks.proto",
+        "proto/sigil/admin/v1/admin.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
