@@ -15,7 +15,7 @@ use crate::policy::rate::RateError;
 use crate::policy::{BeginRate, Context, DEFAULT_TEMPLATE, Entry, TaskPolicy, Template};
 
 /// The embedded default configuration.
-pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
 /// Default lifetime of an instance SVID.
 pub const DEFAULT_INSTANCE_TTL: Duration = Duration::from_secs(60 * 60); // 1 hour
 /// Default lifetime of a task SVID.
@@ -582,7 +582,7 @@ mod tests {
 
     #[test]
     fn the_shipped_example_and_the_defaults_are_valid() {
-        let example = include_str!("../config/sigil.toml");
+        let example = include_str!("../../config/sigil.toml");
         assert_eq!(parse(example).unwrap().entries.len(), 2);
         let defaults = Config::load(None, &Overrides::default()).unwrap();
         assert_eq!(defaults.trust_domain.as_str(), "sigil.local");
