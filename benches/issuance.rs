@@ -302,6 +302,7 @@ async fn start_daemon(dir: &Path, extra: &str) -> Daemon {
     let overrides = Overrides {
         socket: Some(socket.clone()),
         state_dir: Some(dir.join("state")),
+        admin_socket: None,
     };
     let config = Config::parse(&toml, "bench", &overrides).unwrap();
     let shutdown = Shutdown::new();

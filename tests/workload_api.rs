@@ -227,6 +227,7 @@ async fn a_second_daemon_on_a_live_socket_refuses_to_start() {
     let overrides = sigil::config::Overrides {
         socket: Some(daemon.socket.clone()),
         state_dir: Some(daemon.dir.path().join("state2")),
+        admin_socket: None,
     };
     let config = sigil::config::Config::parse(&config_for_me(""), "t", &overrides).unwrap();
     let err = sigil::app::App::build(config, &shutdown)

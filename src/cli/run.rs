@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use crate::app::App;
-use crate::config::{Config, Overrides};
+use crate::config::{self, Config, Overrides};
 use crate::shutdown::{GRACE_PERIOD, Shutdown};
 
 /// Arguments of `sigil run`.
@@ -19,6 +19,10 @@ pub struct RunArgs {
     /// Workload API socket path (overrides the file).
     #[arg(long, value_name = "PATH", env = "SIGIL_SOCKET")]
     socket: Option<PathBuf>,
+    /// Admin API socket path (overrides the file; default: admin.sock beside
+    /// the workload socket).
+    #[arg(long, value_name = "PATH", env = "SIGIL_ADMIN_SOCKET")]
+    admin_socket: Option<PathBuf>,
     /// State directory (overrides the file).
     #[arg(long, value_name = "DIR", env = "SIGIL_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -32,9 +36,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let overrides = Overrides {
         socket: args.socket,
         state_dir: args.state_dir,
+        admin_socket: args.admin_socket,
     };
-    let config = Config::load(args.config.as_deref(), &overrides)
-        .context("the configuration is invalid; the daemon did not start")?;
+    let config = Config::load(args.config.as_deref(), &overrides).map_err(invalid_config)?;
     raise_fd_limit();
     let shutdown = Shutdown::new();
     shutdown.cancel_on_signals();
@@ -52,6 +56,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     result.context("the Workload API server failed")?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A config error for the terminal: one problem alone on the line after
+/// the context, several each on a line of their own.
+fn invalid_config(e: config::Error) -> anyhow::Error {
+    let context = "the configuration is invalid; the daemon did not start";
+    let count = e.invalid().len();
+    if count > 1 {
+        // The error's text (one problem per line) follows verbatim, so
+        // `cli::report` does not repeat it as the cause.
+        let text = format!("{context} ({count} problems):\n{e}");
+        anyhow::Error::new(e).context(text)
+    } else {
+        anyhow::Error::new(e).context(context)
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: every client

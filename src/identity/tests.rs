@@ -57,6 +57,7 @@ fn fixture(instance_ttl: &str) -> Fixture {
     let overrides = Overrides {
         socket: Some(dir.path().join("sock")),
         state_dir: Some(dir.path().join("state")),
+        admin_socket: None,
     };
     let config = Config::parse(&text, "test", &overrides).unwrap();
     let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain).unwrap());

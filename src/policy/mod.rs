@@ -25,6 +25,9 @@ pub use template::{Context, DEFAULT_TEMPLATE, Template, TemplateError};
 pub struct Entry {
     /// Unique name; a SPIFFE path segment, used by the default template.
     pub name: String,
+    /// The team or person accountable for the agent, if the entry names
+    /// one (printable, 1 to 128 bytes; checked by `config`).
+    pub owner: Option<String>,
     /// Every one of these must be among the process's attested selectors.
     /// Never empty: an entry that admits everyone is refused at load time.
     pub selectors: Vec<Selector>,
@@ -98,6 +101,7 @@ mod tests {
     fn entry(name: &str, selectors: &[&str]) -> Entry {
         Entry {
             name: name.into(),
+            owner: None,
             selectors: selectors.iter().map(|s| s.parse().unwrap()).collect(),
             spiffe_id: DEFAULT_TEMPLATE.parse().unwrap(),
             ttl: None,

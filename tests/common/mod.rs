@@ -65,6 +65,7 @@ impl TestDaemon {
         let overrides = Overrides {
             socket: Some(socket.clone()),
             state_dir: Some(state_dir.clone()),
+            admin_socket: None,
         };
         let config = Config::parse(toml, "test.toml", &overrides).expect("valid test config");
         let shutdown = Shutdown::new();
