@@ -1,5 +1,6 @@
 //! The `sigil` binary as a user runs it: `run` with good and bad configs,
-//! `fetch x509 --write`, `fetch bundle`, `healthcheck`, and SIGTERM.
+//! `fetch x509 --write`, `fetch bundle`, `healthcheck`, SIGTERM, and
+//! `config check`.
 
 #![allow(
     clippy::unwrap_used,
@@ -265,4 +266,87 @@ fn a_corrupt_store_stops_the_daemon_and_is_left_untouched() {
         garbage,
         "the file is untouched"
     );
+}
+
+#[test]
+fn config_check_accepts_a_valid_file_and_summarises_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sigil.toml");
+    std::fs::write(
+        &path,
+        "trust_domain = \"agents.example.org\"\n[workload_api]\nsocket = \"/run/sigil/workload.sock\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\n[[entry]]\nname = \"a\"\nowner = \"team-a\"\nselectors = [\"unix:uid:1\"]\n[[entry]]\nname = \"b\"\nselectors = [\"unix:uid:2\"]\n",
+    )
+    .unwrap();
+    let out = sigil(&["config", "check", "--config", path.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert_eq!(
+        stdout.trim_end(),
+        format!(
+            "{}: valid: trust domain agents.example.org, 2 entries, workload socket /run/sigil/workload.sock, admin socket /run/sigil/admin.sock, metrics on 127.0.0.1:9464",
+            path.display()
+        )
+    );
+    let defaults = Command::new(SIGIL)
+        .args(["config", "check"])
+        .env_remove("SIGIL_CONFIG")
+        .output()
+        .unwrap();
+    assert!(defaults.status.success(), "{}", text(&defaults.stderr));
+    assert!(
+        text(&defaults.stdout)
+            .starts_with("<embedded defaults>: valid: trust domain sigil.local, 1 entry"),
+        "{}",
+        text(&defaults.stdout)
+    );
+}
+
+#[test]
+fn config_check_and_run_print_every_mistake_of_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "trust_domain = \"a.org\"\n[admin_api]\nsocket = \"admin.sock\"\n[metrics]\nlisten = \"nowhere\"\n[[entry]]\nname = \"a\"\nowner = \"\"\nselectors = [\"unix:uid:x\"]\n[[entry]]\nname = \"b\"\nselectors = [\"unix:uid:2\"]\nttl = \"forever\"\n",
+    )
+    .unwrap();
+    let file = path.to_str().unwrap();
+    let fields = [
+        "admin_api.socket",
+        "metrics.listen",
+        "entry \"a\".owner",
+        "entry \"a\".selectors[0]",
+        "entry \"b\".ttl",
+    ];
+    let check = sigil(&["config", "check", "--config", file]);
+    assert_eq!(check.status.code(), Some(1));
+    let stderr = text(&check.stderr);
+    for field in fields {
+        let line = format!("{file}: {field}: ");
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with(&line)).count(),
+            1,
+            "{line:?} not on a line of its own in {stderr}"
+        );
+    }
+    assert!(
+        stderr.contains(&format!("{file}: invalid: 5 problems")),
+        "{stderr}"
+    );
+
+    let run = sigil(&["run", "--config", file]);
+    assert!(!run.status.success());
+    let stderr = text(&run.stderr);
+    assert!(stderr.contains("(5 problems)"), "{stderr}");
+    for field in fields {
+        let line = format!("{file}: {field}: ");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&line)),
+            "{line:?} not on a line of its own in {stderr}"
+        );
+    }
+
+    let missing = sigil(&["config", "check", "--config", "/nonexistent/sigil.toml"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("cannot read config file /nonexistent/sigil.toml"));
 }

@@ -4,6 +4,7 @@
 //! become messages for a person.
 
 mod client;
+mod config_check;
 mod fetch;
 mod run;
 
@@ -30,6 +31,9 @@ pub enum Command {
     /// Fetch from the Workload API, as an agent would.
     #[command(subcommand)]
     Fetch(fetch::FetchCommand),
+    /// Check a config file without starting the daemon.
+    #[command(subcommand)]
+    Config(config_check::ConfigCommand),
     /// Exit 0 when a daemon serves the Workload API on the socket.
     Healthcheck(EndpointArg),
 }
@@ -69,6 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Run(args) => run::run(args).await,
         Command::Fetch(cmd) => fetch::run(cmd).await,
         Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
+        Command::Config(cmd) => config_check::run(cmd),
     }
 }
 
