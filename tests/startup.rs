@@ -552,6 +552,7 @@ fn fill_store(store: &sigil::store::Store) {
                 spiffe_id: None,
                 serial: None,
                 detail: serde_json::json!({ "padding": "x".repeat(size) }),
+                hash: None,
             };
             if store.write(move |tx| tx.append_audit(&event)).is_err() {
                 break;

@@ -43,6 +43,7 @@ fn event(kind: AuditKind, actor: &str, detail: &impl Serialize) -> AuditEvent {
         spiffe_id: None,
         serial: None,
         detail: serde_json::to_value(detail).unwrap_or(serde_json::Value::Null),
+        hash: None,
     }
 }
 

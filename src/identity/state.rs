@@ -123,7 +123,7 @@ impl Live {
             let m = live.mint_task_svid(ctx, &info, Minted::First)?;
             restored.push((info, m));
         }
-        let record = instance_record(ctx, &live.attestation);
+        let record = instance_record(ctx, &live.attestation, &live.entries);
         let attested = events::attestation(&live.attestation, &live.entries);
         let instance_svids = std::mem::take(&mut minted);
         let (minted_back, restored, revoked) = ctx
@@ -408,7 +408,7 @@ impl Live {
         same_entries: bool,
         now: SystemTime,
     ) -> Result<(), Error> {
-        let record = instance_record(ctx, &self.attestation);
+        let record = instance_record(ctx, &self.attestation, &self.entries);
         let instance_due = !same_entries || self.instance_svids.iter().any(|h| h.rotate_at <= now);
         let fresh = if instance_due {
             Some(self.mint_instance_svids(ctx, Minted::Rotation)?)
@@ -605,9 +605,14 @@ fn end_task_in(
     Ok(serials)
 }
 
-/// The store's view of an attested process, seen now. (The store keeps the
-/// first `first_seen` of an instance and refreshes `last_seen`.)
-fn instance_record(ctx: &Context, attestation: &Attestation) -> InstanceRecord {
+/// The store's view of an attested process holding SVIDs of `entries`
+/// (the default SVID's first), seen now. (The store keeps the first
+/// `first_seen` of an instance and refreshes `last_seen` and `entries`.)
+fn instance_record(
+    ctx: &Context,
+    attestation: &Attestation,
+    entries: &[Arc<Entry>],
+) -> InstanceRecord {
     let now = SystemTime::now();
     InstanceRecord {
         instance_id: attestation.instance_id.to_string(),
@@ -620,6 +625,7 @@ fn instance_record(ctx: &Context, attestation: &Attestation) -> InstanceRecord {
         last_seen: now,
         ended_at: None,
         end_reason: None,
+        entries: entries.iter().map(|e| e.name.clone()).collect(),
     }
 }
 

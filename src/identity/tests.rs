@@ -212,6 +212,7 @@ fn my_record() -> crate::store::InstanceRecord {
         last_seen: std::time::SystemTime::now(),
         ended_at: None,
         end_reason: None,
+        entries: Vec::new(),
     }
 }
 
@@ -324,6 +325,7 @@ fn fill(store: &Store) {
                 spiffe_id: None,
                 serial: None,
                 detail: serde_json::json!({ "padding": "x".repeat(size) }),
+                hash: None,
             };
             if store.write(move |tx| tx.append_audit(&event)).is_err() {
                 break;

@@ -1,6 +1,7 @@
 //! The append-only audit trail: the event types, their kinds, the query
 //! filter, and the SQL that appends and reads events. Append-only is enforced
-//! by triggers in `schema.rs`, not only by this API offering no update.
+//! by triggers in `schema.rs`, not only by this API offering no update; each
+//! row's hash (the rule is in `chain.rs`) makes a change made anyway visible.
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,6 +10,7 @@ use std::time::SystemTime;
 use rusqlite::types::{ToSql, Type};
 use rusqlite::{Connection, Row, params};
 
+use super::chain::{Link, previous_of};
 use super::records::{from_ms, json_column, to_json, to_ms};
 use super::{Error, sqlite};
 
@@ -111,88 +113,135 @@ pub struct AuditEvent {
     pub serial: Option<String>,
     /// Kind-specific facts: selectors, reasons, entry names, ...
     pub detail: serde_json::Value,
+    /// The row's link in the audit hash chain (lower-case hex SHA-256), as
+    /// stored; `None` when appending (the store computes it and ignores
+    /// this) and for a row that lost its hash.
+    pub hash: Option<String>,
 }
 
 /// Which audit events to read; every filter is optional and they combine.
+/// Events come oldest first (ascending `seq`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditQuery {
     /// Only events about this instance.
     pub instance_id: Option<String>,
+    /// Only events about this task (of any instance; combine with
+    /// `instance_id` for one instance's task).
+    pub task_id: Option<String>,
     /// Only events of this kind.
     pub kind: Option<AuditKind>,
-    /// Only events with `seq` strictly greater than this (resume after the
-    /// last event seen). With it, `limit` keeps the oldest matching events.
-    pub since_seq: Option<i64>,
-    /// At most this many events. Without `since_seq` these are the newest.
+    /// Only events that happened at or after this time (to the millisecond).
+    pub since: Option<SystemTime>,
+    /// Only events with `seq` strictly greater than this: resume after the
+    /// last event seen.
+    pub after_seq: Option<i64>,
+    /// At most this many events: the oldest matching ones, so that paging
+    /// with `after_seq` set to the last `seq` read misses nothing.
     pub limit: Option<usize>,
 }
 
 const AUDIT_COLUMNS: &str =
-    "seq, at_ms, kind, actor, instance_id, task_id, spiffe_id, serial, detail";
+    "seq, at_ms, kind, actor, instance_id, task_id, spiffe_id, serial, detail, hash";
 
-/// Appends an event and returns its sequence number.
+/// The newest sequence number ever given (deleted rows included, as
+/// AUTOINCREMENT remembers them) and the newest row's stored hash.
+const CHAIN_TAIL: &str = "SELECT max(
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'audit'), 0),
+        coalesce((SELECT max(seq) FROM audit), 0)),
+    (SELECT hash FROM audit ORDER BY seq DESC LIMIT 1)";
+
+/// Appends an event (its `seq` and `hash` are ignored) and returns its
+/// sequence number. Its hash chains to the newest row's, read in the same
+/// transaction: the store's one writer makes that row the one before it,
+/// and a job rolled back to its savepoint takes its rows with it.
 pub(crate) fn append(conn: &Connection, event: &AuditEvent) -> Result<i64, Error> {
+    let (last_seq, previous): (i64, Option<String>) = conn
+        .prepare_cached(CHAIN_TAIL)
+        .and_then(|mut stmt| stmt.query_row([], |row| Ok((row.get(0)?, row.get(1)?))))
+        .map_err(sqlite("read the audit chain's newest row"))?;
+    let seq = last_seq + 1;
+    let at_ms = to_ms(event.at);
+    let detail = to_json(&event.detail);
+    let link = Link {
+        seq,
+        at_ms,
+        kind: event.kind.as_str(),
+        actor: &event.actor,
+        instance_id: event.instance_id.as_deref(),
+        task_id: event.task_id.as_deref(),
+        spiffe_id: event.spiffe_id.as_deref(),
+        serial: event.serial.as_deref(),
+        detail: &detail,
+    };
+    let hash = link.hash_hex(&previous_of(previous.as_deref()));
     conn.prepare_cached(
-        "INSERT INTO audit (at_ms, kind, actor, instance_id, task_id, spiffe_id, serial, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO audit (seq, at_ms, kind, actor, instance_id, task_id, spiffe_id, serial,
+             detail, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )
     .and_then(|mut stmt| {
-        stmt.insert(params![
-            to_ms(event.at),
-            event.kind.as_str(),
-            event.actor,
-            event.instance_id,
-            event.task_id,
-            event.spiffe_id,
-            event.serial,
-            to_json(&event.detail),
+        stmt.execute(params![
+            seq,
+            at_ms,
+            link.kind,
+            link.actor,
+            link.instance_id,
+            link.task_id,
+            link.spiffe_id,
+            link.serial,
+            detail,
+            hash,
         ])
     })
-    .map_err(sqlite("append audit event"))
+    .map_err(sqlite("append audit event"))?;
+    Ok(seq)
 }
 
 /// Reads the events matching `query`, oldest first.
 pub(crate) fn query(conn: &Connection, query: &AuditQuery) -> Result<Vec<AuditEvent>, Error> {
     let mut filters = Vec::new();
     let mut values: Vec<Box<dyn ToSql>> = Vec::new();
+    let mut filter = |sql: &str, value: Box<dyn ToSql>| {
+        values.push(value);
+        filters.push(format!("{sql} ?{}", values.len()));
+    };
     if let Some(instance_id) = &query.instance_id {
-        values.push(Box::new(instance_id.clone()));
-        filters.push(format!("instance_id = ?{}", values.len()));
+        filter("instance_id =", Box::new(instance_id.clone()));
+    }
+    if let Some(task_id) = &query.task_id {
+        filter("task_id =", Box::new(task_id.clone()));
     }
     if let Some(kind) = query.kind {
-        values.push(Box::new(kind.as_str()));
-        filters.push(format!("kind = ?{}", values.len()));
+        filter("kind =", Box::new(kind.as_str()));
     }
-    if let Some(since) = query.since_seq {
-        values.push(Box::new(since));
-        filters.push(format!("seq > ?{}", values.len()));
+    if let Some(since) = query.since {
+        filter("at_ms >=", Box::new(to_ms(since)));
+    }
+    if let Some(after) = query.after_seq {
+        filter("seq >", Box::new(after));
     }
     let filter = if filters.is_empty() {
         String::new()
     } else {
         format!("WHERE {}", filters.join(" AND "))
     };
-    // Resuming after a seq pages forwards; otherwise show the newest events.
-    let newest_first = query.since_seq.is_none() && query.limit.is_some();
-    let order = if newest_first { "DESC" } else { "ASC" };
     let limit = query
         .limit
         .map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-    let sql =
-        format!("SELECT {AUDIT_COLUMNS} FROM audit {filter} ORDER BY seq {order} LIMIT {limit}");
+    let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit {filter} ORDER BY seq LIMIT {limit}");
     let params: Vec<&dyn ToSql> = values.iter().map(|v| v.as_ref()).collect();
-    let mut events = conn
-        .prepare_cached(&sql)
+    conn.prepare_cached(&sql)
         .and_then(|mut stmt| {
             stmt.query_map(params.as_slice(), event_from_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
-        .map_err(sqlite("query audit events"))?;
-    if newest_first {
-        events.reverse();
-    }
-    Ok(events)
+        .map_err(sqlite("query audit events"))
 }
+
+/// When the newest rotation happened, if any (searched by the
+/// `audit_by_kind` index; a test checks the plan).
+pub(crate) const LAST_ROTATION: &str =
+    "SELECT at_ms FROM audit WHERE kind = 'rotation' ORDER BY seq DESC LIMIT 1";
 
 fn event_from_row(row: &Row<'_>) -> rusqlite::Result<AuditEvent> {
     let kind: String = row.get(2)?;
@@ -209,6 +258,7 @@ fn event_from_row(row: &Row<'_>) -> rusqlite::Result<AuditEvent> {
         spiffe_id: row.get(6)?,
         serial: row.get(7)?,
         detail: json_column(row, 8)?,
+        hash: row.get(9)?,
     })
 }
 
@@ -233,6 +283,7 @@ mod tests {
             spiffe_id: Some("spiffe://example.org/agent".to_owned()),
             serial: Some("0a1b".to_owned()),
             detail: json!({"selectors": ["unix:uid:1000"]}),
+            hash: None,
         }
     }
 
@@ -265,8 +316,11 @@ mod tests {
             .append_audit(&event(AuditKind::Attestation, "i1", 1_000))
             .unwrap();
         let events = store.audit(&AuditQuery::default()).unwrap();
+        let head = store.verify_audit().unwrap().head;
+        assert_eq!(head.as_ref().map(String::len), Some(64), "{head:?}");
         let expected = AuditEvent {
             seq,
+            hash: head,
             ..event(AuditKind::Attestation, "i1", 1_000)
         };
         assert_eq!(events, vec![expected]);
@@ -310,11 +364,11 @@ mod tests {
             ..AuditQuery::default()
         };
         assert_eq!(seqs(by_kind), vec![b, c]);
-        let since = AuditQuery {
-            since_seq: Some(a),
+        let after = AuditQuery {
+            after_seq: Some(a),
             ..AuditQuery::default()
         };
-        assert_eq!(seqs(since), vec![b, c]);
+        assert_eq!(seqs(after), vec![b, c]);
         let both = AuditQuery {
             instance_id: Some("i2".to_owned()),
             kind: Some(AuditKind::Issuance),
@@ -324,7 +378,7 @@ mod tests {
     }
 
     #[test]
-    fn a_limit_keeps_the_newest_events_oldest_first() {
+    fn a_limit_keeps_the_oldest_matching_events() {
         let (_dir, store) = store();
         let seqs: Vec<i64> = (0..5)
             .map(|i| {
@@ -338,7 +392,7 @@ mod tests {
             ..AuditQuery::default()
         };
         let got: Vec<i64> = store.audit(&q).unwrap().iter().map(|e| e.seq).collect();
-        assert_eq!(got, seqs[3..].to_vec());
+        assert_eq!(got, seqs[..2].to_vec());
     }
 
     #[test]
@@ -352,12 +406,62 @@ mod tests {
             })
             .collect();
         let q = AuditQuery {
-            since_seq: Some(seqs[0]),
+            after_seq: Some(seqs[0]),
             limit: Some(2),
             ..AuditQuery::default()
         };
         let got: Vec<i64> = store.audit(&q).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(got, seqs[1..3].to_vec());
+    }
+
+    #[test]
+    fn filters_select_by_task_and_by_time_at_or_after() {
+        let (_dir, store) = store();
+        let in_task = |task: &str, ms| AuditEvent {
+            task_id: Some(task.to_owned()),
+            ..event(AuditKind::TaskBegin, "i1", ms)
+        };
+        let a = store.append_audit(&in_task("t1", 1_000)).unwrap();
+        let b = store.append_audit(&in_task("t2", 2_000)).unwrap();
+        let c = store.append_audit(&in_task("t1", 3_000)).unwrap();
+        let d = store
+            .append_audit(&event(AuditKind::Admin, "i1", 2_000))
+            .unwrap();
+        let seqs = |q: AuditQuery| -> Vec<i64> {
+            store.audit(&q).unwrap().iter().map(|e| e.seq).collect()
+        };
+        let by_task = AuditQuery {
+            task_id: Some("t1".to_owned()),
+            ..AuditQuery::default()
+        };
+        assert_eq!(seqs(by_task), vec![a, c]);
+        let since = AuditQuery {
+            since: Some(UNIX_EPOCH + Duration::from_millis(2_000)),
+            ..AuditQuery::default()
+        };
+        assert_eq!(seqs(since), vec![b, c, d]);
+        let both = AuditQuery {
+            task_id: Some("t2".to_owned()),
+            since: Some(UNIX_EPOCH + Duration::from_millis(2_001)),
+            ..AuditQuery::default()
+        };
+        assert!(seqs(both).is_empty());
+    }
+
+    #[test]
+    fn the_newest_rotation_is_found_through_the_kind_index() {
+        let (dir, store) = store();
+        drop(store);
+        let conn = Connection::open(dir.path().join("sigil.db")).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {LAST_ROTATION}"))
+            .unwrap()
+            .query_map([], |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(plan.contains("audit_by_kind (kind=?)"), "{plan}");
     }
 
     #[test]

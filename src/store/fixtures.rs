@@ -35,6 +35,7 @@ pub(crate) fn instance(id: &str) -> InstanceRecord {
         last_seen: t(0),
         ended_at: None,
         end_reason: None,
+        entries: vec!["agent".to_owned()],
     }
 }
 
@@ -90,7 +91,6 @@ pub(crate) trait TestStore {
     fn next_crl_number(&self) -> Result<u64, Error>;
     fn prune_expired_svids(&self, now: SystemTime, keep: Duration) -> Result<usize, Error>;
     fn append_audit(&self, event: &AuditEvent) -> Result<i64, Error>;
-    fn all_live_tasks(&self) -> Result<Vec<TaskRecord>, Error>;
 }
 
 /// The reason `TestStore::end_task` records.
@@ -144,8 +144,5 @@ impl TestStore for Store {
     fn append_audit(&self, event: &AuditEvent) -> Result<i64, Error> {
         let event = event.clone();
         self.write(move |tx| tx.append_audit(&event))
-    }
-    fn all_live_tasks(&self) -> Result<Vec<TaskRecord>, Error> {
-        self.read(|conn| super::instances::live_tasks(conn, None))
     }
 }

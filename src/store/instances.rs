@@ -5,24 +5,25 @@
 
 use std::time::SystemTime;
 
-use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::ends::{EndReason, TaskEndReason};
 use super::records::{
-    INSTANCE_COLUMNS, InstanceRecord, TASK_COLUMNS, TaskRecord, collect, instance_from_row, opt_ms,
-    task_from_row, to_json, to_ms,
+    INSTANCE_COLUMNS, InstanceRecord, TASK_COLUMNS, TaskRecord, collect, instance_from_row,
+    is_duplicate, opt_ms, task_from_row, to_json, to_ms,
 };
 use super::{Error, sqlite};
 
-/// Inserts an instance, or refreshes `last_seen` and `selectors` of a known
-/// one. An ended instance stays ended.
+/// Inserts an instance, or refreshes `last_seen`, `selectors` and `entries`
+/// of a known one. An ended instance stays ended.
 pub(crate) fn upsert_instance(conn: &Connection, rec: &InstanceRecord) -> Result<(), Error> {
     conn.prepare_cached(
         "INSERT INTO instances (instance_id, pid, start_time, boot_id, uid, selectors,
-             first_seen_ms, last_seen_ms, ended_at_ms, end_kind, end_reason)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             first_seen_ms, last_seen_ms, ended_at_ms, end_kind, end_reason, entries)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
          ON CONFLICT (instance_id) DO UPDATE SET
-             last_seen_ms = excluded.last_seen_ms, selectors = excluded.selectors",
+             last_seen_ms = excluded.last_seen_ms, selectors = excluded.selectors,
+             entries = excluded.entries",
     )
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -37,6 +38,7 @@ pub(crate) fn upsert_instance(conn: &Connection, rec: &InstanceRecord) -> Result
             opt_ms(rec.ended_at),
             rec.end_reason.as_ref().map(EndReason::kind),
             rec.end_reason.as_ref().map(EndReason::detail),
+            to_json(&rec.entries),
         ])
     })
     .map(drop)
@@ -102,6 +104,32 @@ pub(crate) fn live_instances(conn: &Connection) -> Result<Vec<InstanceRecord>, E
     collect(conn, &sql, [], instance_from_row).map_err(sqlite("list live instances"))
 }
 
+/// Every live instance, newest first, then (with `include_ended`) the
+/// `ended_limit` instances that ended last, the latest end first.
+pub(crate) fn instances(
+    conn: &Connection,
+    include_ended: bool,
+    ended_limit: usize,
+) -> Result<Vec<InstanceRecord>, Error> {
+    let live = format!(
+        "SELECT {INSTANCE_COLUMNS} FROM instances WHERE ended_at_ms IS NULL
+         ORDER BY first_seen_ms DESC, instance_id"
+    );
+    let mut out = collect(conn, &live, [], instance_from_row).map_err(sqlite("list instances"))?;
+    if include_ended {
+        let ended = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE ended_at_ms IS NOT NULL
+             ORDER BY ended_at_ms DESC, instance_id LIMIT ?1"
+        );
+        let limit = i64::try_from(ended_limit).unwrap_or(i64::MAX);
+        out.extend(
+            collect(conn, &ended, [limit], instance_from_row)
+                .map_err(sqlite("list ended instances"))?,
+        );
+    }
+    Ok(out)
+}
+
 /// Inserts a task; refuses a second live task with the same id in one instance.
 pub(crate) fn insert_task(conn: &Connection, rec: &TaskRecord) -> Result<(), Error> {
     let result = conn
@@ -126,7 +154,7 @@ pub(crate) fn insert_task(conn: &Connection, rec: &TaskRecord) -> Result<(), Err
         });
     match result {
         Ok(_) => Ok(()),
-        Err(e) if is_unique_violation(&e) => Err(Error::TaskExists {
+        Err(e) if is_duplicate(&e) => Err(Error::TaskExists {
             instance_id: rec.instance_id.clone(),
             task_id: rec.task_id.clone(),
         }),
@@ -184,16 +212,6 @@ pub(crate) fn tasks_of(conn: &Connection, instance_id: &str) -> Result<Vec<TaskR
         "SELECT {TASK_COLUMNS} FROM tasks WHERE instance_id = ?1 ORDER BY started_at_ms, id"
     );
     collect(conn, &sql, [instance_id], task_from_row).map_err(sqlite("list tasks"))
-}
-
-/// Whether `e` is a UNIQUE constraint failure (here: a duplicate live task).
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
-    matches!(
-        e,
-        rusqlite::Error::SqliteFailure(f, _)
-            if f.code == ErrorCode::ConstraintViolation
-                && f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-    )
 }
 
 #[cfg(test)]

@@ -9,12 +9,16 @@
 //! caller acknowledged before the commit that holds its rows); the few reads
 //! the daemon needs use a separate read connection. The record types are in
 //! `records.rs`, why things end in `ends.rs`, their SQL in `instances.rs` and
-//! `svids.rs`, the audit trail in `audit.rs`, the schema in `schema.rs` and
-//! the careful opening of the file in `open.rs`. It does not decide *when*
-//! to revoke or what to audit; `identity` does.
+//! `svids.rs`, the audit trail in `audit.rs` and its hash chain in
+//! `chain.rs`, stored registration entries in `entries.rs`, status counts
+//! and the readiness probe in `status.rs`, the schema in `schema.rs` and the
+//! careful opening of the file in `open.rs`. It does not decide *when* to
+//! revoke or what to audit; `identity` does.
 
 mod audit;
+mod chain;
 mod ends;
+mod entries;
 #[cfg(test)]
 mod fixtures;
 mod instances;
@@ -22,6 +26,7 @@ mod open;
 mod preflight;
 mod records;
 mod schema;
+mod status;
 mod svids;
 mod tx;
 mod writer;
@@ -33,7 +38,10 @@ use std::time::{Duration, SystemTime};
 use rusqlite::{Connection, OpenFlags};
 
 pub use audit::{AuditEvent, AuditKind, AuditQuery};
+pub use chain::{AuditVerdict, BrokenLink};
+pub use entries::StoredEntry;
 pub use records::{EndReason, InstanceRecord, RevokedSvid, SvidRecord, TaskEndReason, TaskRecord};
+pub use status::StoreStats;
 pub use tx::Tx;
 
 /// What can go wrong with the store; every message says what to do next.
@@ -142,6 +150,25 @@ pub enum Error {
     UnknownAuditKind {
         /// The name as given.
         kind: String,
+    },
+    /// A stored registration entry with this name exists already.
+    #[error(
+        "a registration entry named {name:?} exists already; delete it first or pick another name"
+    )]
+    EntryExists {
+        /// The name as given.
+        name: String,
+    },
+    /// The store has too little room left to record identities (its page
+    /// cap or its file system is nearly full).
+    #[error(
+        "the store has room for only {room_pages} more pages ({needed_pages} needed to record identities safely); free disk space in state_dir, or raise the store's page cap"
+    )]
+    StoreFull {
+        /// Pages it can still take.
+        room_pages: u64,
+        /// Pages it should be able to take.
+        needed_pages: u64,
     },
 }
 
@@ -296,6 +323,28 @@ impl Store {
         })
     }
 
+    /// Instances for listings: every live one, newest first, then, with
+    /// `include_ended`, the `limit` that ended last, the latest end first
+    /// (`limit` bounds the ended ones only; live ones are never left out).
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] if the read fails.
+    pub fn instances(
+        &self,
+        include_ended: bool,
+        limit: usize,
+    ) -> Result<Vec<InstanceRecord>, Error> {
+        self.read(|conn| instances::instances(conn, include_ended, limit))
+    }
+
+    /// Every live task of every instance, oldest start first.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] if the read fails.
+    pub fn all_live_tasks(&self) -> Result<Vec<TaskRecord>, Error> {
+        self.read(|conn| instances::live_tasks(conn, None))
+    }
+
     /// The instances not yet ended, oldest first: what a restarted daemon
     /// must re-check.
     ///
@@ -357,12 +406,51 @@ impl Store {
     }
 
     /// Audit events matching `query`, oldest first; see [`AuditQuery`] for
-    /// how `since_seq` and `limit` combine.
+    /// how `after_seq` and `limit` combine. Each carries its stored hash.
     ///
     /// # Errors
     /// [`Error::Sqlite`] if the read fails.
     pub fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>, Error> {
         self.read(|conn| audit::query(conn, query))
+    }
+
+    /// Checks the audit trail's hash chain, every row in `seq` order, in
+    /// constant memory: reports the first row whose hash does not match its
+    /// content and the previous row's hash, and the newest hash (the head).
+    /// It reads a snapshot through a read connection of its own, so the
+    /// daemon's other reads do not wait for a long trail to be walked.
+    ///
+    /// # Errors
+    /// [`Error::Open`] if the read connection cannot be opened,
+    /// [`Error::Sqlite`] if the read fails. A broken chain is not an error:
+    /// it is in the verdict.
+    pub fn verify_audit(&self) -> Result<AuditVerdict, Error> {
+        let conn = open_reader(&self.path)?;
+        chain::verify(&conn)
+    }
+
+    /// Registration entries created over the admin API, in creation order.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] if the read fails.
+    pub fn stored_entries(&self) -> Result<Vec<StoredEntry>, Error> {
+        self.read(entries::stored_entries)
+    }
+
+    /// A summary for status listings, as of now; see [`StoreStats`].
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] if the read fails.
+    pub fn stats(&self) -> Result<StoreStats, Error> {
+        self.stats_at(SystemTime::now())
+    }
+
+    /// As [`Store::stats`], counting SVIDs live or revoked-unexpired at `now`.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] if the read fails.
+    pub fn stats_at(&self, now: SystemTime) -> Result<StoreStats, Error> {
+        self.read(|conn| status::stats(conn, &self.path, now))
     }
 }
 

@@ -1,13 +1,14 @@
 //! The rows the store keeps about instances, tasks and SVIDs, and their mapping
 //! to and from SQLite rows (timestamps as unix milliseconds, lists and maps as
-//! JSON text). The SQL that reads and writes them lives in `queries.rs`; the
-//! audit trail has its own types in `audit.rs`.
+//! JSON text). The SQL that reads and writes them lives in `instances.rs` and
+//! `svids.rs`; the audit trail has its own types in `audit.rs`, stored
+//! registration entries in `entries.rs`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::types::Type;
-use rusqlite::{Connection, Row};
+use rusqlite::{Connection, ErrorCode, Row};
 use serde::de::DeserializeOwned;
 
 use super::ends::end_columns;
@@ -39,6 +40,10 @@ pub struct InstanceRecord {
     pub ended_at: Option<SystemTime>,
     /// Why the instance ended (process exit, revocation, ...).
     pub end_reason: Option<EndReason>,
+    /// The names of the registration entries whose SVIDs the instance
+    /// holds, the default SVID's first. Rotation can change them; the
+    /// store keeps the latest.
+    pub entries: Vec<String>,
 }
 
 /// A task run by an instance, kept so its SVIDs can be revoked when it ends,
@@ -103,7 +108,7 @@ pub struct RevokedSvid {
 
 /// Columns of `instances`, in the order [`instance_from_row`] reads them.
 pub(crate) const INSTANCE_COLUMNS: &str = "instance_id, pid, start_time, boot_id, uid, selectors, \
-     first_seen_ms, last_seen_ms, ended_at_ms, end_kind, end_reason";
+     first_seen_ms, last_seen_ms, ended_at_ms, end_kind, end_reason, entries";
 
 /// Columns of `tasks`, in the order [`task_from_row`] reads them.
 pub(crate) const TASK_COLUMNS: &str = "instance_id, task_id, spiffe_id, started_at_ms, \
@@ -126,6 +131,7 @@ pub(crate) fn instance_from_row(row: &Row<'_>) -> rusqlite::Result<InstanceRecor
         last_seen: time_column(row, 7)?,
         ended_at: opt_time_column(row, 8)?,
         end_reason: end_columns(row, 9, 10, EndReason::from_columns)?,
+        entries: json_column(row, 11)?,
     })
 }
 
@@ -203,6 +209,18 @@ pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
     // Vec<String>, BTreeMap<String, String> and serde_json::Value cannot fail
     // to serialize; fall back to JSON null rather than panic.
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+/// Whether `e` is a UNIQUE or PRIMARY KEY constraint failure: a row that
+/// already exists (a duplicate live task, a taken entry name).
+pub(crate) fn is_duplicate(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == ErrorCode::ConstraintViolation
+                && (f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+    )
 }
 
 /// Runs a query (or a `RETURNING` statement) and maps every row.

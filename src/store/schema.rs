@@ -1,20 +1,32 @@
 //! The store's SQL schema as an ordered list of migrations, tracked by
 //! `PRAGMA user_version`, and the code that applies them in one transaction.
-//! Opening, file checks and pragmas live in `open.rs`.
+//! A migration is a list of steps, SQL or Rust (for what SQL cannot do, such
+//! as hashing the audit chain). Opening, file checks and pragmas live in
+//! `open.rs`.
 
 use std::path::Path;
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use super::{Error, sqlite};
+use super::{Error, chain, sqlite};
 
 /// Marks a database as Sigil's (`PRAGMA application_id`, ASCII "SIGL"), so a
 /// foreign SQLite file in the state directory is refused rather than altered.
 pub(crate) const APPLICATION_ID: i64 = 0x5349_474C;
 
+/// One step of a migration, run in order inside the migration's transaction.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Step {
+    /// SQL statements, run as one batch.
+    Sql(&'static str),
+    /// Rust, for what SQL cannot do; it sees the schema the steps before it
+    /// left.
+    Rust(fn(&Connection) -> Result<(), Error>),
+}
+
 /// Migration `i` takes the schema from version `i` to `i + 1`. Append only:
 /// never edit a released migration, add a new one.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&[Step]] = &[&[Step::Sql(V1)], &[Step::Sql(V2)], V3];
 
 /// The newest schema version this build understands.
 pub(crate) const SUPPORTED_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -121,6 +133,46 @@ UPDATE tasks SET end_kind = CASE
 WHERE ended_at_ms IS NOT NULL;
 ";
 
+/// Version 3, for the admin API: the audit trail becomes a hash chain (see
+/// `chain.rs`; rows already written are chained in `seq` order, with the
+/// trigger refusing updates dropped and recreated around it), stored
+/// registration entries, the entries each instance holds SVIDs of, a
+/// one-row table that readiness probes write, and indexes for the admin
+/// API's reads.
+const V3: &[Step] = &[
+    Step::Sql(V3_SCHEMA),
+    Step::Sql("DROP TRIGGER audit_no_update;"),
+    Step::Rust(chain::chain_existing_rows),
+    Step::Sql(AUDIT_NO_UPDATE),
+];
+
+/// Version 3's new columns, tables and indexes.
+const V3_SCHEMA: &str = r"
+ALTER TABLE audit ADD COLUMN hash TEXT;
+CREATE INDEX audit_by_task ON audit (task_id, seq) WHERE task_id IS NOT NULL;
+CREATE INDEX audit_by_time ON audit (at_ms);
+
+CREATE TABLE entries (
+    name          TEXT PRIMARY KEY NOT NULL,
+    spec          TEXT NOT NULL,
+    owner         TEXT,
+    created_at_ms INTEGER NOT NULL,
+    created_by    TEXT NOT NULL
+) STRICT;
+
+ALTER TABLE instances ADD COLUMN entries TEXT NOT NULL DEFAULT '[]';
+CREATE INDEX instances_ended ON instances (ended_at_ms) WHERE ended_at_ms IS NOT NULL;
+
+CREATE TABLE health (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    at_ms INTEGER NOT NULL
+) STRICT;
+";
+
+/// The trigger refusing updates of audit rows, as version 1 created it.
+const AUDIT_NO_UPDATE: &str = r"CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;";
+
 /// Brings the schema up to [`SUPPORTED_VERSION`] in one immediate
 /// transaction, so a crash mid-migration leaves the previous version intact.
 ///
@@ -142,8 +194,13 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), Error> {
         });
     }
     let start = usize::try_from(found).unwrap_or(0);
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(start) {
-        tx.execute_batch(sql).map_err(sqlite("apply migration"))?;
+    for (index, steps) in MIGRATIONS.iter().enumerate().skip(start) {
+        for step in *steps {
+            match step {
+                Step::Sql(sql) => tx.execute_batch(sql).map_err(sqlite("apply migration"))?,
+                Step::Rust(run) => run(&tx)?,
+            }
+        }
         tracing::info!(path = %path.display(), version = index + 1, "store schema migrated");
     }
     tx.pragma_update(None, "user_version", SUPPORTED_VERSION)
@@ -219,6 +276,38 @@ mod tests {
             .query_row("SELECT end_kind FROM tasks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(task, some("ttl_expired"));
+    }
+
+    #[test]
+    fn version_3_recreates_the_update_trigger_exactly_as_version_1_made_it() {
+        assert!(V1.contains(AUDIT_NO_UPDATE));
+    }
+
+    #[test]
+    fn version_3_keeps_version_2_rows_and_gives_instances_no_entries() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(V1).unwrap();
+        conn.execute_batch(V2).unwrap();
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO instances (instance_id, pid, start_time, boot_id, uid, selectors,
+                 first_seen_ms, last_seen_ms) VALUES ('a', 1, 1, 'b', 0, '[]', 0, 0);",
+        )
+        .unwrap();
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        let entries: String = conn
+            .query_row("SELECT entries FROM instances", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(entries, "[]");
+        let update = conn.execute("UPDATE audit SET actor = 'x'", []);
+        assert!(update.is_ok(), "no rows, so no trigger fires");
+        conn.execute(
+            "INSERT INTO audit (at_ms, kind, actor, detail) VALUES (0, 'admin', 'x', 'null')",
+            [],
+        )
+        .unwrap();
+        let update = conn.execute("UPDATE audit SET actor = 'y'", []);
+        assert!(update.unwrap_err().to_string().contains("append-only"));
     }
 
     #[test]

@@ -314,9 +314,8 @@ mod tests {
 
     #[test]
     fn revoking_one_task_searches_the_owner_index_not_every_svid_of_the_instance() {
-        let conn = rusqlite::Connection::open_in_memory().unwrap();
-        conn.execute_batch(crate::store::schema::MIGRATIONS[0])
-            .unwrap();
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        crate::store::schema::migrate(&mut conn, std::path::Path::new(":memory:")).unwrap();
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {}", super::REVOKE_TASK_SVIDS))
             .unwrap()

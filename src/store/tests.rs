@@ -23,6 +23,7 @@ fn issuance(serial: &str, instance_id: &str) -> AuditEvent {
         spiffe_id: Some("spiffe://example.org/agent".to_owned()),
         serial: Some(serial.to_owned()),
         detail: json!({"ttl_secs": 3600}),
+        hash: None,
     }
 }
 

@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 use super::Error;
 use super::audit::{self, AuditEvent, AuditQuery};
 use super::ends::{EndReason, TaskEndReason};
+use super::entries::{self, StoredEntry};
 use super::records::{InstanceRecord, RevokedSvid, SvidRecord, TaskRecord};
-use super::{instances, svids};
+use super::{instances, status, svids};
 
 /// A transaction in progress; every method's effect lands with the others or
 /// not at all. Given to the closures of [`Store::write`](super::Store::write).
@@ -19,8 +20,9 @@ pub struct Tx<'conn> {
 }
 
 impl Tx<'_> {
-    /// Records a newly attested instance, or refreshes `last_seen` and
-    /// `selectors` of a known one (an ended instance stays ended).
+    /// Records a newly attested instance, or refreshes `last_seen`,
+    /// `selectors` and `entries` of a known one (an ended instance stays
+    /// ended).
     ///
     /// # Errors
     /// [`Error::Sqlite`] if the write fails.
@@ -125,13 +127,43 @@ impl Tx<'_> {
         svids::prune_expired_svids(&self.tx, now, keep)
     }
 
-    /// Appends an audit event (its `seq` is ignored) and returns its sequence
-    /// number.
+    /// Appends an audit event (its `seq` and `hash` are ignored) and
+    /// returns its sequence number. The store chains its hash to the
+    /// previous row's (see [`Store::verify_audit`](super::Store::verify_audit)).
     ///
     /// # Errors
     /// [`Error::Sqlite`] if the write fails.
     pub fn append_audit(&self, event: &AuditEvent) -> Result<i64, Error> {
         audit::append(&self.tx, event)
+    }
+
+    /// Stores a registration entry created over the admin API.
+    ///
+    /// # Errors
+    /// [`Error::EntryExists`] if an entry of that name is stored already;
+    /// [`Error::Sqlite`] if the write fails.
+    pub fn insert_entry(&self, entry: &StoredEntry) -> Result<(), Error> {
+        entries::insert_entry(&self.tx, entry)
+    }
+
+    /// Deletes a stored registration entry. Returns whether it existed.
+    ///
+    /// # Errors
+    /// [`Error::Sqlite`] if the write fails.
+    pub fn delete_entry(&self, name: &str) -> Result<bool, Error> {
+        entries::delete_entry(&self.tx, name)
+    }
+
+    /// The readiness probe's write: records `now` in the one-row health
+    /// table, then checks that the store still has room to record
+    /// identities (see `status.rs`).
+    ///
+    /// # Errors
+    /// [`Error::StoreFull`] when the page cap or the disk leaves too little
+    /// room; [`Error::Sqlite`] if the write fails. Either way nothing of
+    /// this transaction lands.
+    pub fn touch_health(&self, now: SystemTime) -> Result<(), Error> {
+        status::touch_health(&self.tx, now)
     }
 
     /// How this instance ended, if it ended in a way that refuses its
