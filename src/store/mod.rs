@@ -472,4 +472,6 @@ fn open_reader(path: &Path) -> Result<Connection, Error> {
 }
 
 #[cfg(test)]
+mod chain_tests;
+#[cfg(test)]
 mod tests;
