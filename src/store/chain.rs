@@ -163,13 +163,13 @@ impl Walk {
     pub(crate) fn step(&mut self, link: &Link<'_>, stored: Option<&str>) {
         self.rows += 1;
         self.head = stored.map(str::to_owned);
-        if self.first_bad.is_none() {
-            if let Some(problem) = self.problem(link, stored) {
-                self.first_bad = Some(BrokenLink {
-                    seq: link.seq,
-                    problem,
-                });
-            }
+        if self.first_bad.is_none()
+            && let Some(problem) = self.problem(link, stored)
+        {
+            self.first_bad = Some(BrokenLink {
+                seq: link.seq,
+                problem,
+            });
         }
         self.previous = Some((link.seq, previous_of(stored)));
     }

@@ -18,7 +18,7 @@ fn admin(n: u64) -> AuditEvent {
         kind: AuditKind::Admin,
         actor: "admin uid:0".to_owned(),
         instance_id: Some("i1".to_owned()),
-        task_id: (n % 2 == 0).then(|| format!("t{n}")),
+        task_id: n.is_multiple_of(2).then(|| format!("t{n}")),
         spiffe_id: None,
         serial: None,
         detail: json!({"call": "list", "n": n}),
@@ -74,7 +74,7 @@ fn writes_rolled_back_alone_in_a_group_leave_the_chain_intact() {
             let store = store.clone();
             std::thread::spawn(move || {
                 for n in 0..20 {
-                    let fail = (w + n) % 3 == 0;
+                    let fail = (w + n).is_multiple_of(3);
                     let _ = store.write(move |tx| {
                         tx.append_audit(&admin(n))?;
                         if fail {
