@@ -163,18 +163,22 @@ impl Walk {
     pub(crate) fn step(&mut self, link: &Link<'_>, stored: Option<&str>) {
         self.rows += 1;
         self.head = stored.map(str::to_owned);
-        if self.first_bad.is_none() {
-            if let Some(problem) = self.problem(link, stored) {
-                self.first_bad = Some(BrokenLink {
-                    seq: link.seq,
-                    problem,
-                });
-            }
+        if self.first_bad.is_none()
+            && let Some(problem) = self.problem(link, stored)
+        {
+            self.first_bad = Some(BrokenLink {
+                seq: link.seq,
+                problem,
+            });
         }
         self.previous = Some((link.seq, previous_of(stored)));
     }
 
-    /// What is wrong with this row, if anything.
+    /// What is wrong with this row, if anything. Sequence numbers have no
+    /// gaps (AUTOINCREMENT, and a rolled-back append takes its number back
+    /// with it), so a gap is a deletion even where the hashes match: after
+    /// the newest rows are deleted, the next append chains to the row
+    /// before them.
     fn problem(&self, link: &Link<'_>, stored: Option<&str>) -> Option<String> {
         let seq = link.seq;
         let Some(stored) = stored else {
@@ -183,25 +187,36 @@ impl Walk {
             ));
         };
         let (previous_seq, previous) = self.previous.unwrap_or((0, GENESIS));
-        if link.hash_hex(&previous) == stored {
-            return None;
-        }
-        Some(if seq != previous_seq + 1 {
+        let matches = link.hash_hex(&previous) == stored;
+        if seq != previous_seq + 1 {
             let gone = if previous_seq + 1 == seq - 1 {
                 format!("row {} was", previous_seq + 1)
             } else {
                 format!("rows {} to {} were", previous_seq + 1, seq - 1)
             };
-            format!(
-                "row {seq} does not chain to the row before it: {gone} deleted (or row {seq} itself was changed)"
-            )
+            let place = if previous_seq == 0 {
+                format!("row {seq} is the first row")
+            } else {
+                format!("row {seq} follows row {previous_seq}")
+            };
+            let changed = if matches {
+                String::new()
+            } else {
+                format!(" (or row {seq} itself was changed)")
+            };
+            return Some(format!("{place}: {gone} deleted{changed}"));
+        }
+        if matches {
+            None
         } else if previous_seq == 0 {
-            format!("row {seq} does not match its hash: the row was changed")
+            Some(format!(
+                "row {seq} does not match its hash: the row was changed"
+            ))
         } else {
-            format!(
+            Some(format!(
                 "row {seq} does not match its hash and the hash of row {previous_seq}: the row was changed (or the hash of row {previous_seq} was rewritten)"
-            )
-        })
+            ))
+        }
     }
 
     pub(crate) fn verdict(self) -> AuditVerdict {
@@ -432,6 +447,18 @@ mod tests {
             "{}",
             bad.problem
         );
+    }
+
+    #[test]
+    fn a_gap_is_reported_even_where_the_hashes_chain() {
+        let mut walk = Walk::default();
+        let first = link(1, "{}").hash(&GENESIS);
+        walk.step(&link(1, "{}"), Some(&hex::encode(first)));
+        let third = link(3, "{}").hash(&first);
+        walk.step(&link(3, "{}"), Some(&hex::encode(third)));
+        let bad = walk.verdict().first_bad.unwrap();
+        assert_eq!(bad.seq, 3);
+        assert_eq!(bad.problem, "row 3 follows row 1: row 2 was deleted");
     }
 
     #[test]

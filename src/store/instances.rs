@@ -218,7 +218,7 @@ pub(crate) fn tasks_of(conn: &Connection, instance_id: &str) -> Result<Vec<TaskR
 mod tests {
     use crate::store::fixtures::{TestStore, done, instance, store, t, task};
     use crate::store::{EndReason, TaskEndReason};
-    use crate::store::{Error, TaskRecord};
+    use crate::store::{Error, InstanceRecord, TaskRecord};
 
     #[test]
     fn an_instance_round_trips_including_its_end() {
@@ -234,18 +234,68 @@ mod tests {
     }
 
     #[test]
-    fn upserting_a_known_instance_refreshes_last_seen_and_selectors_only() {
+    fn upserting_a_known_instance_refreshes_last_seen_selectors_and_entries_only() {
         let (_dir, store) = store();
         store.upsert_instance(&instance("i1")).unwrap();
         let mut again = instance("i1");
         again.first_seen = t(99);
         again.last_seen = t(100);
+        again.pid = 1;
         again.selectors = vec!["unix:uid:1000".to_owned()];
+        again.entries = vec!["db-reader".to_owned(), "agent".to_owned()];
         store.upsert_instance(&again).unwrap();
         let got = store.instance("i1").unwrap().unwrap();
-        assert_eq!(got.first_seen, t(0));
+        assert_eq!((got.first_seen, got.pid), (t(0), 4242));
         assert_eq!(got.last_seen, t(100));
         assert_eq!(got.selectors, again.selectors);
+        assert_eq!(got.entries, again.entries, "in order, default first");
+    }
+
+    #[test]
+    fn listings_show_every_live_instance_and_the_latest_ended_ones() {
+        let (_dir, store) = store();
+        for (n, id) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+            let first_seen = t(n as u64);
+            let rec = InstanceRecord {
+                first_seen,
+                last_seen: first_seen,
+                ..instance(id)
+            };
+            store.upsert_instance(&rec).unwrap();
+        }
+        store.end_instance("a", t(30), EndReason::Exited).unwrap();
+        store.end_instance("c", t(10), EndReason::Exited).unwrap();
+        store.end_instance("d", t(20), EndReason::Exited).unwrap();
+        let ids = |list: Vec<InstanceRecord>| -> Vec<String> {
+            list.into_iter().map(|i| i.instance_id).collect()
+        };
+        assert_eq!(ids(store.instances(false, 1).unwrap()), vec!["e", "b"]);
+        assert_eq!(
+            ids(store.instances(true, 2).unwrap()),
+            vec!["e", "b", "a", "d"]
+        );
+        assert_eq!(
+            ids(store.instances(true, 10).unwrap()),
+            vec!["e", "b", "a", "d", "c"]
+        );
+        assert_eq!(ids(store.instances(true, 0).unwrap()), vec!["e", "b"]);
+    }
+
+    #[test]
+    fn a_version_2_instance_reads_back_with_no_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = rusqlite::Connection::open(dir.path().join("sigil.db")).unwrap();
+            crate::store::schema::build_version(&conn, 2);
+            conn.execute_batch(
+                "INSERT INTO instances (instance_id, pid, start_time, boot_id, uid, selectors,
+                     first_seen_ms, last_seen_ms) VALUES ('old', 1, 1, 'b', 0, '[]', 0, 0);",
+            )
+            .unwrap();
+        }
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let old = store.instance("old").unwrap().unwrap();
+        assert!(old.entries.is_empty());
     }
 
     #[test]

@@ -159,10 +159,11 @@ pub enum Error {
         /// The name as given.
         name: String,
     },
-    /// The store has too little room left to record identities (its page
-    /// cap or its file system is nearly full).
+    /// The store has too little room left to record identities: its file
+    /// system is nearly full (or its `max_page_count` cap, which only
+    /// tests set, is reached).
     #[error(
-        "the store has room for only {room_pages} more pages ({needed_pages} needed to record identities safely); free disk space in state_dir, or raise the store's page cap"
+        "the store has room for only {room_pages} more pages ({needed_pages} needed to record identities safely); free disk space on the file system that holds state_dir"
     )]
     StoreFull {
         /// Pages it can still take.
@@ -471,5 +472,7 @@ fn open_reader(path: &Path) -> Result<Connection, Error> {
     Ok(conn)
 }
 
+#[cfg(test)]
+mod chain_tests;
 #[cfg(test)]
 mod tests;

@@ -208,6 +208,21 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), Error> {
     tx.commit().map_err(sqlite("commit migration"))
 }
 
+/// Builds the schema of an older `version` on `conn`, as that Sigil left it
+/// (for tests of the migrations after it).
+#[cfg(test)]
+pub(crate) fn build_version(conn: &Connection, version: usize) {
+    for steps in &MIGRATIONS[..version] {
+        for step in *steps {
+            match step {
+                Step::Sql(sql) => conn.execute_batch(sql).unwrap(),
+                Step::Rust(run) => run(conn).unwrap(),
+            }
+        }
+    }
+    conn.pragma_update(None, "user_version", version).unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,9 +301,7 @@ mod tests {
     #[test]
     fn version_3_keeps_version_2_rows_and_gives_instances_no_entries() {
         let mut conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(V1).unwrap();
-        conn.execute_batch(V2).unwrap();
-        conn.pragma_update(None, "user_version", 2).unwrap();
+        build_version(&conn, 2);
         conn.execute_batch(
             "INSERT INTO instances (instance_id, pid, start_time, boot_id, uid, selectors,
                  first_seen_ms, last_seen_ms) VALUES ('a', 1, 1, 'b', 0, '[]', 0, 0);",
