@@ -10,11 +10,12 @@ use std::sync::Arc;
 
 use tokio::net::UnixListener;
 
+use crate::admin_api::{self, Access, AdminContext};
 use crate::attest::{self, Attestor};
 use crate::ca::{self, Ca};
 use crate::config::Config;
 use crate::fsutil;
-use crate::identity::{self, IdentityManager, Parts};
+use crate::identity::{self, IdentityManager, LoadedEntry, Parts};
 use crate::shutdown::Shutdown;
 use crate::store::{self, Store};
 use crate::workload_api;
@@ -24,6 +25,10 @@ use crate::workload_api;
 pub const WORKLOAD_SOCKET_MODE: u32 = 0o777;
 /// Mode of a socket directory the daemon creates.
 pub const SOCKET_DIR_MODE: u32 = 0o755;
+/// Mode of the admin socket: the daemon's user only...
+pub const ADMIN_SOCKET_MODE: u32 = 0o600;
+/// ...or its user and `[admin_api] group`.
+pub const ADMIN_SOCKET_GROUP_MODE: u32 = 0o660;
 
 /// Why the daemon could not start.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -50,6 +55,12 @@ pub enum Error {
     /// The workload socket could not be served.
     #[error(transparent)]
     WorkloadApi(#[from] workload_api::Error),
+    /// The admin socket cannot be bound or given its group.
+    #[error("the admin socket cannot be served: {0}")]
+    AdminSocket(fsutil::Error),
+    /// The admin API server failed.
+    #[error(transparent)]
+    AdminApi(#[from] admin_api::Error),
 }
 
 /// Most threads the runtime's blocking pool may grow to, per core. The pool
@@ -87,10 +98,12 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// A daemon ready to serve.
 pub struct App {
-    config: Config,
+    config: Arc<Config>,
     identity: IdentityManager,
     store: Arc<Store>,
+    ca: Arc<Ca>,
     listener: UnixListener,
+    admin_listener: UnixListener,
 }
 
 impl App {
@@ -105,7 +118,17 @@ impl App {
         let listener = fsutil::bind_socket(&socket, WORKLOAD_SOCKET_MODE, SOCKET_DIR_MODE)
             .await
             .map_err(Error::Socket)?;
-        let built = Self::build_with(config, listener, shutdown).await;
+        let admin_socket = config.admin.socket.clone();
+        let built = match bind_admin_socket(&config).await {
+            Ok(admin) => {
+                let built = Self::build_with(config, listener, admin, shutdown).await;
+                if built.is_err() {
+                    let _ = std::fs::remove_file(&admin_socket);
+                }
+                built
+            }
+            Err(e) => Err(e),
+        };
         if built.is_err() {
             // The socket is ours (just bound); do not leave it behind.
             let _ = std::fs::remove_file(&socket);
@@ -116,6 +139,7 @@ impl App {
     async fn build_with(
         config: Config,
         listener: UnixListener,
+        admin_listener: UnixListener,
         shutdown: &Shutdown,
     ) -> Result<Self, Error> {
         prepare_state_dir(&config.state_dir)?;
@@ -127,15 +151,18 @@ impl App {
             earlier_run.as_deref(),
         )?);
         let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain)?);
-        let parts = Parts::from_config(&config, Attestor::new()?, ca, store.clone());
+        let mut parts = Parts::from_config(&config, Attestor::new()?, ca.clone(), store.clone());
+        parts.stored_entries = stored_entries(&store, &config).await?;
         let identity =
             IdentityManager::new(parts, shutdown.token.clone(), shutdown.tracker.clone());
         identity.restore().await?;
         Ok(Self {
-            config,
+            config: Arc::new(config),
             identity,
             store,
+            ca,
             listener,
+            admin_listener,
         })
     }
 
@@ -156,6 +183,28 @@ impl App {
     /// [`Error::WorkloadApi`] when the server fails.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), Error> {
         let socket = self.config.workload_socket.clone();
+        let admin_socket = self.config.admin.socket.clone();
+        let admin = AdminContext {
+            identity: self.identity.clone(),
+            store: self.store.clone(),
+            ca: self.ca.clone(),
+            config: self.config.clone(),
+            access: Access {
+                daemon_uid: nix::unistd::geteuid().as_raw(),
+                allowed_uids: self.config.admin.allowed_uids.clone(),
+                group: self.config.admin.group.as_ref().map(|g| g.gid),
+            },
+            started_at: std::time::SystemTime::now(),
+            shutdown: shutdown.token.clone(),
+        };
+        let admin_serving = shutdown
+            .tracker
+            .spawn(admin_api::serve(self.admin_listener, admin));
+        shutdown.tracker.spawn(reload_on_hangup(
+            self.config.clone(),
+            self.identity.clone(),
+            shutdown.clone(),
+        ));
         tracing::info!(
             config = %self.config.source,
             trust_domain = %self.config.trust_domain,
@@ -163,6 +212,7 @@ impl App {
             entries = self.config.entries.len(),
             instance_ttl = %humantime::format_duration(self.config.instance_ttl),
             endpoint = %format!("unix://{}", socket.display()),
+            admin_socket = %admin_socket.display(),
             "serving the SPIFFE Workload API"
         );
         let result = workload_api::serve(
@@ -174,7 +224,136 @@ impl App {
         )
         .await;
         let _ = std::fs::remove_file(&socket);
-        Ok(result?)
+        shutdown.token.cancel();
+        let admin_result = admin_serving.await.unwrap_or(Ok(()));
+        let _ = std::fs::remove_file(&admin_socket);
+        result?;
+        Ok(admin_result?)
+    }
+}
+
+/// Binds the admin socket: 0600 for the daemon's user, or 0660 and owned
+/// by `[admin_api] group`; `[admin_api] allowed_uids` get an ACL entry
+/// each. Never world-accessible. Its directory gets the workload socket's
+/// checks.
+async fn bind_admin_socket(config: &Config) -> Result<UnixListener, Error> {
+    let path = &config.admin.socket;
+    let group = config.admin.group.as_ref();
+    let mode = if group.is_some() {
+        ADMIN_SOCKET_GROUP_MODE
+    } else {
+        ADMIN_SOCKET_MODE
+    };
+    let listener = fsutil::bind_socket(path, mode, SOCKET_DIR_MODE)
+        .await
+        .map_err(Error::AdminSocket)?;
+    let granted = fsutil::grant_users(path, &config.admin.allowed_uids, group.is_some());
+    if let Err(e) = granted {
+        let _ = std::fs::remove_file(path);
+        return Err(Error::AdminSocket(e));
+    }
+    if let Some(group) = group
+        && let Err(e) = std::os::unix::fs::chown(path, None, Some(group.gid))
+    {
+        let _ = std::fs::remove_file(path);
+        return Err(Error::AdminSocket(fsutil::Error::Io {
+            action: "give the admin group (the daemon's user must be root or a member of it)",
+            path: path.clone(),
+            source: Arc::new(e),
+        }));
+    }
+    Ok(listener)
+}
+
+/// The entries created over the admin API, read back and validated again
+/// exactly like config entries. One that no longer validates (a newer
+/// rule) is skipped with an error in the log, not fatal: the daemon must
+/// still serve everyone else.
+async fn stored_entries(store: &Arc<Store>, config: &Config) -> Result<Vec<LoadedEntry>, Error> {
+    let stored = store.read_async(|s| s.stored_entries()).await?;
+    let mut loaded = Vec::with_capacity(stored.len());
+    for record in stored {
+        let entry = serde_json::from_str::<crate::config::EntrySpec>(&record.spec_json)
+            .map_err(|e| e.to_string())
+            .and_then(|spec| {
+                crate::config::validate_entry(&spec, &config.trust_domain)
+                    .map_err(|e| e.to_string())
+            });
+        match entry {
+            Ok(entry) => loaded.push(LoadedEntry {
+                entry,
+                created_at: record.created_at,
+                created_by: record.created_by,
+            }),
+            Err(e) => {
+                tracing::error!(entry = %record.name, error = %e, "a stored entry is invalid and is not in force: delete it (`sigil entries delete`) and create it again")
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+/// On each SIGHUP, reads the config file again and puts its entries in
+/// force: the diff is logged, and the SVIDs of removed or changed entries
+/// are revoked as if deleted. An invalid file is refused with every
+/// problem logged, and the running config stays. Settings other than the
+/// entries need a restart (said in the log when they changed).
+async fn reload_on_hangup(config: Arc<Config>, identity: IdentityManager, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            () = shutdown.token.cancelled() => return,
+            () = shutdown.hangups.notified() => {}
+        }
+        if config.source == crate::config::EMBEDDED {
+            tracing::info!(
+                "SIGHUP: the daemon runs on its embedded defaults; there is no file to reload"
+            );
+            continue;
+        }
+        let path = std::path::PathBuf::from(&config.source);
+        let new = match Config::load(Some(&path), &crate::config::Overrides::default()) {
+            Ok(new) => new,
+            Err(e) => {
+                for problem in e.problems() {
+                    tracing::error!(%problem, "SIGHUP: the config file is invalid; the running config stays");
+                }
+                continue;
+            }
+        };
+        if new.trust_domain != config.trust_domain {
+            tracing::error!(running = %config.trust_domain, file = %new.trust_domain, "SIGHUP: the file names another trust domain, which needs a restart (and a new CA); the running config stays");
+            continue;
+        }
+        if (new.instance_ttl, new.task_ttl, new.limits)
+            != (config.instance_ttl, config.task_ttl, config.limits)
+        {
+            tracing::warn!(
+                "SIGHUP: settings other than [[entry]] changed in the file; they take effect at the next restart"
+            );
+        }
+        match identity
+            .reload_config_entries(new.entries, "daemon (SIGHUP)")
+            .await
+        {
+            Ok((diff, reconciled)) if diff.is_empty() => {
+                tracing::info!(
+                    instances = reconciled.len(),
+                    "SIGHUP: the entries are unchanged"
+                );
+            }
+            Ok((diff, reconciled)) => {
+                tracing::info!(
+                    added = ?diff.added,
+                    removed = ?diff.removed,
+                    changed = ?diff.changed,
+                    instances_reconciled = reconciled.len(),
+                    "SIGHUP: config entries reloaded"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the new entries were refused; the running config stays")
+            }
+        }
     }
 }
 

@@ -384,6 +384,59 @@ pub async fn bind_socket(path: &Path, mode: u32, dir_mode: u32) -> Result<UnixLi
     Ok(listener)
 }
 
+/// Lets each of `uids` read and write the file at `path` (a socket: to
+/// connect) besides its owner and, when `group_rw`, its group, by giving it
+/// a POSIX access ACL; everyone else gets nothing. This is how the admin
+/// socket admits `[admin_api] allowed_uids` without ever being
+/// world-accessible.
+///
+/// # Errors
+/// [`Error::Io`] when the file system refuses the ACL (mounted without ACL
+/// support: the message says to use `[admin_api] group` instead).
+pub fn grant_users(path: &Path, uids: &[u32], group_rw: bool) -> Result<(), Error> {
+    if uids.is_empty() {
+        return Ok(());
+    }
+    rustix::fs::setxattr(
+        path,
+        "system.posix_acl_access",
+        &posix_acl(uids, group_rw),
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(|e| Error::Io {
+        action: "give allowed_uids access (a POSIX ACL; on a file system without ACL support use [admin_api] group instead) to",
+        path: path.to_owned(),
+        source: Arc::new(e.into()),
+    })
+}
+
+/// The kernel's encoding of a POSIX access ACL (`posix_acl_xattr.h`):
+/// version 2, then (tag, perm, id) entries sorted by tag and id.
+fn posix_acl(uids: &[u32], group_rw: bool) -> Vec<u8> {
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    const RW: u16 = 0o6;
+    const NO_ID: u32 = u32::MAX;
+    let mut uids = uids.to_vec();
+    uids.sort_unstable();
+    uids.dedup();
+    let mut entries = vec![(USER_OBJ, RW, NO_ID)];
+    entries.extend(uids.into_iter().map(|uid| (USER, RW, uid)));
+    entries.push((GROUP_OBJ, if group_rw { RW } else { 0 }, NO_ID));
+    entries.push((MASK, RW, NO_ID));
+    entries.push((OTHER, 0, NO_ID));
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend(tag.to_le_bytes());
+        out.extend(perm.to_le_bytes());
+        out.extend(id.to_le_bytes());
+    }
+    out
+}
+
 fn describe_non_socket(path: &Path, meta: &Metadata) -> String {
     let kind = meta.file_type();
     if kind.is_symlink() {
@@ -406,6 +459,46 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
+
+    #[test]
+    fn an_acl_lists_the_owner_each_uid_once_in_order_and_nobody_else() {
+        let acl = posix_acl(&[1001, 65534, 1001], false);
+        let entries: Vec<(u16, u16, u32)> = acl[4..]
+            .chunks(8)
+            .map(|c| {
+                (
+                    u16::from_le_bytes([c[0], c[1]]),
+                    u16::from_le_bytes([c[2], c[3]]),
+                    u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                )
+            })
+            .collect();
+        assert_eq!(acl[..4], 2u32.to_le_bytes());
+        assert_eq!(
+            entries,
+            [
+                (0x01, 6, u32::MAX),
+                (0x02, 6, 1001),
+                (0x02, 6, 65534),
+                (0x04, 0, u32::MAX),
+                (0x10, 6, u32::MAX),
+                (0x20, 0, u32::MAX),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_granted_file_keeps_no_access_for_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"").unwrap();
+        fs::set_permissions(&path, Permissions::from_mode(0o600)).unwrap();
+        match grant_users(&path, &[65534], false) {
+            Ok(()) => assert_eq!(mode(&path) & 0o007, 0, "others get nothing"),
+            // A file system without ACLs: the error says what to use.
+            Err(e) => assert!(e.to_string().contains("[admin_api] group"), "{e}"),
+        }
+    }
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o7777

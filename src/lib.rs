@@ -8,7 +8,7 @@
 //!
 //! # Layout
 //! Data flows one way:
-//! `workload_api` → `identity` → (`attest`, `policy`, `ca`, `store`).
+//! (`workload_api`, `admin_api`) → `identity` → (`attest`, `policy`, `ca`, `store`).
 //!
 //! - [`config`]: the TOML file and the embedded defaults, validated.
 //! - [`attest`]: peer credentials and /proc → selectors and an instance id
@@ -24,6 +24,9 @@
 //!   one writer thread group-commits every write.
 //! - [`workload_api`]: the gRPC server on the socket (thin adapters for the
 //!   Workload API and the task extension, and the `:authority` repair).
+//! - [`admin_api`]: the operators' gRPC server on its own socket: who may
+//!   call (peer credentials), instances, tasks, revocation, entries, the
+//!   audit trail and status, over `identity` and `store`.
 //! - [`sys`]: the one module with `unsafe` (kcmp(2), jemalloc's options).
 //! - [`app`]: the single wiring point and the bounded runtime;
 //!   [`shutdown`]: stop and drain.
@@ -36,6 +39,7 @@
 // call that no safe crate wraps.
 #![deny(unsafe_code)]
 
+pub mod admin_api;
 pub mod app;
 pub mod attest;
 pub mod ca;

@@ -20,6 +20,9 @@ pub struct Shutdown {
     pub token: CancellationToken,
     /// Every long-lived task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Notified on each SIGHUP (once [`Shutdown::cancel_on_signals`] has
+    /// run): the daemon reloads its config entries.
+    pub hangups: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Shutdown {
@@ -30,9 +33,9 @@ impl Shutdown {
 
     /// Cancels the token on SIGINT or SIGTERM. A second signal exits at once.
     /// SIGHUP, whose default action would kill the daemon and leave its
-    /// socket behind, is logged and otherwise ignored.
+    /// socket behind, notifies [`Shutdown::hangups`] instead.
     pub fn cancel_on_signals(&self) {
-        ignore_hangups();
+        forward_hangups(self.hangups.clone());
         let token = self.token.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -63,16 +66,16 @@ impl Shutdown {
 }
 
 /// Installs a SIGHUP handler at once (before returning, so no SIGHUP can
-/// slip through with its default action) that logs each one and carries on.
-fn ignore_hangups() {
+/// slip through with its default action) that passes each one on to
+/// `notify` (several before a reload starts make one reload).
+fn forward_hangups(notify: std::sync::Arc<tokio::sync::Notify>) {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::hangup()) {
         Ok(mut hangups) => {
             tokio::spawn(async move {
                 while hangups.recv().await.is_some() {
-                    tracing::info!(
-                        "SIGHUP received; reloading is not supported yet, so it is ignored"
-                    );
+                    tracing::info!("SIGHUP received: reloading the config file's entries");
+                    notify.notify_one();
                 }
             });
         }

@@ -55,6 +55,44 @@ pub fn start_time(pid: u32) -> Result<u64, Error> {
         .ok_or_else(|| malformed(pid, "stat"))
 }
 
+/// The processes above `pid`, nearest first, as (pid, start time), up to
+/// `max` of them or to pid 1; stops early where /proc cannot be read (a
+/// process that exited meanwhile).
+pub fn ancestors(pid: u32, max: usize) -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    let mut at = pid;
+    while out.len() < max {
+        let Some((ppid, _)) = std::fs::read(format!("/proc/{at}/stat"))
+            .ok()
+            .and_then(|t| parse_stat(&t))
+        else {
+            break;
+        };
+        if ppid == 0 {
+            break;
+        }
+        let Ok(start) = start_time(ppid) else { break };
+        out.push((ppid, start));
+        if ppid == 1 {
+            break;
+        }
+        at = ppid;
+    }
+    out
+}
+
+/// The effective gid and the supplementary groups of `pid`, from
+/// `/proc/<pid>/status`.
+///
+/// # Errors
+/// [`Error::ProcessGone`] or [`Error::ProcRead`].
+pub fn groups(pid: u32) -> Result<(u32, Vec<u32>), Error> {
+    let text =
+        std::fs::read(format!("/proc/{pid}/status")).map_err(|e| io_error(pid, "status", e))?;
+    let (_, gids, groups) = parse_status(&text).ok_or_else(|| malformed(pid, "status"))?;
+    Ok((gids[1], groups))
+}
+
 /// Collects every fact about `pid` that selectors are made from.
 ///
 /// # Errors
@@ -524,6 +562,18 @@ mod tests {
         assert_eq!(cache.len(), 1);
         read_facts(pid, &cache).unwrap();
         assert_eq!(cache.len(), 1, "the digest is computed once");
+    }
+
+    #[test]
+    fn this_process_s_ancestors_start_with_its_parent() {
+        let chain = ancestors(std::process::id(), 64);
+        let parent = std::os::unix::process::parent_id();
+        assert_eq!(chain.first().map(|a| a.0), Some(parent));
+        assert_eq!(chain.first().map(|a| a.1), start_time(parent).ok());
+        assert!(chain.len() <= 64);
+        assert!(ancestors(std::process::id(), 0).is_empty());
+        let (gid, _) = groups(std::process::id()).unwrap();
+        assert_eq!(gid, nix::unistd::getegid().as_raw());
     }
 
     #[test]

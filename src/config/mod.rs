@@ -54,7 +54,8 @@ pub const DEFAULT_ADMIN_SOCKET_NAME: &str = "admin.sock";
 pub const MAX_OWNER_LEN: usize = 128;
 /// Source name in the errors of [`validate_entry`].
 pub const ADMIN_API_SOURCE: &str = "admin API";
-const EMBEDDED: &str = "<embedded defaults>";
+/// The source name of the embedded defaults (`Config::source`).
+pub const EMBEDDED: &str = "<embedded defaults>";
 
 /// A configuration mistake, naming where it is.
 #[derive(Debug, thiserror::Error)]

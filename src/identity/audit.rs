@@ -47,6 +47,12 @@ fn event(kind: AuditKind, actor: &str, detail: &impl Serialize) -> AuditEvent {
     }
 }
 
+/// An admin action by `actor` (`admin uid:.. pid:..`, or the daemon on a
+/// reload), with a typed detail of the caller's.
+pub fn admin_event(actor: &str, detail: &impl Serialize) -> AuditEvent {
+    event(AuditKind::Admin, actor, detail)
+}
+
 /// The one constructor of each audit event the daemon writes. Each names
 /// the identity it is about in the event's columns and keeps the rest in a
 /// typed detail.
@@ -57,6 +63,9 @@ pub(crate) mod events {
     struct AttestationDetail<'a> {
         selectors: Vec<String>,
         entries: Vec<&'a str>,
+        /// The accountable owner of each entry that names one.
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        owners: BTreeMap<&'a str, &'a str>,
     }
 
     /// A process was attested and matched `entries`.
@@ -65,6 +74,10 @@ pub(crate) mod events {
         let detail = AttestationDetail {
             selectors: selector_strings(attestation),
             entries: entries.iter().map(|e| e.name.as_str()).collect(),
+            owners: entries
+                .iter()
+                .filter_map(|e| Some((e.name.as_str(), e.owner.as_deref()?)))
+                .collect(),
         };
         let mut ev = event(
             AuditKind::Attestation,

@@ -13,7 +13,7 @@ use super::{Error, SvidSettings, audit};
 use crate::attest::{Attestation, Attestor};
 use crate::ca::{self, Ca, Svid, SvidRequest};
 use crate::ids::TrustDomain;
-use crate::policy::{Entry, EntrySet, TokenBucket};
+use crate::policy::{Entry, TokenBucket};
 use crate::store::Store;
 
 /// Signs SVIDs: the CA in the daemon; a slow or failing one in unit tests
@@ -36,7 +36,8 @@ impl Mint for Ca {
 pub(crate) struct Context {
     pub(crate) trust_domain: TrustDomain,
     pub(crate) attestor: Attestor,
-    pub(crate) entries: EntrySet,
+    /// The entries in force (replaced whole when they change).
+    pub(crate) entries: super::entries::Current,
     pub(crate) mint: Arc<dyn Mint>,
     pub(crate) store: Arc<Store>,
     pub(crate) settings: SvidSettings,
@@ -144,7 +145,7 @@ impl Context {
 
     /// The entries that admit this attested process.
     pub(crate) fn matching(&self, attestation: &Attestation) -> Result<Vec<Arc<Entry>>, Error> {
-        let entries = self.entries.matching(attestation);
+        let entries = self.entries.get().matching(attestation);
         if entries.is_empty() {
             return Err(Error::NoMatchingEntry {
                 pid: attestation.facts.pid,

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::context::Context;
+use super::entries::Reconciled;
 use super::registry::Registry;
 use super::state::Live;
 use super::{BeginTask, Error, InstanceState, TaskInfo, schedule};
@@ -44,6 +45,10 @@ pub(crate) enum Command {
     Revoke {
         actor: String,
         reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// The entries changed: re-attest, and reissue or end to match them.
+    Reconcile {
+        reply: oneshot::Sender<Result<Reconciled, Error>>,
     },
 }
 
@@ -138,10 +143,7 @@ impl InstanceTask {
                 () = tokio::time::sleep(delay) => self.tick().await,
             };
             let step = match step {
-                Step::Recheck => match self.reattest().await {
-                    Ok(_) => Step::Continue,
-                    Err(step) => step,
-                },
+                Step::Recheck => self.reconcile().await.0,
                 other => other,
             };
             if let Step::Stop = step {
@@ -183,6 +185,11 @@ impl InstanceTask {
                 let _ = reply.send(Ok(self.live.list()));
             }
             Command::Recheck => return Step::Recheck,
+            Command::Reconcile { reply } => {
+                let (step, outcome) = self.reconcile().await;
+                let _ = reply.send(Ok(outcome));
+                return step;
+            }
             Command::Revoke { actor, reply } => {
                 let reason = EndReason::Revoked { by: actor.clone() };
                 let result = self.end_instance(reason, &actor).await;
@@ -266,6 +273,36 @@ impl InstanceTask {
             Err(e) => {
                 let reason = EndReason::NoLongerMatches { why: e.to_string() };
                 Err(self.finish(reason, "daemon").await)
+            }
+        }
+    }
+
+    /// Re-attests the process and brings its SVIDs in line with the
+    /// entries in force: unchanged entries keep them; changed ones get new
+    /// SVIDs (the old ones revoked in the same write); none at all ends it.
+    async fn reconcile(&mut self) -> (Step, Reconciled) {
+        let serving = self.live.serials();
+        let instance_serials = self.live.instance_serials();
+        let (attestation, entries) = match self.reattest().await {
+            Ok(found) => found,
+            Err(Step::Stop) => return (Step::Stop, Reconciled::Ended { revoked: serving }),
+            Err(step) => return (step, Reconciled::Failed("re-attestation failed".into())),
+        };
+        if self.live.holds_entries(&entries) {
+            return (Step::Continue, Reconciled::Unchanged);
+        }
+        let ctx = self.ctx.clone();
+        let now = SystemTime::now();
+        match self.live.rotate_due(&ctx, attestation, entries, now).await {
+            Ok(()) => {
+                self.publish();
+                tracing::info!(instance = %self.live.attestation.instance_id, revoked = instance_serials.len(), "entries changed: SVIDs reissued");
+                let revoked = instance_serials;
+                (Step::Continue, Reconciled::Reissued { revoked })
+            }
+            Err(e) => {
+                let failed = Reconciled::Failed(e.to_string());
+                (self.retry_later(&e).await, failed)
             }
         }
     }
@@ -379,6 +416,9 @@ fn refuse(command: Command) {
             let _ = reply.send(Err(Error::InstanceEnded));
         }
         Command::Revoke { reply, .. } => {
+            let _ = reply.send(Err(Error::InstanceEnded));
+        }
+        Command::Reconcile { reply } => {
             let _ = reply.send(Err(Error::InstanceEnded));
         }
         Command::Recheck => {}

@@ -25,6 +25,22 @@ use crate::ids::InstanceId;
 use crate::policy::{Entry, Requester};
 use crate::store::EndReason;
 
+/// What revoking one SVID did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SvidRevoked {
+    /// It was an instance SVID: the instance was revoked.
+    Instance(InstanceId),
+    /// It was a live task's SVID: the task ended.
+    Task {
+        /// The instance.
+        instance: InstanceId,
+        /// The task.
+        task: String,
+    },
+    /// It was no longer served: it alone went on the CRL.
+    Serial(String),
+}
+
 /// Commands queued per instance before senders wait.
 const COMMAND_QUEUE: usize = 16;
 
@@ -32,8 +48,10 @@ const COMMAND_QUEUE: usize = 16;
 /// and runs their tasks.
 #[derive(Clone)]
 pub struct IdentityManager {
-    ctx: Arc<Context>,
-    registry: Arc<Registry>,
+    pub(super) ctx: Arc<Context>,
+    pub(super) registry: Arc<Registry>,
+    /// The entries' sources; its lock orders entry changes.
+    pub(super) book: Arc<tokio::sync::Mutex<super::entries::Book>>,
     bundle: watch::Receiver<Arc<TrustBundle>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -68,10 +86,11 @@ impl IdentityManager {
             shutdown.clone(),
             &tracker,
         );
+        let book = super::entries::Book::new(parts.entries, parts.stored_entries);
         let ctx = Arc::new(Context {
             trust_domain: parts.trust_domain,
             attestor: parts.attestor,
-            entries: parts.entries,
+            entries: super::entries::Current::new(book.set()),
             mint,
             store: parts.store,
             settings: parts.settings,
@@ -84,6 +103,7 @@ impl IdentityManager {
         Self {
             ctx,
             registry: Arc::new(Registry::default()),
+            book: Arc::new(tokio::sync::Mutex::new(book)),
             bundle: bundle_rx,
             shutdown,
             tracker,
@@ -327,6 +347,141 @@ impl IdentityManager {
         self.ctx
             .end_stored_instance(instance.as_str(), reason, Vec::new(), &actor)
             .await
+    }
+
+    /// Every live instance's current SVIDs, entries and tasks (operators'
+    /// listings); instances that are ending are left out.
+    pub fn live_sets(&self) -> Vec<Arc<super::IdentitySet>> {
+        self.registry
+            .live()
+            .into_iter()
+            .filter_map(|(_, h)| match &*h.state.borrow() {
+                InstanceState::Active(set) => Some(set.clone()),
+                InstanceState::Ended(_) => None,
+            })
+            .collect()
+    }
+
+    /// The live instance of process `pid`, if it has one.
+    pub fn instance_of_pid(&self, pid: u32) -> Option<InstanceId> {
+        self.live_sets()
+            .into_iter()
+            .find(|set| set.pid == pid)
+            .map(|set| set.instance_id.clone())
+    }
+
+    /// Revokes every live instance that holds an SVID of entry `name`, as
+    /// [`IdentityManager::revoke_instance`] does one. The entry stays: a
+    /// process that starts later is admitted again.
+    ///
+    /// # Errors
+    /// [`Error::UnknownEntry`]; the first revocation that failed.
+    pub async fn revoke_entry(&self, name: &str, actor: &str) -> Result<Vec<InstanceId>, Error> {
+        if self.book.lock().await.find(name).is_none() {
+            return Err(Error::UnknownEntry(name.to_owned()));
+        }
+        let holders: Vec<InstanceId> = self
+            .live_sets()
+            .into_iter()
+            .filter(|set| set.entries.iter().any(|e| e.name == name))
+            .map(|set| set.instance_id.clone())
+            .collect();
+        let mut revoked = Vec::with_capacity(holders.len());
+        for id in holders {
+            match self.revoke_instance(&id, actor.to_owned()).await {
+                Ok(()) => revoked.push(id),
+                // It ended on its own meanwhile: nothing left to revoke.
+                Err(Error::UnknownInstance(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Revokes one SVID: an instance SVID revokes its instance (it must not
+    /// get another); a task SVID ends its task; one no longer served (a
+    /// rotated-away SVID, or one of an instance no actor runs) goes on the
+    /// CRL alone.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSvid`]; [`Error::SvidNotLive`] when it is already
+    /// revoked or expired; revocation errors.
+    pub async fn revoke_svid(
+        &self,
+        serial: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<SvidRevoked, Error> {
+        let key = serial.to_owned();
+        let record = self
+            .ctx
+            .store
+            .read_async(move |store| store.svid(&key))
+            .await?
+            .ok_or_else(|| Error::UnknownSvid(serial.to_owned()))?;
+        if record.revoked_at.is_some() {
+            return Err(Error::SvidNotLive {
+                serial: record.serial,
+                state: "revoked",
+            });
+        }
+        if record.not_after <= std::time::SystemTime::now() {
+            return Err(Error::SvidNotLive {
+                serial: record.serial,
+                state: "expired",
+            });
+        }
+        let instance = InstanceId::parse(&record.instance_id);
+        let live = instance.as_ref().and_then(|id| self.registry.get(id));
+        if let (Some(id), Some(_)) = (&instance, &live) {
+            match &record.task_id {
+                None => {
+                    self.revoke_instance(id, actor.to_owned()).await?;
+                    return Ok(SvidRevoked::Instance(id.clone()));
+                }
+                Some(task) => match self.end_task(id, task.clone(), actor.to_owned()).await {
+                    Ok(_) => {
+                        return Ok(SvidRevoked::Task {
+                            instance: id.clone(),
+                            task: task.clone(),
+                        });
+                    }
+                    // Not live any more: the serial alone, below.
+                    Err(Error::UnknownTask(_) | Error::InstanceEnded) => {}
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        let (serial_in, reason_in, actor_in) =
+            (record.serial.clone(), reason.to_owned(), actor.to_owned());
+        let (instance_id, task_id) = (record.instance_id.clone(), record.task_id.clone());
+        let revoked = self
+            .ctx
+            .store
+            .write_async(move |tx| {
+                let now = std::time::SystemTime::now();
+                if !tx.revoke_serial(&serial_in, now, &reason_in)? {
+                    return Ok(false);
+                }
+                let ev = audit::events::revocation(
+                    &instance_id,
+                    task_id.as_deref(),
+                    std::slice::from_ref(&serial_in),
+                    &reason_in,
+                    &actor_in,
+                );
+                tx.append_audit(&ev)?;
+                Ok(true)
+            })
+            .await?;
+        if !revoked {
+            return Err(Error::SvidNotLive {
+                serial: record.serial,
+                state: "revoked",
+            });
+        }
+        self.ctx.crl.refresh();
+        Ok(SvidRevoked::Serial(record.serial))
     }
 
     fn commands_of(&self, instance: &InstanceId) -> Result<mpsc::Sender<Command>, Error> {

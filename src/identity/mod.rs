@@ -25,6 +25,7 @@
 
 mod audit;
 mod context;
+mod entries;
 mod instance;
 mod manager;
 mod registry;
@@ -41,11 +42,13 @@ use std::time::{Duration, SystemTime};
 use crate::attest::{self, Attestor, Selector};
 use crate::ca::{self, Ca, Svid};
 use crate::ids::{Echo, InstanceId, SpiffeId, TrustDomain};
-use crate::policy::{EntrySet, TaskRefusal, TemplateError};
+use crate::policy::{Entry, TaskRefusal, TemplateError};
 use crate::store::{self, EndReason, Store};
 
+pub use audit::admin_event;
 pub use context::Mint;
-pub use manager::IdentityManager;
+pub use entries::{EntryDef, EntryDiff, EntrySource, InstanceReconciled, LoadedEntry, Reconciled};
+pub use manager::{IdentityManager, SvidRevoked};
 pub use revoke::COALESCE as CRL_COALESCE;
 
 /// The Workload API hint of the default SVID.
@@ -100,6 +103,34 @@ pub enum Error {
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// An entry with this name exists already (in the config file or the
+    /// store).
+    #[error(
+        "an entry named {0:?} exists already: pick another name, or delete the stored one first"
+    )]
+    EntryExists(String),
+    /// No entry with this name.
+    #[error("no entry named {0:?}; `sigil entries list` shows them")]
+    UnknownEntry(String),
+    /// The entry comes from the config file, which the admin API does not
+    /// change.
+    #[error(
+        "entry {0:?} comes from the config file: edit the file, check it with `sigil config check`, then send the daemon SIGHUP"
+    )]
+    ConfigEntry(String),
+    /// No SVID with this serial.
+    #[error(
+        "no SVID with serial {0}; serials are lower-case hex, as `sigil instances show` prints them"
+    )]
+    UnknownSvid(String),
+    /// The SVID is already revoked or expired: nothing to do.
+    #[error("SVID {serial} is already {state}")]
+    SvidNotLive {
+        /// Its serial.
+        serial: String,
+        /// "revoked" or "expired".
+        state: &'static str,
+    },
 }
 
 /// The SVIDs of one instance at one moment: every message a stream sends is
@@ -113,6 +144,10 @@ pub struct IdentitySet {
     /// One SVID per matching entry (the first is the default SVID), then
     /// one per live task.
     pub svids: Vec<Svid>,
+    /// The entries of its instance SVIDs, in the same order.
+    pub entries: Vec<Arc<Entry>>,
+    /// Its live tasks, by start.
+    pub tasks: Vec<TaskInfo>,
 }
 
 /// What an instance's subscribers see.
@@ -202,8 +237,11 @@ pub struct Parts {
     pub trust_domain: TrustDomain,
     /// Attestation.
     pub attestor: Attestor,
-    /// Registration entries.
-    pub entries: EntrySet,
+    /// Registration entries of the config file.
+    pub entries: Vec<Entry>,
+    /// Entries created over the admin API (read back from the store and
+    /// validated by the caller).
+    pub stored_entries: Vec<LoadedEntry>,
     /// The CA.
     pub ca: Arc<Ca>,
     /// The durable store.
@@ -223,7 +261,8 @@ impl Parts {
         Self {
             trust_domain: config.trust_domain.clone(),
             attestor,
-            entries: EntrySet::new(config.entries.clone()),
+            entries: config.entries.clone(),
+            stored_entries: Vec::new(),
             ca,
             store,
             settings: SvidSettings {

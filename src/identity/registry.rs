@@ -136,6 +136,28 @@ impl Registry {
             .collect()
     }
 
+    /// Every live instance's id and command channel.
+    pub(crate) fn handles(&self) -> Vec<(InstanceId, mpsc::Sender<Command>)> {
+        self.lock()
+            .iter()
+            .filter_map(|(id, slot)| match slot {
+                Slot::Live(h) => Some((id.clone(), h.commands.clone())),
+                Slot::Starting { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Every live instance with its state channel.
+    pub(crate) fn live(&self) -> Vec<(InstanceId, Handle)> {
+        self.lock()
+            .iter()
+            .filter_map(|(id, slot)| match slot {
+                Slot::Live(h) => Some((id.clone(), h.clone())),
+                Slot::Starting { .. } => None,
+            })
+            .collect()
+    }
+
     /// Every live instance, by pid.
     pub(crate) fn list(&self) -> Vec<InstanceSummary> {
         let mut list: Vec<_> = self

@@ -177,14 +177,42 @@ impl Live {
         let svids = self
             .instance_svids
             .iter()
-            .chain(tasks.into_iter().map(|t| &t.held))
+            .chain(tasks.iter().map(|t| &t.held))
             .map(|h| h.svid.clone())
             .collect();
         Arc::new(IdentitySet {
             instance_id: self.attestation.instance_id.clone(),
             pid: self.attestation.facts.pid,
             svids,
+            entries: self.entries.clone(),
+            tasks: tasks.into_iter().map(|t| t.info.clone()).collect(),
         })
+    }
+
+    /// True when the instance's SVIDs are for exactly `entries`, as they
+    /// are defined now (an entry changed in place counts as another).
+    pub(crate) fn holds_entries(&self, entries: &[Arc<Entry>]) -> bool {
+        entries
+            .iter()
+            .map(|e| &**e)
+            .eq(self.entries.iter().map(|e| &**e))
+    }
+
+    /// The serials it serves now: instance SVIDs, then tasks'.
+    pub(crate) fn serials(&self) -> Vec<String> {
+        self.instance_svids
+            .iter()
+            .chain(self.tasks.values().map(|t| &t.held))
+            .map(|h| h.svid.serial.clone())
+            .collect()
+    }
+
+    /// The serials of its instance SVIDs.
+    pub(crate) fn instance_serials(&self) -> Vec<String> {
+        self.instance_svids
+            .iter()
+            .map(|h| h.svid.serial.clone())
+            .collect()
     }
 
     /// The next moment something is due: a rotation or a task's end.
@@ -385,10 +413,7 @@ impl Live {
         entries: Vec<Arc<Entry>>,
         now: SystemTime,
     ) -> Result<(), Error> {
-        let same_entries = entries
-            .iter()
-            .map(|e| &e.name)
-            .eq(self.entries.iter().map(|e| &e.name));
+        let same_entries = self.holds_entries(&entries);
         // Minted against the new facts, but kept only if the write lands:
         // a failed rotation retries from the old state, so an SVID for an
         // entry the process no longer matches is still found superseded.

@@ -81,6 +81,16 @@ impl EntrySet {
         }
     }
 
+    /// Wraps entries already shared (the identity module's entry book).
+    pub fn from_arcs(entries: Vec<Arc<Entry>>) -> Self {
+        Self { entries }
+    }
+
+    /// The entries, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        self.entries.iter()
+    }
+
     /// Every entry the attested process matches, in config order. A process
     /// that matches several entries gets one SVID per entry.
     pub fn matching(&self, attestation: &Attestation) -> Vec<Arc<Entry>> {

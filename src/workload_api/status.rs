@@ -27,7 +27,11 @@ pub(crate) fn status(e: &identity::Error) -> Status {
         E::Task(refusal) if refusal.is_rate_limited() => Status::resource_exhausted(e.to_string()),
         E::Task(refusal) if refusal.is_invalid_request() => Status::invalid_argument(e.to_string()),
         E::Task(_) => Status::permission_denied(e.to_string()),
-        E::UnknownTask(_) | E::UnknownInstance(_) => Status::not_found(e.to_string()),
+        E::UnknownTask(_) | E::UnknownInstance(_) | E::UnknownEntry(_) | E::UnknownSvid(_) => {
+            Status::not_found(e.to_string())
+        }
+        E::EntryExists(_) => Status::already_exists(e.to_string()),
+        E::ConfigEntry(_) | E::SvidNotLive { .. } => Status::failed_precondition(e.to_string()),
         E::Template { .. } | E::Ca(_) | E::Store(_) => {
             Status::internal(format!("cannot issue an SVID: {e}"))
         }

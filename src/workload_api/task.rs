@@ -110,7 +110,7 @@ const MAX_DURATION_NANOS: i32 = 999_999_999;
 /// (duration.proto: `nanos` within ±999,999,999, of the same sign as
 /// `seconds`, `seconds` within ±10,000 years) is refused, not normalised:
 /// a client that sends one has a bug it should hear about.
-fn duration(d: &prost_types::Duration) -> Result<Duration, Status> {
+pub(crate) fn duration(d: &prost_types::Duration) -> Result<Duration, Status> {
     if !(-MAX_DURATION_NANOS..=MAX_DURATION_NANOS).contains(&d.nanos) {
         return Err(Status::invalid_argument(format!(
             "ttl: nanos {} is out of range: a protobuf Duration's nanos is between -{MAX_DURATION_NANOS} and {MAX_DURATION_NANOS}; carry whole seconds into seconds",

@@ -6,6 +6,8 @@
 //! at its state (`identity()`) to check what it did.
 #![allow(dead_code, reason = "each test binary uses part of the harness")]
 
+pub mod agent;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ pub struct TestDaemon {
     pub dir: TempDir,
     /// The workload socket.
     pub socket: PathBuf,
+    /// The admin socket (the default: beside the workload socket).
+    pub admin_socket: PathBuf,
     /// The state directory.
     pub state_dir: PathBuf,
     identity: IdentityManager,
@@ -68,6 +72,7 @@ impl TestDaemon {
             admin_socket: None,
         };
         let config = Config::parse(toml, "test.toml", &overrides).expect("valid test config");
+        let admin_socket = config.admin.socket.clone();
         let shutdown = Shutdown::new();
         let app = App::build(config, &shutdown).await.expect("daemon starts");
         let identity = app.identity().clone();
@@ -79,6 +84,7 @@ impl TestDaemon {
         Self {
             dir,
             socket,
+            admin_socket,
             state_dir,
             identity,
             store,
@@ -123,6 +129,15 @@ pub async fn channel(socket: &Path) -> Channel {
         }))
         .await
         .expect("connects")
+}
+
+/// An admin API client on the daemon's admin socket.
+pub async fn admin_client(
+    daemon: &TestDaemon,
+) -> sigil::proto::sigil::admin::v1::admin_client::AdminClient<Channel> {
+    sigil::proto::sigil::admin::v1::admin_client::AdminClient::new(
+        channel(&daemon.admin_socket).await,
+    )
 }
 
 /// A raw Workload API client (our generated one) on `socket`.
