@@ -24,6 +24,8 @@
 //!   one writer thread group-commits every write.
 //! - [`workload_api`]: the gRPC server on the socket (thin adapters for the
 //!   Workload API and the task extension, and the `:authority` repair).
+//! - [`metrics`]: Prometheus metrics (one registry per process, typed
+//!   labels) and the `/metrics`, `/livez`, `/readyz` listener.
 //! - [`sys`]: the one module with `unsafe` (kcmp(2), jemalloc's options).
 //! - [`app`]: the single wiring point and the bounded runtime;
 //!   [`shutdown`]: stop and drain.
@@ -44,6 +46,7 @@ pub mod config;
 pub mod fsutil;
 pub mod identity;
 pub mod ids;
+pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod shutdown;
