@@ -252,6 +252,16 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// How many requests to `method` were counted with `code` (for tests
+    /// and status pages; Prometheus reads [`Self::encode`]).
+    pub fn request_count(&self, method: Method, code: tonic::Code) -> u64 {
+        let labels = RpcLabels {
+            method,
+            code: Code(code),
+        };
+        self.requests.get(&labels).map_or(0, |c| c.get())
+    }
+
     /// One store group commit took `elapsed`.
     pub fn commit(&self, elapsed: Duration) {
         self.commit_duration.observe(elapsed.as_secs_f64());
