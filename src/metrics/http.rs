@@ -25,7 +25,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -97,7 +97,6 @@ async fn serve_with(
         .header_read_timeout(bounds.header_read_timeout)
         .keep_alive(false)
         .max_buf_size(MAX_BUF);
-    let builder = Arc::new(builder);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -115,30 +114,15 @@ async fn serve_with(
             tracing::debug!(%peer, max = bounds.max_connections, "metrics listener: too many connections; closed");
             continue;
         };
-        let health = health.clone();
-        let builder = builder.clone();
-        let shutdown = shutdown.clone();
+        let conn = serve_connection(
+            &builder,
+            stream,
+            health.clone(),
+            shutdown.clone(),
+            bounds.connection_timeout,
+        );
         connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let health = health.clone();
-                async move { Ok::<_, Infallible>(route(&req, health.as_ref()).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let served = tokio::select! {
-                served = tokio::time::timeout(bounds.connection_timeout, conn.as_mut()) => served,
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await
-                }
-            };
-            match served {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "metrics listener: connection failed")
-                }
-                Err(_) => tracing::debug!(%peer, "metrics listener: connection timed out; closed"),
-            }
+            conn.await;
             drop(slot);
         });
     }
@@ -148,6 +132,38 @@ async fn serve_with(
         .is_err()
     {
         tracing::debug!("metrics listener: connections still open at shutdown were dropped");
+    }
+}
+
+/// Serves one connection: its one request, within `timeout` from accept,
+/// or a short grace once `shutdown` is cancelled.
+fn serve_connection(
+    builder: &http1::Builder,
+    stream: TcpStream,
+    health: Arc<dyn Health>,
+    shutdown: CancellationToken,
+    timeout: Duration,
+) -> impl Future<Output = ()> + Send + 'static {
+    let peer = stream.peer_addr().ok();
+    let service = service_fn(move |req| {
+        let health = health.clone();
+        async move { Ok::<_, Infallible>(route(&req, health.as_ref()).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    async move {
+        tokio::pin!(conn);
+        let served = tokio::select! {
+            served = tokio::time::timeout(timeout, conn.as_mut()) => served,
+            () = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(SHUTDOWN_GRACE, conn.as_mut()).await
+            }
+        };
+        match served {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(?peer, error = %e, "metrics listener: connection failed"),
+            Err(_) => tracing::debug!(?peer, "metrics listener: connection timed out; closed"),
+        }
     }
 }
 
