@@ -27,6 +27,8 @@
 //! - [`admin_api`]: the operators' gRPC server on its own socket: who may
 //!   call (peer credentials), instances, tasks, revocation, entries, the
 //!   audit trail and status, over `identity` and `store`.
+//! - [`metrics`]: Prometheus metrics (one registry per process, typed
+//!   labels) and the `/metrics`, `/livez`, `/readyz` listener.
 //! - [`sys`]: the one module with `unsafe` (kcmp(2), jemalloc's options).
 //! - [`app`]: the single wiring point and the bounded runtime;
 //!   [`shutdown`]: stop and drain.
@@ -48,6 +50,7 @@ pub mod config;
 pub mod fsutil;
 pub mod identity;
 pub mod ids;
+pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod shutdown;

@@ -231,6 +231,15 @@ fn statement(tx: &Tx<'_>, sql: &str) -> Result<(), Error> {
         .map_err(sqlite("manage a savepoint"))
 }
 
+/// Commits a group's transaction, timed for the metrics (the COMMIT and
+/// its fsync, failed or not).
+fn commit(tx: Tx<'_>) -> Result<(), Error> {
+    let started = std::time::Instant::now();
+    let committed = tx.tx.commit().map_err(sqlite("commit a transaction"));
+    crate::metrics::global().commit(started.elapsed());
+    committed
+}
+
 /// Runs `group` in one transaction, each job in its own savepoint, commits
 /// once, then answers every job.
 fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) {
@@ -244,7 +253,7 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) {
             if !job.run(&tx) {
                 return tx.tx.rollback().map_err(sqlite("roll back a transaction"));
             }
-            return tx.tx.commit().map_err(sqlite("commit a transaction"));
+            return commit(tx);
         }
         for job in &mut group {
             statement(&tx, "SAVEPOINT job")?;
@@ -255,7 +264,7 @@ fn commit_group(conn: &mut Connection, mut group: Vec<Box<dyn Job>>) {
                 statement(&tx, "RELEASE job")?;
             }
         }
-        tx.tx.commit().map_err(sqlite("commit a transaction"))
+        commit(tx)
     })();
     if let Err(e) = &committed {
         tracing::warn!(error = %e, jobs = group.len(), "a group of store writes failed; none of them was acknowledged");

@@ -226,14 +226,17 @@ impl StreamCounts {
         Ok(StreamSlot {
             key,
             counts: self.clone(),
+            _open: crate::metrics::global().stream_opened(),
         })
     }
 }
 
-/// One open stream of a process; given back on drop.
+/// One open stream of a process; given back on drop (and counted in the
+/// open streams gauge while it lives).
 struct StreamSlot {
     key: ProcessKey,
     counts: StreamCounts,
+    _open: crate::metrics::OpenStream,
 }
 
 impl Drop for StreamSlot {

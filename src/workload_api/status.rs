@@ -1,6 +1,6 @@
 //! The one mapping from identity errors to gRPC status on the workload
 //! socket, for the Workload API and the task service alike, and how a
-//! refusal is logged.
+//! refusal is logged and counted (`sigil_attestation_refusals_total`).
 //!
 //! Clients key their behaviour on the code and on the [`NO_IDENTITY_ISSUED`]
 //! prefix (see `header`): the rust `spiffe` client retries a PermissionDenied
@@ -14,7 +14,8 @@
 use tonic::Status;
 
 use super::header::NO_IDENTITY_ISSUED;
-use crate::identity;
+use crate::metrics::{self, RefusalReason};
+use crate::{attest, identity};
 
 /// The gRPC status for an identity error.
 pub(crate) fn status(e: &identity::Error) -> Status {
@@ -51,8 +52,12 @@ fn no_identity(why: &dyn std::fmt::Display) -> Status {
 /// Logs a refusal once, at a level that fits it: an unmatched process at
 /// info with what it was attested as; a task Begin over its rate at debug,
 /// since a client that ignores it repeats it at will; shutdown not at all;
-/// anything else at warn.
+/// anything else at warn. A caller refused an identity is counted under its
+/// [`refusal_reason`].
 pub(crate) fn log_refusal(e: &identity::Error, pid: u32) {
+    if let Some(reason) = refusal_reason(e) {
+        metrics::global().refusal(reason);
+    }
     match e {
         identity::Error::NoMatchingEntry { selectors, .. } => {
             let selectors: Vec<String> = selectors.iter().map(ToString::to_string).collect();
@@ -63,6 +68,39 @@ pub(crate) fn log_refusal(e: &identity::Error, pid: u32) {
         }
         identity::Error::ShuttingDown => {}
         other => tracing::warn!(pid, error = %other, "refused"),
+    }
+}
+
+/// Why a caller got no identity, as the metrics count it; `None` for what
+/// is not a refused identity (a task refused by policy, an unknown task,
+/// shutdown). Exhaustive, so a new error has to be placed.
+pub(crate) fn refusal_reason(e: &identity::Error) -> Option<RefusalReason> {
+    use identity::Error as E;
+    Some(match e {
+        E::NoMatchingEntry { .. } => RefusalReason::NoMatchingEntry,
+        E::Revoked(_) => RefusalReason::Revoked,
+        E::Attest(a) => attest_reason(a),
+        E::InstanceEnded | E::Template { .. } | E::Ca(_) | E::Store(_) => RefusalReason::Other,
+        E::Task(_) | E::UnknownTask(_) | E::UnknownInstance(_) | E::ShuttingDown => return None,
+    })
+}
+
+fn attest_reason(e: &attest::Error) -> RefusalReason {
+    use attest::Error as A;
+    match e {
+        A::ProcessGone { .. }
+        | A::ProcessChanged { .. }
+        | A::StartedAfterConnect { .. }
+        | A::PidReused { .. } => RefusalReason::ProcessGone,
+        A::CredentialsChanged { .. }
+        | A::ExecutedAfterConnect { .. }
+        | A::ForeignWriter { .. }
+        | A::SharedConnection { .. }
+        | A::HolderScanTooLong { .. }
+        | A::NotPinned { .. }
+        | A::NoClientEnd { .. }
+        | A::NotHeldByCaller { .. } => RefusalReason::ConnectionCheck,
+        A::NoPeerCredentials | A::ProcRead { .. } | A::BootId(_) => RefusalReason::Other,
     }
 }
 
@@ -174,5 +212,26 @@ mod tests {
             assert_eq!(code, Code::Internal, "{shown}");
             assert_eq!(message, format!("cannot issue an SVID: {shown}"));
         }
+    }
+
+    #[test]
+    fn refused_identities_are_counted_under_a_reason_and_task_refusals_are_not() {
+        let reason = |e: identity::Error| refusal_reason(&e);
+        let no_entry = identity::Error::NoMatchingEntry {
+            pid: 42,
+            selectors: BTreeSet::new(),
+        };
+        assert_eq!(reason(no_entry), Some(RefusalReason::NoMatchingEntry));
+        let revoked = identity::Error::Revoked("operator said so".into());
+        assert_eq!(reason(revoked), Some(RefusalReason::Revoked));
+        let gone = identity::Error::Attest(attest::Error::ProcessGone { pid: 42 });
+        assert_eq!(reason(gone), Some(RefusalReason::ProcessGone));
+        let moved = identity::Error::Attest(attest::Error::NotHeldByCaller { pid: 42 });
+        assert_eq!(reason(moved), Some(RefusalReason::ConnectionCheck));
+        let no_cred = identity::Error::Attest(attest::Error::NoPeerCredentials);
+        assert_eq!(reason(no_cred), Some(RefusalReason::Other));
+        let task = identity::Error::Task(TaskRefusal::BadTaskId(Echo::new("..")));
+        assert_eq!(reason(task), None);
+        assert_eq!(reason(identity::Error::ShuttingDown), None);
     }
 }
