@@ -3,6 +3,7 @@
 //! `anyhow` lives here and in `main.rs` only: this is the edge where errors
 //! become messages for a person.
 
+mod admin;
 mod client;
 mod fetch;
 mod run;
@@ -32,6 +33,9 @@ pub enum Command {
     Fetch(fetch::FetchCommand),
     /// Exit 0 when a daemon serves the Workload API on the socket.
     Healthcheck(EndpointArg),
+    /// The operators' commands, over the admin API.
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
 }
 
 /// Where the Workload API is.
@@ -69,6 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Run(args) => run::run(args).await,
         Command::Fetch(cmd) => fetch::run(cmd).await,
         Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
+        Command::Admin(cmd) => admin::run(cmd, &mut std::io::stdout()).await,
     }
 }
 
