@@ -9,11 +9,13 @@
 
 mod audit;
 mod entries;
+mod entry_file;
 mod instances;
 mod render;
 mod revoke;
 mod status;
 mod tasks;
+mod tree;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
