@@ -10,6 +10,8 @@
 mod audit;
 mod entries;
 mod entry_file;
+#[cfg(test)]
+mod fake;
 mod instances;
 mod render;
 mod revoke;
