@@ -3,6 +3,7 @@
 //! `anyhow` lives here and in `main.rs` only: this is the edge where errors
 //! become messages for a person.
 
+mod admin;
 mod client;
 mod config_check;
 mod fetch;
@@ -36,6 +37,9 @@ pub enum Command {
     Config(config_check::ConfigCommand),
     /// Exit 0 when a daemon serves the Workload API on the socket.
     Healthcheck(EndpointArg),
+    /// The operators' commands, over the admin API.
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
 }
 
 /// Where the Workload API is.
@@ -74,6 +78,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Fetch(cmd) => fetch::run(cmd).await,
         Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
         Command::Config(cmd) => config_check::run(cmd),
+        Command::Admin(cmd) => admin::run(cmd, &mut std::io::stdout()).await,
     }
 }
 
