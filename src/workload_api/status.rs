@@ -81,7 +81,15 @@ pub(crate) fn refusal_reason(e: &identity::Error) -> Option<RefusalReason> {
         E::Revoked(_) => RefusalReason::Revoked,
         E::Attest(a) => attest_reason(a),
         E::InstanceEnded | E::Template { .. } | E::Ca(_) | E::Store(_) => RefusalReason::Other,
-        E::Task(_) | E::UnknownTask(_) | E::UnknownInstance(_) | E::ShuttingDown => return None,
+        E::Task(_)
+        | E::UnknownTask(_)
+        | E::UnknownInstance(_)
+        | E::ShuttingDown
+        | E::EntryExists(_)
+        | E::UnknownEntry(_)
+        | E::ConfigEntry(_)
+        | E::UnknownSvid(_)
+        | E::SvidNotLive { .. } => return None,
     })
 }
 

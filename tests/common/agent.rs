@@ -209,9 +209,19 @@ impl Agent {
 
     /// Starts `program` (this test binary, or a link to it) as an agent.
     pub async fn start_program(daemon: &TestDaemon, program: &Path) -> Agent {
+        Self::spawn(program, &daemon.socket).await
+    }
+
+    /// Starts this test binary as an agent of the daemon serving `socket`
+    /// (one started from the binary, say).
+    pub async fn start_on(socket: &Path) -> Agent {
+        Self::spawn(&std::env::current_exe().unwrap(), socket).await
+    }
+
+    async fn spawn(program: &Path, socket: &Path) -> Agent {
         let mut child = Command::new(program)
             .args(["--exact", AGENT_TEST, "--ignored", "--nocapture"])
-            .env(AGENT_ENV, &daemon.socket)
+            .env(AGENT_ENV, socket)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
