@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::UnixListener;
 
@@ -61,6 +62,14 @@ pub enum Error {
     /// The admin API server failed.
     #[error(transparent)]
     AdminApi(#[from] admin_api::Error),
+    /// The metrics listener cannot be bound.
+    #[error("cannot listen for metrics on {addr} (metrics.listen): {source}")]
+    Metrics {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: Arc<std::io::Error>,
+    },
 }
 
 /// Most threads the runtime's blocking pool may grow to, per core. The pool
@@ -104,6 +113,7 @@ pub struct App {
     ca: Arc<Ca>,
     listener: UnixListener,
     admin_listener: UnixListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
 }
 
 impl App {
@@ -151,6 +161,20 @@ impl App {
             earlier_run.as_deref(),
         )?);
         let ca = Arc::new(Ca::load_or_create(&config.state_dir, &config.trust_domain)?);
+        let metrics_listener = match config.metrics_listen {
+            None => None,
+            Some(addr) => {
+                Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| Error::Metrics {
+                            addr,
+                            source: Arc::new(e),
+                        })?,
+                )
+            }
+        };
+        crate::metrics::global().set_ca_expiry(ca.not_after());
         let mut parts = Parts::from_config(&config, Attestor::new()?, ca.clone(), store.clone());
         parts.stored_entries = stored_entries(&store, &config).await?;
         let identity =
@@ -163,6 +187,7 @@ impl App {
             ca,
             listener,
             admin_listener,
+            metrics_listener,
         })
     }
 
@@ -200,6 +225,24 @@ impl App {
         let admin_serving = shutdown
             .tracker
             .spawn(admin_api::serve(self.admin_listener, admin));
+        let serving = Arc::new(AtomicBool::new(false));
+        if let Some(listener) = self.metrics_listener {
+            let health = Arc::new(AppHealth {
+                serving: serving.clone(),
+                store: self.store.clone(),
+                ca: self.ca.clone(),
+            });
+            tracing::info!(listen = %self.config.metrics_listen.map(|a| a.to_string()).unwrap_or_default(), "serving /metrics, /livez and /readyz");
+            shutdown.tracker.spawn(crate::metrics::http::serve(
+                listener,
+                health,
+                shutdown.token.clone(),
+            ));
+            shutdown.tracker.spawn(refresh_gauges(
+                self.identity.clone(),
+                shutdown.token.clone(),
+            ));
+        }
         shutdown.tracker.spawn(reload_on_hangup(
             self.config.clone(),
             self.identity.clone(),
@@ -215,6 +258,7 @@ impl App {
             admin_socket = %admin_socket.display(),
             "serving the SPIFFE Workload API"
         );
+        serving.store(true, Ordering::Release);
         let result = workload_api::serve(
             self.listener,
             self.identity,
@@ -223,12 +267,69 @@ impl App {
             shutdown.tracker.clone(),
         )
         .await;
+        serving.store(false, Ordering::Release);
         let _ = std::fs::remove_file(&socket);
         shutdown.token.cancel();
         let admin_result = admin_serving.await.unwrap_or(Ok(()));
         let _ = std::fs::remove_file(&admin_socket);
         result?;
         Ok(admin_result?)
+    }
+}
+
+/// What `/readyz` checks: the workload socket is served, the store takes a
+/// write (a real one, so a full disk or a read-only file shows), and the CA
+/// has not expired.
+struct AppHealth {
+    serving: Arc<AtomicBool>,
+    store: Arc<Store>,
+    ca: Arc<Ca>,
+}
+
+impl crate::metrics::http::Health for AppHealth {
+    fn check(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = crate::metrics::http::Readiness> + Send + '_>,
+    > {
+        Box::pin(async move {
+            let mut failing = Vec::new();
+            if !self.serving.load(Ordering::Acquire) {
+                failing.push("the workload socket is not served".to_owned());
+            }
+            let now = std::time::SystemTime::now();
+            if let Err(e) = self.store.write_async(move |tx| tx.touch_health(now)).await {
+                failing.push(format!("the store is not writable: {e}"));
+            }
+            if self.ca.not_after() <= now {
+                failing.push(format!(
+                    "the CA expired at {}",
+                    humantime::format_rfc3339_seconds(self.ca.not_after())
+                ));
+            }
+            if failing.is_empty() {
+                Ok(())
+            } else {
+                Err(failing)
+            }
+        })
+    }
+}
+
+/// How often the live instance and task gauges are refreshed.
+const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps the live instance and task gauges current while metrics are
+/// served (counters move where things happen; these are counted here).
+async fn refresh_gauges(identity: IdentityManager, shutdown: tokio_util::sync::CancellationToken) {
+    loop {
+        let sets = identity.live_sets();
+        let tasks = sets.iter().map(|s| s.tasks.len()).sum();
+        crate::metrics::global().set_live(sets.len(), tasks);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(GAUGE_REFRESH) => {}
+        }
     }
 }
 

@@ -6,14 +6,18 @@
 //!
 //! The test creates its own virtualenv under Cargo's target tmp dir on the
 //! first run (python3 with venv and access to PyPI needed), as
-//! `interop_python.rs` does. It is the only test in this binary, so the
-//! process's metrics hold exactly what it counted.
+//! `interop_python.rs` does. The in-process test is the only one in this
+//! binary that counts, so the process's metrics hold exactly what it
+//! counted; the other runs `sigil run` as a process of its own and checks
+//! that the daemon's counters move as agents come, begin and end tasks.
 
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "test code: a panic is the test failing"
 )]
+
+mod common;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -307,4 +311,142 @@ async fn the_metrics_text_parses_with_the_prometheus_projects_own_parser() {
 
     shutdown.cancel();
     server.await.unwrap();
+}
+
+/// The agent child (see `common::agent`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the agent child the other tests run; does nothing on its own"]
+async fn agent_child_obeys_commands_on_stdin() {
+    common::agent::child_main().await;
+}
+
+/// A `sigil run` process; killed on drop.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Scrapes and parses the daemon's metrics.
+async fn scrape(addr: std::net::SocketAddr) -> Value {
+    let (head, body) = get(addr, "/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    parse(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigil_run_serves_metrics_whose_counters_move_with_agents_and_tasks_and_probes() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (file, socket) = (
+        dir.path().join("sigil.toml"),
+        dir.path().join("workload.sock"),
+    );
+    let me = nix::unistd::geteuid();
+    std::fs::write(
+        &file,
+        format!(
+            "trust_domain = \"sigil.test\"\n[metrics]\nlisten = \"{addr}\"\n[[entry]]\nname = \"agents\"\nselectors = [\"unix:uid:{me}\"]\n[entry.tasks]\nself_declare = true\n"
+        ),
+    )
+    .unwrap();
+    let _daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_sigil"))
+            .args(["run", "--config"])
+            .arg(&file)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dir.path().join("admin.sock").exists() {
+        assert!(std::time::Instant::now() < deadline, "the daemon serves");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (head, body) = get(addr, "/livez").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head} {body}");
+    let (head, body) = get(addr, "/readyz").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head} {body}");
+
+    let before = scrape(addr).await;
+    let issued = |f: &Value, kind: &str| {
+        sample(
+            f,
+            "sigil_svids_issued",
+            "sigil_svids_issued_total",
+            &[("kind", kind)],
+        )
+    };
+    assert_eq!(issued(&before, "instance"), 0.0);
+
+    let mut agent = common::agent::Agent::start_on(&socket).await;
+    agent.fetch().await;
+    assert_eq!(agent.task_command("begin job-1 60").await, "Ok");
+    assert_eq!(agent.task_command("end job-1").await, "Ok");
+
+    // The gauges refresh every second; the CRL after its coalescing.
+    let mut after = scrape(addr).await;
+    for _ in 0..40 {
+        let live = sample(&after, "sigil_live_instances", "sigil_live_instances", &[]);
+        let crl = sample(&after, "sigil_crl_entries", "sigil_crl_entries", &[]);
+        if live == 1.0 && crl >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = scrape(addr).await;
+    }
+    assert_eq!(issued(&after, "instance"), 1.0);
+    assert_eq!(issued(&after, "task"), 1.0);
+    assert_eq!(
+        sample(
+            &after,
+            "sigil_svids_revoked",
+            "sigil_svids_revoked_total",
+            &[("reason", "task_ended")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "sigil_live_instances", "sigil_live_instances", &[]),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "sigil_live_tasks", "sigil_live_tasks", &[]),
+        0.0
+    );
+    assert!(sample(&after, "sigil_open_streams", "sigil_open_streams", &[]) >= 1.0);
+    assert!(sample(&after, "sigil_crl_entries", "sigil_crl_entries", &[]) >= 1.0);
+    assert!(sample(&after, "sigil_crl_bytes", "sigil_crl_bytes", &[]) > 0.0);
+    assert!(
+        sample(
+            &after,
+            "sigil_ca_expiry_seconds",
+            "sigil_ca_expiry_seconds",
+            &[]
+        ) > 3600.0
+    );
+    let begins = sample(
+        &after,
+        "sigil_workload_api_requests",
+        "sigil_workload_api_requests_total",
+        &[("method", "sigil.workload.v1.Tasks/Begin"), ("code", "OK")],
+    );
+    assert_eq!(begins, 1.0);
+    let commits = sample(
+        &after,
+        "sigil_store_commit_duration_seconds",
+        "sigil_store_commit_duration_seconds_count",
+        &[],
+    );
+    assert!(commits >= 1.0, "{commits}");
 }

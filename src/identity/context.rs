@@ -143,6 +143,15 @@ impl Context {
         .map_err(|_| Error::ShuttingDown)
     }
 
+    /// `n` SVIDs were revoked (and recorded) for `reason`: counted, and a
+    /// new CRL is asked for. Every revocation goes through here.
+    pub(crate) fn revoked(&self, reason: crate::metrics::RevokeReason, n: usize) {
+        if n > 0 {
+            crate::metrics::global().svids_revoked(reason, n as u64);
+            self.crl.refresh();
+        }
+    }
+
     /// The entries that admit this attested process.
     pub(crate) fn matching(&self, attestation: &Attestation) -> Result<Vec<Arc<Entry>>, Error> {
         let entries = self.entries.get().matching(attestation);

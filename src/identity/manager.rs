@@ -480,7 +480,7 @@ impl IdentityManager {
                 state: "revoked",
             });
         }
-        self.ctx.crl.refresh();
+        self.ctx.revoked(crate::metrics::RevokeReason::Revoked, 1);
         Ok(SvidRevoked::Serial(record.serial))
     }
 

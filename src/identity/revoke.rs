@@ -121,12 +121,14 @@ async fn publish(
         )
     })
     .await??;
+    let crl_bytes = der.len();
     bundle.send_modify(|current| {
         let mut updated = TrustBundle::clone(current);
         updated.crls = vec![der];
         *current = Arc::new(updated);
     });
     tracing::debug!(crl_number = number, entries = listed, "published a CRL");
+    crate::metrics::global().set_crl(listed, crl_bytes);
     let soonest_expiry = revoked
         .iter()
         .map(|r| r.not_after + profile::BACKDATE)

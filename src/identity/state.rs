@@ -18,6 +18,7 @@ use super::{BeginTask, Error, INSTANCE_HINT, IdentitySet, TaskInfo, schedule};
 use crate::attest::Attestation;
 use crate::ca::{Svid, SvidRequest};
 use crate::ids::{Echo, SpiffeId};
+use crate::metrics::{RevokeReason, SvidKind};
 use crate::policy::{Entry, Requester, TaskRefusal};
 use crate::store::{
     AuditEvent, EndReason, InstanceRecord, SvidRecord, TaskEndReason, TaskRecord, Tx,
@@ -155,9 +156,7 @@ impl Live {
             })
             .await?
             .map_err(|end| Error::Revoked(end.to_string()))?;
-        if !revoked.is_empty() {
-            ctx.crl.refresh();
-        }
+        ctx.revoked(RevokeReason::TaskEnded, revoked.len());
         live.instance_svids = minted_back.into_iter().map(|m| m.held).collect();
         for (info, m) in restored {
             tracing::info!(instance = %live.attestation.instance_id, task = %info.task_id, "restored a task");
@@ -397,9 +396,7 @@ impl Live {
         for task_id in &task_ids {
             tracing::info!(instance = %self.attestation.instance_id, task = %task_id, %reason, "task ended");
         }
-        if !revoked.is_empty() {
-            ctx.crl.refresh();
-        }
+        ctx.revoked(RevokeReason::TaskEnded, revoked.len());
         Ok(())
     }
 
@@ -456,6 +453,7 @@ impl Live {
             ));
         }
         let instance_id = record.instance_id.clone();
+        let superseded_count = superseded.len();
         let (fresh, tasks) = ctx
             .store
             .write_async(move |tx| {
@@ -476,9 +474,7 @@ impl Live {
                 Ok((fresh, tasks))
             })
             .await?;
-        if !same_entries {
-            ctx.crl.refresh();
-        }
+        ctx.revoked(RevokeReason::EntryChanged, superseded_count);
         if let Some(fresh) = fresh {
             self.instance_svids = fresh.into_iter().map(|m| m.held).collect();
         }
@@ -582,6 +578,15 @@ impl Live {
         minted: Minted,
     ) -> Result<Signed, Error> {
         let svid = ctx.mint.mint(req)?;
+        let kind = if task_id.is_some() {
+            SvidKind::Task
+        } else {
+            SvidKind::Instance
+        };
+        crate::metrics::global().svid_issued(kind);
+        if minted == Minted::Rotation {
+            crate::metrics::global().svid_rotated(kind);
+        }
         let record = SvidRecord {
             serial: svid.serial.clone(),
             spiffe_id: svid.spiffe_id.to_string(),
@@ -691,9 +696,12 @@ impl Context {
             })
             .await?;
         tracing::info!(instance = %instance_id, %reason, revoked = serials.len(), "instance ended");
-        if !serials.is_empty() {
-            self.crl.refresh();
-        }
+        let why = match reason {
+            EndReason::Revoked { .. } => RevokeReason::Revoked,
+            EndReason::NoLongerMatches { .. } => RevokeReason::EntryChanged,
+            _ => RevokeReason::InstanceEnded,
+        };
+        self.revoked(why, serials.len());
         Ok(())
     }
 }
