@@ -36,11 +36,17 @@ const MAX_ANCESTORS: usize = 64;
 
 pub(super) struct AdminService {
     ctx: AdminContext,
+    /// A refused caller is audited at most once a minute per pid: one that
+    /// reaches the socket (a mode changed by hand) cannot fill the log.
+    refusals: identity::RefusalLimiter,
 }
 
 impl AdminService {
     pub(super) fn new(ctx: AdminContext) -> Self {
-        Self { ctx }
+        Self {
+            ctx,
+            refusals: identity::RefusalLimiter::default(),
+        }
     }
 
     /// Admits the caller or refuses it; either way one audit row records
@@ -77,11 +83,14 @@ impl AdminService {
             refused: admitted.as_ref().err().map(String::as_str),
         };
         let ev = identity::admin_event(&caller.to_string(), &detail);
-        let written = self
-            .ctx
-            .store
-            .write_async(move |tx| tx.append_audit(&ev).map(drop))
-            .await;
+        let written = if admitted.is_ok() || self.refusals.should_audit(caller.pid) {
+            self.ctx
+                .store
+                .write_async(move |tx| tx.append_audit(&ev).map(drop))
+                .await
+        } else {
+            Ok(())
+        };
         match admitted {
             Err(why) => {
                 tracing::warn!(

@@ -45,6 +45,7 @@ use crate::ids::{Echo, InstanceId, SpiffeId, TrustDomain};
 use crate::policy::{Entry, TaskRefusal, TemplateError};
 use crate::store::{self, EndReason, Store};
 
+pub(crate) use audit::RefusalLimiter;
 pub use audit::admin_event;
 pub use context::Mint;
 pub use entries::{EntryDef, EntryDiff, EntrySource, InstanceReconciled, LoadedEntry, Reconciled};
