@@ -12,6 +12,7 @@
 //! revoked; one that no longer matches any entry ends, its SVIDs revoked
 //! and its streams told it lost its identity.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
@@ -177,21 +178,41 @@ impl Book {
 }
 
 /// The entry set callers are matched against now: read on every request,
-/// replaced whole on a change.
+/// replaced whole on a change, with a generation that counts the changes.
+///
+/// The generation closes a race: an instance matched against the old set
+/// that becomes live only after a change has reconciled every live
+/// instance would keep an SVID of a deleted entry until its next rotation.
+/// Its start reads the generation before matching and compares it once
+/// live (`IdentityManager::go_live`); the set is replaced before the live
+/// instances are listed for reconciling, so each start is caught by one
+/// check or the other.
 #[derive(Default)]
-pub(crate) struct Current(RwLock<Arc<EntrySet>>);
+pub(crate) struct Current {
+    set: RwLock<Arc<EntrySet>>,
+    generation: AtomicU64,
+}
 
 impl Current {
     pub(crate) fn new(set: EntrySet) -> Self {
-        Self(RwLock::new(Arc::new(set)))
+        Self {
+            set: RwLock::new(Arc::new(set)),
+            generation: AtomicU64::new(0),
+        }
     }
 
     pub(crate) fn get(&self) -> Arc<EntrySet> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many times the set was replaced.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     fn replace(&self, set: EntrySet) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        *self.set.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -159,8 +159,9 @@ impl IdentityManager {
 
     async fn restore_one(&self, a: Attestation, entries: Vec<Arc<Entry>>) -> Result<(), Error> {
         if let Join::Start(starting) = self.registry.join(&a.instance_id) {
+            let generation = self.ctx.entries.generation();
             let started = self.start(a, entries).await?;
-            self.go_live(starting, started);
+            self.go_live(starting, started, generation);
         }
         Ok(())
     }
@@ -510,6 +511,7 @@ impl IdentityManager {
     /// progress or starting it.
     async fn instance_for(&self, peer: PeerCred) -> Result<Handle, Error> {
         let attestation = self.attest(peer).await?;
+        let generation = self.ctx.entries.generation();
         // Match first, even for a live instance: a process that exec'd
         // another binary or changed uid is refused now, not at its next
         // rotation, and its instance is told to re-attest at once.
@@ -565,7 +567,7 @@ impl IdentityManager {
                     let (a, e) = (attestation.clone(), entries.clone());
                     let start = self.tracker.spawn(async move {
                         let started = manager.start(a, e).await?;
-                        Ok::<_, Error>(manager.go_live(starting, started))
+                        Ok::<_, Error>(manager.go_live(starting, started, generation))
                     });
                     return match start.await.map_err(|_| Error::ShuttingDown)? {
                         Err(Error::Revoked(reason)) => Err(refused(reason)),
@@ -578,9 +580,20 @@ impl IdentityManager {
 
     /// Makes a started instance live in the registry, then starts its actor
     /// (in that order: an actor that ends at once finds its slot to remove).
-    fn go_live(&self, starting: Starting, (handle, task): (Handle, InstanceTask)) -> Handle {
+    /// `generation` is the entry set's when the instance was matched: if
+    /// the entries changed since, it reconciles at once (see
+    /// `entries::Current`).
+    fn go_live(
+        &self,
+        starting: Starting,
+        (handle, task): (Handle, InstanceTask),
+        generation: u64,
+    ) -> Handle {
         self.registry.complete(starting, handle.clone());
         self.tracker.spawn(task.run());
+        if self.ctx.entries.generation() != generation {
+            let _ = handle.commands.try_send(Command::Recheck);
+        }
         handle
     }
 

@@ -333,3 +333,54 @@ fn fill(store: &Store) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_goes_live_after_an_entry_change_is_reconciled_at_once() {
+    let f = fixture("1h");
+    let (call, go) = subscribe_held_in_mint(&f).await;
+    // While the instance is being started under entry "tester", the config
+    // replaces "tester" with "renamed"; the live instances are reconciled
+    // before this one is live.
+    let mut renamed = f.manager.entry_defs().await[0].entry.as_ref().clone();
+    renamed.name = "renamed".into();
+    let (diff, reconciled) = f
+        .manager
+        .reload_config_entries(vec![renamed], "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        (diff.added, diff.removed),
+        (vec!["renamed".to_owned()], vec!["tester".to_owned()])
+    );
+    assert!(
+        reconciled.is_empty(),
+        "the starting instance is not live yet"
+    );
+    go.send(()).unwrap();
+    let mut state = call.await.unwrap().unwrap();
+    let first = match &*state.borrow() {
+        InstanceState::Active(set) => set.svids[0].serial.clone(),
+        InstanceState::Ended(e) => panic!("ended: {e}"),
+    };
+    // Once live, it sees the change and is reissued under "renamed"; the
+    // SVID of the removed entry is revoked.
+    let reissued = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let InstanceState::Active(set) = &*state.borrow_and_update() {
+                if set.entries.iter().any(|e| e.name == "renamed") {
+                    return set.svids[0].serial.clone();
+                }
+            }
+            state.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("reissued within 5 s");
+    assert_ne!(reissued, first);
+    let old = f.store.svid(&first).unwrap().unwrap();
+    assert!(
+        old.revoked_at.is_some(),
+        "the removed entry's SVID is revoked"
+    );
+    f.shutdown.cancel();
+}
