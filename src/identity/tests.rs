@@ -366,10 +366,10 @@ async fn an_instance_that_goes_live_after_an_entry_change_is_reconciled_at_once(
     // SVID of the removed entry is revoked.
     let reissued = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let InstanceState::Active(set) = &*state.borrow_and_update() {
-                if set.entries.iter().any(|e| e.name == "renamed") {
-                    return set.svids[0].serial.clone();
-                }
+            if let InstanceState::Active(set) = &*state.borrow_and_update()
+                && set.entries.iter().any(|e| e.name == "renamed")
+            {
+                return set.svids[0].serial.clone();
             }
             state.changed().await.unwrap();
         }
