@@ -20,7 +20,8 @@
 //! - [`identity`]: per-instance SVIDs, tasks, rotation, re-attestation,
 //!   exit, revocation and the CRL publisher; a registry does create-or-join
 //!   and one actor per instance publishes its state whole on a `watch`.
-//! - [`store`]: SQLite: instances, tasks, SVIDs, revocations, audit log;
+//! - [`store`]: SQLite: instances, tasks, SVIDs, revocations, stored
+//!   entries, the hash-chained audit log;
 //!   one writer thread group-commits every write.
 //! - [`workload_api`]: the gRPC server on the socket (thin adapters for the
 //!   Workload API and the task extension, and the `:authority` repair).
@@ -29,7 +30,8 @@
 //!   audit trail and status, over `identity` and `store`.
 //! - [`metrics`]: Prometheus metrics (one registry per process, typed
 //!   labels) and the `/metrics`, `/livez`, `/readyz` listener.
-//! - [`sys`]: the one module with `unsafe` (kcmp(2), jemalloc's options).
+//! - [`sys`]: the one module with `unsafe` (kcmp(2), signal(2) for the
+//!   clients' SIGPIPE, jemalloc's options).
 //! - [`app`]: the single wiring point and the bounded runtime;
 //!   [`shutdown`]: stop and drain.
 //! - [`fsutil`]: directories only root or the daemon's user can change,

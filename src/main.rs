@@ -17,6 +17,9 @@ fn main() -> ExitCode {
     // Keeps jemalloc's options (`sys::JEMALLOC_CONF`) linked into the binary.
     std::hint::black_box(sigil::sys::JEMALLOC_CONF);
     let cli = Cli::parse();
+    if !cli.is_daemon() {
+        sigil::sys::default_sigpipe();
+    }
     sigil::telemetry::init(cli.default_log_level(), cli.log_json);
     let runtime = match sigil::app::runtime() {
         Ok(runtime) => runtime,

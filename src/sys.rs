@@ -48,6 +48,19 @@ pub fn same_fd_table(a: u32, b: u32) -> Option<bool> {
 pub static JEMALLOC_CONF: &[u8; 85] =
     b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
+/// Gives SIGPIPE back its default action (end the process quietly), for
+/// the client commands: `sigil audit --json | head` must stop when `head`
+/// does, as every Unix tool does, not panic on a failed print. The daemon
+/// keeps Rust's default (ignored), so a peer that hangs up is an error on
+/// that one socket.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) with a plain signal number and SIG_DFL (no handler
+    // code runs); called once from `main` before any other thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

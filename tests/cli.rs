@@ -350,3 +350,23 @@ fn config_check_and_run_print_every_mistake_of_a_file() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(text(&missing.stderr).contains("cannot read config file /nonexistent/sigil.toml"));
 }
+
+#[test]
+fn a_client_whose_reader_went_away_stops_quietly_instead_of_panicking() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(SIGIL)
+        .args(["config", "check"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(13),
+        "ended by SIGPIPE, as `cat` is"
+    );
+}

@@ -58,6 +58,11 @@ impl EndpointArg {
 }
 
 impl Cli {
+    /// Whether this runs the daemon (`sigil run`) rather than a client.
+    pub fn is_daemon(&self) -> bool {
+        matches!(self.command, Command::Run(_))
+    }
+
     /// The level logs default to for this command: the daemon says what it
     /// does; clients stay quiet unless something is wrong.
     pub fn default_log_level(&self) -> &'static str {
