@@ -139,17 +139,15 @@ fn time_of(v: &Value) -> OffsetDateTime {
     OffsetDateTime::parse(text, &Rfc3339).unwrap_or_else(|e| panic!("{text:?}: {e}"))
 }
 
-/// Asserts the JSON time is the protobuf one (null for unset). The store
-/// keeps times to the millisecond, and a call's own answer (a task just
-/// started) may carry the clock's nanoseconds: they agree to within 1 ms.
+/// Asserts the JSON time is the protobuf one (null for unset), exactly.
 fn assert_time(v: &Value, ts: Option<&prost_types::Timestamp>, what: &str) {
     match ts.filter(|t| t.seconds != 0 || t.nanos != 0) {
         None => assert!(v.is_null(), "{what}: {v}"),
-        Some(t) => {
-            let ns = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
-            let off = time_of(v).unix_timestamp_nanos() - ns;
-            assert!(off.abs() < 1_000_000, "{what}: {v} is {t:?}");
-        }
+        Some(t) => assert_eq!(
+            time_of(v).unix_timestamp_nanos(),
+            i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
+            "{what}: {v}"
+        ),
     }
 }
 
@@ -567,6 +565,12 @@ async fn instances_lists_two_agents_and_a_child_drawn_under_its_parent_and_shows
         .into_inner();
     assert_instance(&shown, &from_api);
     assert_eq!(shown["instance_id"], a_id);
+    // The same facts as the listing's, to the nanosecond (the show reads
+    // every SVID from the store, the listing the live ones).
+    for field in ["started_at", "pid", "uid", "exe", "selectors", "entries"] {
+        assert_eq!(shown[field], a_json[field], "{field}");
+    }
+    assert_eq!(shown["svids"][0], a_json["svids"][0]);
     let by_id = sigil_json(&daemon, &["instances", "show", &a_id]).await;
     assert_eq!(by_id["instance_id"], a_id);
 }
@@ -667,10 +671,7 @@ async fn tasks_started_and_ended_revocations_and_the_audit_trail_of_them_in_orde
     assert_eq!(ended["spiffe_id"], t2["spiffe_id"]);
     assert_eq!(ended["attributes"], json!({"k": "v"}));
     for field in ["started_at", "expires_at"] {
-        assert!(
-            ended[field].is_null() || time_of(&ended[field]) == time_of(&t2[field]),
-            "{field}: {ended}"
-        );
+        assert_eq!(ended[field], t2[field], "{field}: {ended}");
     }
     assert!(
         ended["started_by"].is_null() || ended["started_by"] == t2["started_by"],
@@ -1021,6 +1022,12 @@ async fn entries_are_created_from_flags_and_a_file_listed_shown_and_deleted() {
     );
     assert_eq!(others["created_by"], Value::Null);
 
+    // A restart keeps them, as they were (to the nanosecond).
+    let dir = daemon.stop().await;
+    let daemon = TestDaemon::start_in(dir, config).await;
+    let again = sigil_json(&daemon, &["entries", "list"]).await;
+    assert_eq!(again, json, "the same entries after a restart");
+
     // An agent admitted by the stored entry at once.
     let mut agent = Agent::start(&daemon).await;
     let svids = agent.fetch().await;
@@ -1218,7 +1225,23 @@ async fn audit_follow_prints_a_new_event_verify_names_a_tampered_row_and_status_
     let c_svids = {
         let mut c = Agent::start(&daemon).await;
         let svids = c.fetch().await;
-        // Nothing yet: no instance has ended.
+        // The follower is on its stream once its WatchAudit call is audited
+        // (the row is written before the stream starts); nothing yet, as no
+        // instance has ended.
+        let watching = common::eventually(Duration::from_secs(10), || {
+            let query = sigil::store::AuditQuery {
+                kind: Some(sigil::store::AuditKind::Admin),
+                ..Default::default()
+            };
+            daemon
+                .store()
+                .audit(&query)
+                .unwrap()
+                .iter()
+                .any(|e| e.detail["call"] == "WatchAudit")
+        })
+        .await;
+        assert!(watching, "the follower called WatchAudit");
         assert_eq!(follower.line(Duration::from_millis(300)).await, None);
         let before = Instant::now();
         sigil(
