@@ -22,6 +22,16 @@ pub(super) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     }
 }
 
+/// A time the daemon holds in memory (a live SVID's validity, a task just
+/// begun or ended, an entry just created) as the store keeps it, to the
+/// millisecond, so one fact has one time whichever call reports it and
+/// after a restart.
+pub(super) fn stored_timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let mut ts = timestamp(t);
+    ts.nanos -= ts.nanos % 1_000_000;
+    ts
+}
+
 /// A protobuf Timestamp as a time (one before 1970 is taken as 1970).
 pub(super) fn system_time(t: &prost_types::Timestamp) -> SystemTime {
     let secs = u64::try_from(t.seconds).unwrap_or(0);
@@ -67,8 +77,8 @@ pub(super) fn instance(r: &InstanceRecord, live: Option<&IdentitySet>) -> pb::In
                     serial: s.serial.clone(),
                     spiffe_id: s.spiffe_id.to_string(),
                     hint: s.hint.clone(),
-                    not_before: Some(timestamp(s.not_before)),
-                    not_after: Some(timestamp(s.not_after)),
+                    not_before: Some(stored_timestamp(s.not_before)),
+                    not_after: Some(stored_timestamp(s.not_after)),
                     revoked_at: None,
                     revoke_reason: String::new(),
                     instance_id: r.instance_id.clone(),
@@ -139,8 +149,8 @@ pub(super) fn task_info(instance: &InstanceId, t: &TaskInfo, started_by: &str) -
         instance_id: instance.to_string(),
         task_id: t.task_id.clone(),
         spiffe_id: t.spiffe_id.to_string(),
-        started_at: Some(timestamp(t.started_at)),
-        expires_at: Some(timestamp(t.expires_at)),
+        started_at: Some(stored_timestamp(t.started_at)),
+        expires_at: Some(stored_timestamp(t.expires_at)),
         attributes: t.attributes.clone().into_iter().collect(),
         started_by: started_by.to_owned(),
     }
@@ -158,7 +168,11 @@ pub(super) fn entry(def: &EntryDef, live: &[Arc<IdentitySet>]) -> pb::Entry {
         EntrySource::Stored {
             created_at,
             created_by,
-        } => ("stored", Some(timestamp(*created_at)), created_by.clone()),
+        } => (
+            "stored",
+            Some(stored_timestamp(*created_at)),
+            created_by.clone(),
+        ),
     };
     pb::Entry {
         name: e.name.clone(),
@@ -250,6 +264,13 @@ mod tests {
         let s = selector("unix:path:/opt/a:b");
         assert_eq!((s.r#type.as_str(), s.key.as_str()), ("unix", "path"));
         assert_eq!(s.value, "/opt/a:b");
+    }
+
+    #[test]
+    fn times_held_in_memory_are_reported_as_the_store_keeps_them() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        let ts = stored_timestamp(t);
+        assert_eq!((ts.seconds, ts.nanos), (1_700_000_000, 123_000_000));
     }
 
     #[test]
