@@ -368,9 +368,13 @@ async fn sigil_run_serves_metrics_whose_counters_move_with_agents_and_tasks_and_
             .spawn()
             .unwrap(),
     );
+    // The listener is bound at start-up; wait until it answers.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !dir.path().join("admin.sock").exists() {
-        assert!(std::time::Instant::now() < deadline, "the daemon serves");
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon listens on {addr}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (head, body) = get(addr, "/livez").await;

@@ -287,15 +287,20 @@ impl Admin for AdminService {
         let (record, svids) = self
             .read(move |s| Ok((s.instance(&key)?, s.svids_of(&key)?)))
             .await?;
-        let Some(_) = record else {
+        let Some(record) = record else {
             return Err(Status::not_found(format!("no instance {id}")));
         };
-        let mut inst = self
-            .instances(true)
-            .await?
-            .into_iter()
-            .find(|i| i.instance_id == id.as_str())
-            .ok_or_else(|| Status::not_found(format!("no instance {id}")))?;
+        // A live one with its current SVIDs, tasks and parent (found among
+        // the live ones); an ended one as the store keeps it, however old.
+        let live = match record.ended_at {
+            None => self
+                .instances(false)
+                .await?
+                .into_iter()
+                .find(|i| i.instance_id == id.as_str()),
+            Some(_) => None,
+        };
+        let mut inst = live.unwrap_or_else(|| convert::instance(&record, None));
         // Every SVID it was ever issued (newest last), not only the current.
         inst.svids = svids.iter().map(convert::svid_record).collect();
         Ok(Response::new(inst))

@@ -226,12 +226,29 @@ struct EntryChangeDetail<'a> {
     selectors: Vec<String>,
 }
 
-fn entry_event(action: &str, entry: &Entry, actor: &str) -> AuditEvent {
+fn entry_event(
+    action: &str,
+    name: &str,
+    owner: Option<&str>,
+    entry: &Entry,
+    actor: &str,
+) -> AuditEvent {
     let detail = EntryChangeDetail {
         action,
-        entry: &entry.name,
-        owner: entry.owner.as_deref(),
+        entry: name,
+        owner,
         selectors: entry.selectors.iter().map(ToString::to_string).collect(),
+    };
+    super::audit::admin_event(actor, &detail)
+}
+
+/// The audit row of a change to a stored entry that is not in force.
+fn entry_event_bare(action: &str, name: &str, actor: &str) -> AuditEvent {
+    let detail = EntryChangeDetail {
+        action,
+        entry: name,
+        owner: None,
+        selectors: Vec::new(),
     };
     super::audit::admin_event(actor, &detail)
 }
@@ -257,7 +274,8 @@ impl IdentityManager {
     /// Stores a new entry (validated by the caller exactly like a config
     /// entry; `spec_json` is what the store keeps and re-validates at the
     /// next start). It admits new processes at once; live ones that now
-    /// match it get its SVID too.
+    /// match it get its SVID too. Runs to its end even if the caller goes
+    /// away (see [`IdentityManager::detached`]).
     ///
     /// # Errors
     /// [`Error::EntryExists`] when the name is taken; [`Error::Store`].
@@ -266,6 +284,17 @@ impl IdentityManager {
         entry: Entry,
         spec_json: String,
         actor: &str,
+    ) -> Result<(EntryDef, Vec<InstanceReconciled>), Error> {
+        let actor = actor.to_owned();
+        self.detached(move |m| async move { m.create_entry_now(entry, spec_json, actor).await })
+            .await
+    }
+
+    async fn create_entry_now(
+        &self,
+        entry: Entry,
+        spec_json: String,
+        actor: String,
     ) -> Result<(EntryDef, Vec<InstanceReconciled>), Error> {
         let mut book = self.book.lock().await;
         if book.find(&entry.name).is_some() {
@@ -277,33 +306,50 @@ impl IdentityManager {
             spec_json,
             owner: entry.owner.clone(),
             created_at: now,
-            created_by: actor.to_owned(),
+            created_by: actor.clone(),
         };
-        let ev = entry_event("entry_create", &entry, actor);
-        self.ctx
+        let ev = entry_event(
+            "entry_create",
+            &entry.name,
+            entry.owner.as_deref(),
+            &entry,
+            &actor,
+        );
+        let written = self
+            .ctx
             .store
             .write_async(move |tx| {
                 tx.insert_entry(&record)?;
                 tx.append_audit(&ev)?;
                 Ok(())
             })
-            .await?;
+            .await;
+        match written {
+            // A stored row not in force (skipped at start-up) holds the name.
+            Err(crate::store::Error::EntryExists { name }) => return Err(Error::EntryExists(name)),
+            other => other?,
+        }
         let entry = Arc::new(entry);
-        book.stored.push((entry.clone(), now, actor.to_owned()));
+        book.stored.push((entry.clone(), now, actor.clone()));
         tracing::info!(entry = %entry.name, %actor, "entry created");
-        let reconciled = self.apply(&book).await;
+        self.ctx.entries.replace(book.set());
+        drop(book);
+        let reconciled = self.reconcile_all().await;
         let def = EntryDef {
             entry,
             source: EntrySource::Stored {
                 created_at: now,
-                created_by: actor.to_owned(),
+                created_by: actor,
             },
         };
         Ok((def, reconciled))
     }
 
     /// Deletes a stored entry; what was issued under it is revoked (its
-    /// instances get new SVIDs under their other entries, or end).
+    /// instances get new SVIDs under their other entries, or end). A
+    /// stored row that is not in force (skipped at start-up: invalid, or
+    /// named like a config entry) is deleted too. Runs to its end even if
+    /// the caller goes away.
     ///
     /// # Errors
     /// [`Error::UnknownEntry`]; [`Error::ConfigEntry`] for an entry of the
@@ -313,26 +359,53 @@ impl IdentityManager {
         name: &str,
         actor: &str,
     ) -> Result<Vec<InstanceReconciled>, Error> {
+        let (name, actor) = (name.to_owned(), actor.to_owned());
+        self.detached(move |m| async move { m.delete_entry_now(name, actor).await })
+            .await
+    }
+
+    async fn delete_entry_now(
+        &self,
+        name: String,
+        actor: String,
+    ) -> Result<Vec<InstanceReconciled>, Error> {
         let mut book = self.book.lock().await;
-        if book.config.iter().any(|e| e.name == name) {
-            return Err(Error::ConfigEntry(name.to_owned()));
-        }
-        let Some(at) = book.stored.iter().position(|(e, ..)| e.name == name) else {
-            return Err(Error::UnknownEntry(name.to_owned()));
+        let at = book.stored.iter().position(|(e, ..)| e.name == name);
+        let ev = match at {
+            Some(at) => {
+                let e = &book.stored[at].0;
+                entry_event("entry_delete", &e.name, e.owner.as_deref(), e, &actor)
+            }
+            None => entry_event_bare("entry_delete", &name, &actor),
         };
-        let ev = entry_event("entry_delete", &book.stored[at].0, actor);
-        let key = name.to_owned();
-        self.ctx
+        let key = name.clone();
+        let deleted = self
+            .ctx
             .store
             .write_async(move |tx| {
-                tx.delete_entry(&key)?;
-                tx.append_audit(&ev)?;
-                Ok(())
+                let deleted = tx.delete_entry(&key)?;
+                if deleted {
+                    tx.append_audit(&ev)?;
+                }
+                Ok(deleted)
             })
             .await?;
-        book.stored.remove(at);
+        if !deleted {
+            return Err(if book.config.iter().any(|e| e.name == name) {
+                Error::ConfigEntry(name)
+            } else {
+                Error::UnknownEntry(name)
+            });
+        }
         tracing::info!(entry = %name, %actor, "entry deleted");
-        Ok(self.apply(&book).await)
+        let Some(at) = at else {
+            // It was not in force: nothing was issued under it.
+            return Ok(Vec::new());
+        };
+        book.stored.remove(at);
+        self.ctx.entries.replace(book.set());
+        drop(book);
+        Ok(self.reconcile_all().await)
     }
 
     /// Replaces the config file's entries (SIGHUP). Refused, changing
@@ -345,6 +418,16 @@ impl IdentityManager {
         &self,
         entries: Vec<Entry>,
         actor: &str,
+    ) -> Result<(EntryDiff, Vec<InstanceReconciled>), Error> {
+        let actor = actor.to_owned();
+        self.detached(move |m| async move { m.reload_config_entries_now(entries, actor).await })
+            .await
+    }
+
+    async fn reload_config_entries_now(
+        &self,
+        entries: Vec<Entry>,
+        actor: String,
     ) -> Result<(EntryDiff, Vec<InstanceReconciled>), Error> {
         let mut book = self.book.lock().await;
         if let Some(clash) = entries
@@ -366,7 +449,7 @@ impl IdentityManager {
             changed: &'a [String],
         }
         let ev = super::audit::admin_event(
-            actor,
+            &actor,
             &ReloadDetail {
                 action: "config_reload",
                 added: &diff.added,
@@ -379,31 +462,35 @@ impl IdentityManager {
             .write_async(move |tx| tx.append_audit(&ev).map(drop))
             .await?;
         book.config = new;
-        Ok((diff, self.apply(&book).await))
+        self.ctx.entries.replace(book.set());
+        drop(book);
+        Ok((diff, self.reconcile_all().await))
     }
 
-    /// Makes `book`'s set current, then reconciles every live instance
-    /// with it (all at once; each actor does its own).
-    async fn apply(&self, book: &Book) -> Vec<InstanceReconciled> {
-        self.ctx.entries.replace(book.set());
-        let handles = self.registry.handles();
-        let asks = handles.into_iter().map(|(id, commands)| async move {
-            let outcome = instance::request(&commands, |reply| Command::Reconcile { reply })
-                .await
-                .unwrap_or(Reconciled::Unchanged);
-            InstanceReconciled {
-                instance_id: id,
-                outcome,
-            }
-        });
-        let mut out = Vec::new();
-        for ask in asks {
-            // Sequential asks would be slow with many instances; each actor
-            // works on its own, so start all, then collect.
-            out.push(tokio::spawn(ask));
-        }
-        let mut done = Vec::with_capacity(out.len());
-        for handle in out {
+    /// Reconciles every live instance with the entries in force now (all
+    /// at once: each actor does its own). Called after the set was
+    /// replaced, without the book's lock, so listings are not held up by
+    /// a slow re-attestation.
+    async fn reconcile_all(&self) -> Vec<InstanceReconciled> {
+        let pending: Vec<_> = self
+            .registry
+            .handles()
+            .into_iter()
+            .map(|(id, commands)| {
+                tokio::spawn(async move {
+                    let outcome =
+                        instance::request(&commands, |reply| Command::Reconcile { reply })
+                            .await
+                            .unwrap_or(Reconciled::Unchanged);
+                    InstanceReconciled {
+                        instance_id: id,
+                        outcome,
+                    }
+                })
+            })
+            .collect();
+        let mut done = Vec::with_capacity(pending.len());
+        for handle in pending {
             if let Ok(r) = handle.await {
                 done.push(r);
             }

@@ -90,6 +90,10 @@ pub(super) struct InstanceTask {
     /// The end (reason, actor) the store has not recorded yet: its SVIDs
     /// are not revoked until it is.
     unrecorded_end: Option<(EndReason, String)>,
+    /// A reconcile with changed entries failed (re-attestation or the
+    /// store): it is tried again at once after the retry pause, not left
+    /// to the next rotation.
+    reconcile_pending: bool,
 }
 
 enum Step {
@@ -115,6 +119,7 @@ impl InstanceTask {
             commands,
             shutdown,
             unrecorded_end: None,
+            reconcile_pending: false,
         }
     }
 
@@ -129,7 +134,11 @@ impl InstanceTask {
         let exited = exit_watch::process_exit(pid, start);
         tokio::pin!(exited);
         loop {
-            let delay = schedule::delay_until(self.live.next_wake(), SystemTime::now());
+            let delay = if self.reconcile_pending {
+                Duration::ZERO
+            } else {
+                schedule::delay_until(self.live.next_wake(), SystemTime::now())
+            };
             let step = tokio::select! {
                 () = shutdown.cancelled() => Step::Stop,
                 result = &mut exited => {
@@ -140,7 +149,13 @@ impl InstanceTask {
                     self.finish(EndReason::Exited, "daemon").await
                 }
                 Some(command) = self.commands.recv() => self.handle(command).await,
-                () = tokio::time::sleep(delay) => self.tick().await,
+                () = tokio::time::sleep(delay) => {
+                    if std::mem::take(&mut self.reconcile_pending) {
+                        Step::Recheck
+                    } else {
+                        self.tick().await
+                    }
+                }
             };
             let step = match step {
                 Step::Recheck => self.reconcile().await.0,
@@ -282,11 +297,14 @@ impl InstanceTask {
     /// SVIDs (the old ones revoked in the same write); none at all ends it.
     async fn reconcile(&mut self) -> (Step, Reconciled) {
         let serving = self.live.serials();
-        let instance_serials = self.live.instance_serials();
         let (attestation, entries) = match self.reattest().await {
             Ok(found) => found,
             Err(Step::Stop) => return (Step::Stop, Reconciled::Ended { revoked: serving }),
-            Err(step) => return (step, Reconciled::Failed("re-attestation failed".into())),
+            Err(step) => {
+                // Not readable now: try again soon, not at the next rotation.
+                self.reconcile_pending = true;
+                return (step, Reconciled::Failed("re-attestation failed".into()));
+            }
         };
         if self.live.holds_entries(&entries) {
             return (Step::Continue, Reconciled::Unchanged);
@@ -294,13 +312,13 @@ impl InstanceTask {
         let ctx = self.ctx.clone();
         let now = SystemTime::now();
         match self.live.rotate_due(&ctx, attestation, entries, now).await {
-            Ok(()) => {
+            Ok(revoked) => {
                 self.publish();
-                tracing::info!(instance = %self.live.attestation.instance_id, revoked = instance_serials.len(), "entries changed: SVIDs reissued");
-                let revoked = instance_serials;
+                tracing::info!(instance = %self.live.attestation.instance_id, revoked = revoked.len(), "entries changed: SVIDs reissued");
                 (Step::Continue, Reconciled::Reissued { revoked })
             }
             Err(e) => {
+                self.reconcile_pending = true;
                 let failed = Reconciled::Failed(e.to_string());
                 (self.retry_later(&e).await, failed)
             }

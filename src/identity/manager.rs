@@ -323,6 +323,12 @@ impl IdentityManager {
     /// [`Error::UnknownInstance`] when neither the daemon nor the store
     /// knows it as live; [`Error::Store`].
     pub async fn revoke_instance(&self, instance: &InstanceId, actor: String) -> Result<(), Error> {
+        let id = instance.clone();
+        self.detached(move |m| async move { m.revoke_instance_now(&id, actor).await })
+            .await
+    }
+
+    async fn revoke_instance_now(&self, instance: &InstanceId, actor: String) -> Result<(), Error> {
         if let Ok(commands) = self.commands_of(instance) {
             let request = instance::request(&commands, |reply| Command::Revoke {
                 actor: actor.clone(),
@@ -413,6 +419,17 @@ impl IdentityManager {
         reason: &str,
         actor: &str,
     ) -> Result<SvidRevoked, Error> {
+        let (serial, reason, actor) = (serial.to_owned(), reason.to_owned(), actor.to_owned());
+        self.detached(move |m| async move { m.revoke_svid_now(&serial, &reason, &actor).await })
+            .await
+    }
+
+    async fn revoke_svid_now(
+        &self,
+        serial: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<SvidRevoked, Error> {
         let key = serial.to_owned();
         let record = self
             .ctx
@@ -437,7 +454,7 @@ impl IdentityManager {
         if let (Some(id), Some(_)) = (&instance, &live) {
             match &record.task_id {
                 None => {
-                    self.revoke_instance(id, actor.to_owned()).await?;
+                    self.revoke_instance_now(id, actor.to_owned()).await?;
                     return Ok(SvidRevoked::Instance(id.clone()));
                 }
                 Some(task) => match self.end_task(id, task.clone(), actor.to_owned()).await {
@@ -483,6 +500,22 @@ impl IdentityManager {
         }
         self.ctx.revoked(crate::metrics::RevokeReason::Revoked, 1);
         Ok(SvidRevoked::Serial(record.serial))
+    }
+
+    /// Runs `f` on a task of its own and waits for it: a caller that goes
+    /// away mid-call (an admin client hanging up drops its handler) cannot
+    /// cut a change in half. What is recorded is also put in force, and
+    /// the CRL is asked for, whether or not anyone waits for the answer.
+    pub(super) async fn detached<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(IdentityManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>> + Send + 'static,
+    {
+        self.tracker
+            .spawn(f(self.clone()))
+            .await
+            .map_err(|_| Error::ShuttingDown)?
     }
 
     fn commands_of(&self, instance: &InstanceId) -> Result<mpsc::Sender<Command>, Error> {

@@ -206,14 +206,6 @@ impl Live {
             .collect()
     }
 
-    /// The serials of its instance SVIDs.
-    pub(crate) fn instance_serials(&self) -> Vec<String> {
-        self.instance_svids
-            .iter()
-            .map(|h| h.svid.serial.clone())
-            .collect()
-    }
-
     /// The next moment something is due: a rotation or a task's end.
     pub(crate) fn next_wake(&self) -> SystemTime {
         let rotations = self.instance_svids.iter().map(|h| h.rotate_at);
@@ -402,21 +394,22 @@ impl Live {
 
     /// Replaces the SVIDs that are due, after a fresh attestation, in one
     /// write (with the refreshed instance row, and the revocation of SVIDs
-    /// for entries the process no longer matches).
+    /// for entries the process no longer matches or that changed, and of
+    /// its tasks when its default SVID's entry changed). Returns the
+    /// serials it revoked.
     pub(crate) async fn rotate_due(
         &mut self,
         ctx: &Context,
         attestation: Attestation,
         entries: Vec<Arc<Entry>>,
         now: SystemTime,
-    ) -> Result<(), Error> {
-        let same_entries = self.holds_entries(&entries);
+    ) -> Result<Vec<String>, Error> {
         // Minted against the new facts, but kept only if the write lands:
         // a failed rotation retries from the old state, so an SVID for an
         // entry the process no longer matches is still found superseded.
         let old_attestation = std::mem::replace(&mut self.attestation, attestation);
         let old_entries = std::mem::replace(&mut self.entries, entries);
-        let rotated = self.rotate_current(ctx, same_entries, now).await;
+        let rotated = self.rotate_current(ctx, &old_entries, now).await;
         if rotated.is_err() {
             self.attestation = old_attestation;
             self.entries = old_entries;
@@ -424,46 +417,107 @@ impl Live {
         rotated
     }
 
+    /// Which instance SVIDs to keep and which to mint, for the entries in
+    /// `self.entries` when the ones held were issued for `previous`. With
+    /// the same entries, all are reissued once one is due; otherwise an
+    /// SVID is kept only for an entry unchanged and still in the same role
+    /// (default SVID or not), and not due.
+    fn instance_plan(&self, previous: &[Arc<Entry>], now: SystemTime) -> Vec<Option<usize>> {
+        if self
+            .entries
+            .iter()
+            .map(|e| &**e)
+            .eq(previous.iter().map(|e| &**e))
+        {
+            let due = self.instance_svids.iter().any(|h| h.rotate_at <= now);
+            return (0..self.entries.len())
+                .map(|i| (!due).then_some(i))
+                .collect();
+        }
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                previous.iter().enumerate().position(|(j, old)| {
+                    **old == **entry
+                        && (i == 0) == (j == 0)
+                        && self
+                            .instance_svids
+                            .get(j)
+                            .is_some_and(|h| h.rotate_at > now)
+                })
+            })
+            .collect()
+    }
+
     async fn rotate_current(
         &mut self,
         ctx: &Context,
-        same_entries: bool,
+        previous: &[Arc<Entry>],
         now: SystemTime,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<String>, Error> {
         let record = instance_record(ctx, &self.attestation, &self.entries);
-        let instance_due = !same_entries || self.instance_svids.iter().any(|h| h.rotate_at <= now);
-        let fresh = if instance_due {
-            Some(self.mint_instance_svids(ctx, Minted::Rotation)?)
+        let plan = self.instance_plan(previous, now);
+        let mut fresh = Vec::new();
+        for (i, keep) in plan.iter().enumerate() {
+            if keep.is_none() {
+                fresh.push((i, self.mint_instance_svid(ctx, i, Minted::Rotation)?));
+            }
+        }
+        let superseded: Vec<String> = self
+            .instance_svids
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| !plan.contains(&Some(*j)))
+            .map(|(_, h)| h.svid.serial.clone())
+            .collect();
+        // Only a change of entries revokes (a plain rotation lets the old
+        // SVIDs expire on their own).
+        let entries_changed = !self
+            .entries
+            .iter()
+            .map(|e| &**e)
+            .eq(previous.iter().map(|e| &**e));
+        let superseded = if entries_changed {
+            superseded
         } else {
-            None
-        };
-        let superseded: Vec<String> = if same_entries {
             Vec::new()
+        };
+        // Task IDs hang under the default SVID's ID: when its entry changes,
+        // the tasks end (their SVIDs revoked) rather than live on under an
+        // entry that is gone.
+        let primary_changed = entries_changed && plan.first() != Some(&Some(0));
+        let ended_tasks: Vec<String> = if primary_changed {
+            self.tasks.keys().cloned().collect()
         } else {
-            self.instance_svids
-                .iter()
-                .map(|h| h.svid.serial.clone())
-                .collect()
+            Vec::new()
         };
         let mut tasks = Vec::new();
         for task in self.tasks.values().filter(|t| t.held.rotate_at <= now) {
-            tasks.push((
-                task.info.task_id.clone(),
-                self.mint_task_svid(ctx, &task.info, Minted::Rotation)?,
-            ));
+            if !ended_tasks.contains(&task.info.task_id) {
+                tasks.push((
+                    task.info.task_id.clone(),
+                    self.mint_task_svid(ctx, &task.info, Minted::Rotation)?,
+                ));
+            }
         }
         let instance_id = record.instance_id.clone();
-        let superseded_count = superseded.len();
-        let (fresh, tasks) = ctx
+        let ending = ended_tasks.clone();
+        let (fresh, tasks, superseded, task_serials) = ctx
             .store
             .write_async(move |tx| {
                 tx.upsert_instance(&record)?;
-                for m in fresh.iter().flatten().chain(tasks.iter().map(|(_, m)| m)) {
+                for m in fresh
+                    .iter()
+                    .map(|(_, m)| m)
+                    .chain(tasks.iter().map(|(_, m)| m))
+                {
                     m.write(tx)?;
                 }
                 if !superseded.is_empty() {
-                    // The process no longer qualifies for some entry: its
-                    // SVID for that entry must not stay valid until it expires.
+                    // The process no longer qualifies for some entry (or it
+                    // changed): its SVID for that entry must not stay valid
+                    // until it expires.
                     let reason = "its entries changed";
                     for serial in &superseded {
                         tx.revoke_serial(serial, SystemTime::now(), reason)?;
@@ -471,19 +525,48 @@ impl Live {
                     let ev = events::revocation(&instance_id, None, &superseded, reason, "daemon");
                     tx.append_audit(&ev)?;
                 }
-                Ok((fresh, tasks))
+                let why = TaskEndReason::Requested {
+                    by: "daemon: the entry of its instance's default SVID changed".to_owned(),
+                };
+                let mut task_serials = Vec::new();
+                for task_id in &ending {
+                    task_serials.extend(end_task_in(tx, &instance_id, task_id, &why, "daemon")?);
+                }
+                Ok((fresh, tasks, superseded, task_serials))
             })
             .await?;
-        ctx.revoked(RevokeReason::EntryChanged, superseded_count);
-        if let Some(fresh) = fresh {
-            self.instance_svids = fresh.into_iter().map(|m| m.held).collect();
+        ctx.revoked(
+            RevokeReason::EntryChanged,
+            superseded.len() + task_serials.len(),
+        );
+        let mut held: Vec<Option<Held>> = std::mem::take(&mut self.instance_svids)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut minted: Vec<Option<Held>> = {
+            let mut slots: Vec<Option<Held>> = (0..plan.len()).map(|_| None).collect();
+            for (i, m) in fresh {
+                slots[i] = Some(m.held);
+            }
+            slots
+        };
+        self.instance_svids = plan
+            .iter()
+            .enumerate()
+            .filter_map(|(i, keep)| match keep {
+                Some(j) => held.get_mut(*j).and_then(Option::take),
+                None => minted.get_mut(i).and_then(Option::take),
+            })
+            .collect();
+        for task_id in &ended_tasks {
+            self.tasks.remove(task_id);
         }
         for (task_id, m) in tasks {
             if let Some(task) = self.tasks.get_mut(&task_id) {
                 task.held = m.held;
             }
         }
-        Ok(())
+        Ok(superseded.into_iter().chain(task_serials).collect())
     }
 
     /// Ends the instance in one write: every task ends, every unexpired
@@ -518,8 +601,15 @@ impl Live {
     }
 
     fn mint_instance_svids(&self, ctx: &Context, minted: Minted) -> Result<Vec<Signed>, Error> {
-        let mut out = Vec::with_capacity(self.entries.len());
-        for (i, entry) in self.entries.iter().enumerate() {
+        (0..self.entries.len())
+            .map(|i| self.mint_instance_svid(ctx, i, minted))
+            .collect()
+    }
+
+    /// The SVID of `self.entries[i]` (the default SVID when `i` is 0).
+    fn mint_instance_svid(&self, ctx: &Context, i: usize, minted: Minted) -> Result<Signed, Error> {
+        let entry = self.entries.get(i).ok_or(Error::InstanceEnded)?;
+        {
             let spiffe_id = entry
                 .spiffe_id_for(&ctx.trust_domain, &self.attestation)
                 .map_err(|source| Error::Template {
@@ -537,9 +627,8 @@ impl Live {
                 ttl: entry.ttl.unwrap_or(ctx.settings.instance_ttl),
                 hint,
             };
-            out.push(self.mint(ctx, &req, None, minted)?);
+            self.mint(ctx, &req, None, minted)
         }
-        Ok(out)
     }
 
     fn mint_task_svid(

@@ -384,3 +384,165 @@ async fn an_instance_that_goes_live_after_an_entry_change_is_reconciled_at_once(
     );
     f.shutdown.cancel();
 }
+
+// ---- Entry changes against starts, tasks and cancelled callers ----
+
+/// Entries parsed like `[[entry]]` tables, all admitting this test's uid.
+fn entries_named(names: &[&str]) -> Vec<crate::policy::Entry> {
+    let dir = tempfile::tempdir().unwrap();
+    let uid = nix::unistd::geteuid().as_raw();
+    let mut text = "trust_domain = \"example.org\"\n".to_owned();
+    for name in names {
+        text.push_str(&format!(
+            "[[entry]]\nname = \"{name}\"\nselectors = [\"unix:uid:{uid}\"]\n"
+        ));
+    }
+    let overrides = Overrides {
+        socket: Some(dir.path().join("sock")),
+        state_dir: Some(dir.path().join("state")),
+        admin_socket: None,
+    };
+    Config::parse(&text, "test", &overrides).unwrap().entries
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_in_flight_during_an_entry_removal_ends_and_its_svid_is_revoked() {
+    let f = fixture("1h");
+    let (call, go) = subscribe_held_in_mint(&f).await;
+    // SIGHUP removes the only entry while this process's first SVID is
+    // being signed (the start already matched it).
+    let (diff, reconciled) = f
+        .manager
+        .reload_config_entries(Vec::new(), "test")
+        .await
+        .unwrap();
+    assert_eq!(diff.removed, ["tester"]);
+    assert!(
+        reconciled.is_empty(),
+        "the starting instance is not reconciled"
+    );
+    go.send(()).unwrap();
+    let state = call.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let active = matches!(&*state.borrow(), InstanceState::Active(_));
+    let svids = f.store.svids_of(&my_instance_id()).unwrap();
+    f.shutdown.cancel();
+    assert!(
+        !active && svids.iter().all(|s| s.revoked_at.is_some()),
+        "the instance is live (active={active}) holding an unrevoked SVID of the removed entry: {:?}",
+        svids
+            .iter()
+            .map(|s| (&s.spiffe_id, s.revoked_at))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tasks_of_an_instance_whose_default_entry_is_removed_end_and_are_revoked() {
+    let f = fixture("1h");
+    let state = f.manager.subscribe(me()).await.unwrap();
+    let id = match &*state.borrow() {
+        InstanceState::Active(set) => set.instance_id.clone(),
+        InstanceState::Ended(_) => panic!("live"),
+    };
+    let task = f
+        .manager
+        .begin_task(
+            &id,
+            super::BeginTask {
+                task_id: Some("t1".to_owned()),
+                ttl: None,
+                attributes: Default::default(),
+            },
+            "operator".to_owned(),
+        )
+        .await
+        .unwrap();
+    assert!(task.spiffe_id.to_string().contains("/agent/tester/"));
+    // SIGHUP: "tester" removed, "second" (same selectors) added.
+    let (_, reconciled) = f
+        .manager
+        .reload_config_entries(entries_named(&["second"]), "test")
+        .await
+        .unwrap();
+    assert!(
+        matches!(reconciled[0].outcome, super::Reconciled::Reissued { .. }),
+        "{reconciled:?}"
+    );
+    let svids = f.store.svids_of(id.as_str()).unwrap();
+    f.shutdown.cancel();
+    let unrevoked_task: Vec<_> = svids
+        .iter()
+        .filter(|s| s.task_id.is_some() && s.revoked_at.is_none())
+        .map(|s| s.spiffe_id.clone())
+        .collect();
+    assert!(
+        unrevoked_task.is_empty(),
+        "task SVIDs of the removed entry stay valid: {unrevoked_task:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_entry_whose_caller_goes_away_still_takes_the_entry_out_of_force() {
+    let f = fixture("1h");
+    let mut split = Vec::new();
+    for i in 0..100u64 {
+        let name = format!("e{i}");
+        let entry = entries_named(&[name.as_str()]).remove(0);
+        f.manager
+            .create_entry(entry, "{}".to_owned(), "test")
+            .await
+            .unwrap();
+        let cancelled = tokio::time::timeout(
+            Duration::from_micros(50 * i),
+            f.manager.delete_entry(&name, "test"),
+        )
+        .await
+        .is_err();
+        if cancelled {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let stored = f.store.stored_entries().unwrap();
+            let in_store = stored.iter().any(|s| s.name == name);
+            let in_force = f.manager.entry_def(&name).await.is_ok();
+            if in_force && !in_store {
+                split.push(name);
+            }
+        }
+    }
+    f.shutdown.cancel();
+    assert!(
+        split.is_empty(),
+        "deleted in the store (and audited) but still in force: {split:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_added_for_a_live_instance_adds_its_svid_and_keeps_the_default_one() {
+    let f = fixture("1h");
+    let state = f.manager.subscribe(me()).await.unwrap();
+    let (id, default) = match &*state.borrow() {
+        InstanceState::Active(set) => (set.instance_id.clone(), set.svids[0].serial.clone()),
+        InstanceState::Ended(_) => panic!("live"),
+    };
+    let extra = entries_named(&["extra"]).remove(0);
+    let (_, reconciled) = f
+        .manager
+        .create_entry(extra, "{}".to_owned(), "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        reconciled[0].outcome,
+        super::Reconciled::Reissued { revoked: vec![] },
+        "nothing revoked: the default SVID's entry is unchanged"
+    );
+    let set = match &*state.borrow() {
+        InstanceState::Active(set) => set.clone(),
+        InstanceState::Ended(_) => panic!("live"),
+    };
+    assert_eq!(set.svids.len(), 2);
+    assert_eq!(set.svids[0].serial, default, "the default SVID is kept");
+    assert!(set.svids[1].spiffe_id.path().contains("/agent/extra/"));
+    let svids = f.store.svids_of(id.as_str()).unwrap();
+    assert!(svids.iter().all(|s| s.revoked_at.is_none()), "{svids:?}");
+    f.shutdown.cancel();
+}
