@@ -231,6 +231,7 @@ impl App {
                 serving: serving.clone(),
                 store: self.store.clone(),
                 ca: self.ca.clone(),
+                last: tokio::sync::Mutex::new(None),
             });
             tracing::info!(listen = %self.config.metrics_listen.map(|a| a.to_string()).unwrap_or_default(), "serving /metrics, /livez and /readyz");
             shutdown.tracker.spawn(crate::metrics::http::serve(
@@ -270,7 +271,17 @@ impl App {
         serving.store(false, Ordering::Release);
         let _ = std::fs::remove_file(&socket);
         shutdown.token.cancel();
-        let admin_result = admin_serving.await.unwrap_or(Ok(()));
+        // Admin streams end on shutdown; a connection that does not close
+        // (a client that stopped reading) gets the workload socket's grace.
+        let admin_result = match tokio::time::timeout(workload_api::CONNECTION_GRACE, admin_serving)
+            .await
+        {
+            Ok(joined) => joined.unwrap_or(Ok(())),
+            Err(_) => {
+                tracing::warn!("admin connections still open after the grace period were dropped");
+                Ok(())
+            }
+        };
         let _ = std::fs::remove_file(&admin_socket);
         result?;
         Ok(admin_result?)
@@ -284,7 +295,14 @@ struct AppHealth {
     serving: Arc<AtomicBool>,
     store: Arc<Store>,
     ca: Arc<Ca>,
+    /// The last answer and when: probes within [`READY_CACHE`] share it,
+    /// so `/readyz` (open to local users) costs at most one store write a
+    /// second however hard it is asked.
+    last: tokio::sync::Mutex<Option<(std::time::Instant, crate::metrics::http::Readiness)>>,
 }
+
+/// How long one readiness answer is reused.
+const READY_CACHE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl crate::metrics::http::Health for AppHealth {
     fn check(
@@ -293,26 +311,41 @@ impl crate::metrics::http::Health for AppHealth {
         Box<dyn std::future::Future<Output = crate::metrics::http::Readiness> + Send + '_>,
     > {
         Box::pin(async move {
-            let mut failing = Vec::new();
-            if !self.serving.load(Ordering::Acquire) {
-                failing.push("the workload socket is not served".to_owned());
+            // One check at a time; the others wait and reuse its answer.
+            let mut last = self.last.lock().await;
+            if let Some((at, answer)) = &*last
+                && at.elapsed() < READY_CACHE
+            {
+                return answer.clone();
             }
-            let now = std::time::SystemTime::now();
-            if let Err(e) = self.store.write_async(move |tx| tx.touch_health(now)).await {
-                failing.push(format!("the store is not writable: {e}"));
-            }
-            if self.ca.not_after() <= now {
-                failing.push(format!(
-                    "the CA expired at {}",
-                    humantime::format_rfc3339_seconds(self.ca.not_after())
-                ));
-            }
-            if failing.is_empty() {
-                Ok(())
-            } else {
-                Err(failing)
-            }
+            let answer = self.check_now().await;
+            *last = Some((std::time::Instant::now(), answer.clone()));
+            answer
         })
+    }
+}
+
+impl AppHealth {
+    async fn check_now(&self) -> crate::metrics::http::Readiness {
+        let mut failing = Vec::new();
+        if !self.serving.load(Ordering::Acquire) {
+            failing.push("the workload socket is not served".to_owned());
+        }
+        let now = std::time::SystemTime::now();
+        if let Err(e) = self.store.write_async(move |tx| tx.touch_health(now)).await {
+            failing.push(format!("the store is not writable: {e}"));
+        }
+        if self.ca.not_after() <= now {
+            failing.push(format!(
+                "the CA expired at {}",
+                humantime::format_rfc3339_seconds(self.ca.not_after())
+            ));
+        }
+        if failing.is_empty() {
+            Ok(())
+        } else {
+            Err(failing)
+        }
     }
 }
 
@@ -412,7 +445,13 @@ async fn reload_on_hangup(config: Arc<Config>, identity: IdentityManager, shutdo
             continue;
         }
         let path = std::path::PathBuf::from(&config.source);
-        let new = match Config::load(Some(&path), &crate::config::Overrides::default()) {
+        // Reading the file and resolving the admin group (NSS) may block.
+        let loaded = tokio::task::spawn_blocking(move || {
+            Config::load(Some(&path), &crate::config::Overrides::default())
+        })
+        .await;
+        let Ok(loaded) = loaded else { return };
+        let new = match loaded {
             Ok(new) => new,
             Err(e) => {
                 for problem in e.problems() {
@@ -425,8 +464,19 @@ async fn reload_on_hangup(config: Arc<Config>, identity: IdentityManager, shutdo
             tracing::error!(running = %config.trust_domain, file = %new.trust_domain, "SIGHUP: the file names another trust domain, which needs a restart (and a new CA); the running config stays");
             continue;
         }
-        if (new.instance_ttl, new.task_ttl, new.limits)
-            != (config.instance_ttl, config.task_ttl, config.limits)
+        let same_admin = (&new.admin.group, &new.admin.allowed_uids)
+            == (&config.admin.group, &config.admin.allowed_uids);
+        if (
+            new.instance_ttl,
+            new.task_ttl,
+            new.limits,
+            new.metrics_listen,
+        ) != (
+            config.instance_ttl,
+            config.task_ttl,
+            config.limits,
+            config.metrics_listen,
+        ) || !same_admin
         {
             tracing::warn!(
                 "SIGHUP: settings other than [[entry]] changed in the file; they take effect at the next restart"

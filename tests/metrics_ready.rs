@@ -1,6 +1,6 @@
 //! `/readyz` says what is wrong: it turns unready while the store cannot
 //! take a write (its page quota exhausted, as on a full disk) and ready
-//! again once it can. The daemon runs in process so the test can fill its
+//! again once it can (an answer is reused for a second, so it polls). The daemon runs in process so the test can fill its
 //! store; it is alone in this binary (the daemon counts in the process's
 //! metrics).
 
@@ -42,16 +42,29 @@ async fn readyz_turns_unready_while_the_store_is_not_writable_and_ready_again_af
 
     let pages = daemon.store().page_count().unwrap();
     daemon.store().limit_pages(pages).unwrap();
-    let unready = get(addr, "/readyz").await;
-    assert!(unready.starts_with("HTTP/1.1 503"), "{unready}");
+    // An answer is reused for a second; a later one sees the full store.
+    let unready = until(addr, "HTTP/1.1 503").await;
     assert!(unready.contains("the store is not writable"), "{unready}");
-    assert!(
-        get(addr, "/livez").await.starts_with("HTTP/1.1 200"),
-        "still live"
-    );
+    let live = get(addr, "/livez").await;
+    assert!(live.starts_with("HTTP/1.1 200"), "still live: {live}");
 
     daemon.store().limit_pages(0).unwrap();
-    let ready = get(addr, "/readyz").await;
-    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    until(addr, "HTTP/1.1 200").await;
     daemon.stop().await;
+}
+
+/// Asks `/readyz` until its answer starts with `status` (within 5 s).
+async fn until(addr: std::net::SocketAddr, status: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = get(addr, "/readyz").await;
+        if answer.starts_with(status) {
+            return answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{status} expected: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

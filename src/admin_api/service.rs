@@ -67,8 +67,14 @@ impl AdminService {
             gid: cred.gid(),
             pid: cred.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
         };
+        // Supplementary groups come from /proc, read only when the group
+        // decides, and only believed while that pid still runs as the
+        // caller's uid (a pid reused by another user's process is not).
         let admitted = self.ctx.access.admit(&caller, |pid| {
-            crate::attest::process::groups(pid).ok().map(|(_, g)| g)
+            crate::attest::process::groups(pid)
+                .ok()
+                .filter(|g| g.uid == caller.uid)
+                .map(|g| g.groups)
         });
         #[derive(serde::Serialize)]
         struct CallDetail<'a> {
@@ -245,13 +251,17 @@ fn status(e: &identity::Error) -> Status {
         E::Task(_) => Status::failed_precondition(text),
         E::ShuttingDown => Status::unavailable(text),
         E::Attest(_) | E::NoMatchingEntry { .. } => Status::failed_precondition(text),
-        E::Template { .. } | E::Ca(_) | E::Store(_) => Status::internal(text),
+        E::Store(e) => store_status(e),
+        E::Template { .. } | E::Ca(_) => Status::internal(text),
     }
 }
 
 fn store_status(e: &store::Error) -> Status {
     match e {
         store::Error::UnknownAuditKind { .. } => Status::invalid_argument(e.to_string()),
+        store::Error::StoreFull { .. } | store::Error::WriterStopped => {
+            Status::unavailable(e.to_string())
+        }
         _ => Status::internal(e.to_string()),
     }
 }
@@ -592,8 +602,15 @@ impl Admin for AdminService {
                 let full = events.len() >= AUDIT_FOLLOW_QUEUE;
                 for ev in &events {
                     query.after_seq = Some(ev.seq);
-                    if tx.send(Ok(convert::audit_event(ev))).await.is_err() {
-                        return; // the caller hung up
+                    // A reader that stops reading (a stalled log shipper)
+                    // must not hold up shutdown.
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        sent = tx.send(Ok(convert::audit_event(ev))) => {
+                            if sent.is_err() {
+                                return; // the caller hung up
+                            }
+                        }
                     }
                 }
                 if full {

@@ -81,16 +81,30 @@ pub fn ancestors(pid: u32, max: usize) -> Vec<(u32, u64)> {
     out
 }
 
-/// The effective gid and the supplementary groups of `pid`, from
-/// `/proc/<pid>/status`.
+/// Who a process is, as `/proc/<pid>/status` says now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Groups {
+    /// Its effective uid.
+    pub uid: u32,
+    /// Its effective gid.
+    pub gid: u32,
+    /// Its supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+/// The effective uid and gid and the supplementary groups of `pid`.
 ///
 /// # Errors
 /// [`Error::ProcessGone`] or [`Error::ProcRead`].
-pub fn groups(pid: u32) -> Result<(u32, Vec<u32>), Error> {
+pub fn groups(pid: u32) -> Result<Groups, Error> {
     let text =
         std::fs::read(format!("/proc/{pid}/status")).map_err(|e| io_error(pid, "status", e))?;
-    let (_, gids, groups) = parse_status(&text).ok_or_else(|| malformed(pid, "status"))?;
-    Ok((gids[1], groups))
+    let (uids, gids, groups) = parse_status(&text).ok_or_else(|| malformed(pid, "status"))?;
+    Ok(Groups {
+        uid: uids[1],
+        gid: gids[1],
+        groups,
+    })
 }
 
 /// Collects every fact about `pid` that selectors are made from.
@@ -572,8 +586,9 @@ mod tests {
         assert_eq!(chain.first().map(|a| a.1), start_time(parent).ok());
         assert!(chain.len() <= 64);
         assert!(ancestors(std::process::id(), 0).is_empty());
-        let (gid, _) = groups(std::process::id()).unwrap();
-        assert_eq!(gid, nix::unistd::getegid().as_raw());
+        let me = groups(std::process::id()).unwrap();
+        assert_eq!(me.gid, nix::unistd::getegid().as_raw());
+        assert_eq!(me.uid, nix::unistd::geteuid().as_raw());
     }
 
     #[test]

@@ -79,7 +79,11 @@ impl Since {
     fn resolve(self, now: OffsetDateTime) -> OffsetDateTime {
         match self {
             Self::At(t) => t,
-            Self::Ago(d) => now - d,
+            // A span longer than the calendar allows means "everything".
+            Self::Ago(d) => time::Duration::try_from(d)
+                .ok()
+                .and_then(|d| now.checked_sub(d))
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH),
         }
     }
 }
@@ -338,6 +342,12 @@ mod tests {
             now()
         );
         assert!(parse_since("yesterday").is_err());
+    }
+
+    #[test]
+    fn a_span_longer_than_the_calendar_means_everything_not_a_panic() {
+        let since = parse_since("20000y").unwrap().resolve(now());
+        assert_eq!(since, OffsetDateTime::UNIX_EPOCH);
     }
 
     #[test]

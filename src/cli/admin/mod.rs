@@ -85,11 +85,22 @@ impl AdminOpts {
     }
 }
 
-/// `admin.sock` in the directory of this user's default workload socket.
+/// The system daemon's admin socket, where `sigil run` as root puts it.
+const SYSTEM_ADMIN_SOCKET: &str = "/run/sigil/admin.sock";
+
+/// `admin.sock` in the directory of this user's default workload socket;
+/// for a user with no daemon of their own there, the system daemon's (an
+/// operator in the admin group or `allowed_uids` talks to root's daemon).
 pub fn default_admin_socket() -> PathBuf {
-    crate::config::default_paths()
+    let own = crate::config::default_paths()
         .1
-        .with_file_name("admin.sock")
+        .with_file_name("admin.sock");
+    let system = PathBuf::from(SYSTEM_ADMIN_SOCKET);
+    if !own.exists() && system.exists() {
+        system
+    } else {
+        own
+    }
 }
 
 /// Runs an admin command, writing its output to `out`.
