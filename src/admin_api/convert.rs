@@ -12,14 +12,10 @@ use crate::ids::InstanceId;
 use crate::proto::sigil::admin::v1 as pb;
 use crate::store::{AuditEvent, InstanceRecord, SvidRecord, TaskRecord};
 
+/// A time as a protobuf Timestamp (the one conversion, shared with the
+/// task service).
 pub(super) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let since = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    prost_types::Timestamp {
-        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
-    }
+    crate::workload_api::task::timestamp(t)
 }
 
 /// A time the daemon holds in memory (a live SVID's validity, a task just

@@ -135,7 +135,8 @@ pub(crate) fn duration(d: &prost_types::Duration) -> Result<Duration, Status> {
     }
 }
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+/// A time as a protobuf Timestamp (before 1970 counts as 1970).
+pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     let since = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
