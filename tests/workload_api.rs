@@ -104,6 +104,53 @@ async fn fetching_the_bundle_mints_nothing_and_starts_no_instance() {
 }
 
 #[tokio::test]
+async fn an_unauthenticated_verifier_gets_the_bundle_and_crl_only_when_allowed_and_no_instance_either_way()
+ {
+    // The only entry admits another uid: this process is a verifier with
+    // no identity of its own.
+    let config = |allow: bool| {
+        format!(
+            "trust_domain = \"sigil.test\"\n[workload_api]\nallow_unauthenticated_verifiers = {allow}\n[[entry]]\nname = \"others\"\nselectors = [\"unix:uid:4242\"]\n"
+        )
+    };
+    let daemon = TestDaemon::start_with(&config(true)).await;
+    let mut client = raw_client(&daemon.socket).await;
+    let first = common::first_bundles(&mut client).await;
+    assert!(
+        first.bundles.contains_key("spiffe://sigil.test"),
+        "{:?}",
+        first.bundles.keys()
+    );
+    assert_eq!(first.crl.len(), 1, "the CRL comes with the bundle");
+    let svid = client
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(svid.code(), tonic::Code::PermissionDenied, "still no SVID");
+    assert!(daemon.identity().instances().is_empty());
+    assert!(daemon.store().live_instances().unwrap().is_empty());
+    daemon.stop().await;
+
+    let daemon = TestDaemon::start_with(&config(false)).await;
+    let refused = raw_client(&daemon.socket)
+        .await
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("no identity issued"),
+        "{}",
+        refused.message()
+    );
+    assert!(daemon.identity().instances().is_empty());
+    assert!(daemon.store().live_instances().unwrap().is_empty());
+    daemon.stop().await;
+}
+
+#[tokio::test]
 async fn entries_on_uid_and_sha256_admit_this_process_and_refuse_a_wrong_digest() {
     let right = vec![
         format!("unix:uid:{}", my_uid()),

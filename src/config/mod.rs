@@ -152,6 +152,8 @@ struct RawWorkloadApi {
     max_streams_per_instance: Option<usize>,
     handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
+    #[serde(default)]
+    allow_unauthenticated_verifiers: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -248,6 +250,10 @@ pub struct Config {
     pub workload_socket: PathBuf,
     /// Per-client bounds on the workload socket.
     pub limits: ClientLimits,
+    /// `[workload_api] allow_unauthenticated_verifiers` (SPIRE's name): a
+    /// caller that matches no entry is still sent the trust bundle and CRL
+    /// (FetchX509Bundles), with nothing minted; otherwise it is refused.
+    pub allow_unauthenticated_verifiers: bool,
     /// The admin socket and who may use it.
     pub admin: AdminSettings,
     /// Where the metrics and health listener binds (`metrics.listen`);

@@ -120,6 +120,7 @@ pub(super) fn config(raw: RawConfig, overrides: &Overrides, p: &mut Problems) ->
         state_dir,
         workload_socket,
         limits: limits?,
+        allow_unauthenticated_verifiers: raw.workload_api.allow_unauthenticated_verifiers,
         admin: admin?,
         metrics_listen: metrics_listen?,
         instance_ttl: instance_ttl?,

@@ -41,6 +41,9 @@ pub(crate) struct Context {
     pub(crate) mint: Arc<dyn Mint>,
     pub(crate) store: Arc<Store>,
     pub(crate) settings: SvidSettings,
+    /// `allow_unauthenticated_verifiers`: the bundle for callers matching
+    /// no entry.
+    pub(crate) open_bundle: bool,
     pub(crate) crl: CrlTrigger,
     pub(crate) refusals: audit::RefusalLimiter,
     /// Begin allowances per entry and uid, shared by all that uid's

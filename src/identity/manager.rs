@@ -94,6 +94,7 @@ impl IdentityManager {
             mint,
             store: parts.store,
             settings: parts.settings,
+            open_bundle: parts.open_bundle,
             crl,
             refusals: audit::RefusalLimiter::default(),
             begins: Mutex::new(HashMap::new()),
@@ -187,13 +188,24 @@ impl IdentityManager {
 
     /// Attests the caller and checks that some entry admits it, without
     /// creating an instance or minting anything: what a caller needs to be
-    /// sent the trust bundle (FetchX509Bundles).
+    /// sent the trust bundle (FetchX509Bundles). With
+    /// `allow_unauthenticated_verifiers`, a caller that matches no entry is
+    /// admitted too (the bundle and CRL are public; it still gets nothing
+    /// else).
     ///
     /// # Errors
     /// As [`IdentityManager::subscribe`]'s refusals.
     pub async fn authorize(&self, peer: PeerCred) -> Result<(), Error> {
         let attestation = self.attest(peer).await?;
-        self.ctx.matching(&attestation).map(drop).inspect_err(|e| {
+        let matched = self.ctx.matching(&attestation);
+        if self.ctx.open_bundle && matches!(matched, Err(Error::NoMatchingEntry { .. })) {
+            tracing::debug!(
+                pid = peer.pid,
+                "an unauthenticated verifier reads the bundle"
+            );
+            return Ok(());
+        }
+        matched.map(drop).inspect_err(|e| {
             self.ctx
                 .audit_refusal(&peer, &e.to_string(), Some(&attestation));
         })

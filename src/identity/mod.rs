@@ -249,6 +249,8 @@ pub struct Parts {
     pub store: Arc<Store>,
     /// SVID lifetimes.
     pub settings: SvidSettings,
+    /// Send the trust bundle to callers that match no entry (verifiers).
+    pub open_bundle: bool,
 }
 
 impl Parts {
@@ -270,6 +272,7 @@ impl Parts {
                 instance_ttl: config.instance_ttl,
                 task_ttl: config.task_ttl,
             },
+            open_bundle: config.allow_unauthenticated_verifiers,
         }
     }
 }
