@@ -28,6 +28,8 @@
 //! - [`admin_api`]: the operators' gRPC server on its own socket: who may
 //!   call (peer credentials), instances, tasks, revocation, entries, the
 //!   audit trail and status, over `identity` and `store`.
+//! - [`verify`]: the verdict on a presented X.509-SVID (chain, CRL,
+//!   lifetime, trust domain) and the SPIFFE ID patterns services allow.
 //! - [`metrics`]: Prometheus metrics (one registry per process, typed
 //!   labels) and the `/metrics`, `/livez`, `/readyz` listener.
 //! - [`sys`]: the one module with `unsafe` (kcmp(2), signal(2) for the
@@ -59,4 +61,5 @@ pub mod shutdown;
 pub mod store;
 pub mod sys;
 pub mod telemetry;
+pub mod verify;
 pub mod workload_api;

@@ -8,6 +8,7 @@ mod client;
 mod config_check;
 mod fetch;
 mod run;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -37,6 +38,9 @@ pub enum Command {
     Config(config_check::ConfigCommand),
     /// Exit 0 when a daemon serves the Workload API on the socket.
     Healthcheck(EndpointArg),
+    /// Would a service accept this certificate? (chain, CRL, SPIFFE ID)
+    #[command(subcommand)]
+    Verify(verify::VerifyCommand),
     /// The operators' commands, over the admin API.
     #[command(flatten)]
     Admin(admin::AdminCommand),
@@ -82,6 +86,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Run(args) => run::run(args).await,
         Command::Fetch(cmd) => fetch::run(cmd).await,
         Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
+        Command::Verify(cmd) => verify::run(cmd).await,
         Command::Config(cmd) => config_check::run(cmd),
         Command::Admin(cmd) => admin::run(cmd, &mut std::io::stdout()).await,
     }
