@@ -314,6 +314,16 @@ pub fn set_private_mode(path: &Path) -> io::Result<()> {
 /// # Errors
 /// The I/O error of the first step that failed.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    write_file_atomic(path, contents, PRIVATE_FILE_MODE)
+}
+
+/// Writes `contents` to `path` with `mode`, atomically (a temp file beside
+/// it, synced, then renamed over it): a reader sees the old file or the
+/// new one, never half of either.
+///
+/// # Errors
+/// The I/O error of the first step that failed.
+pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -325,11 +335,11 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(PRIVATE_FILE_MODE)
+            .mode(mode)
             .open(&tmp)?;
         // mode() is filtered by the umask only towards fewer rights, but a
         // pre-existing file keeps its mode: set it explicitly.
-        file.set_permissions(Permissions::from_mode(PRIVATE_FILE_MODE))?;
+        file.set_permissions(Permissions::from_mode(mode))?;
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;

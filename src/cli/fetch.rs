@@ -1,21 +1,22 @@
 //! `sigil fetch x509|bundle` and `sigil healthcheck`: Workload API clients.
 //!
 //! `fetch x509` prints what an agent running as this process would get, and
-//! can write it as PEM files (svid.pem, svid_key.pem 0600, bundle.pem) for
-//! programs that read files rather than the socket.
+//! can write it as PEM files (`files`: svid.pem, svid_key.pem 0600,
+//! bundle.pem, crl.pem, every SVID numbered) once; `sigil helper` keeps
+//! such files current.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::Serialize;
 use tokio_stream::StreamExt;
 
 use super::EndpointArg;
 use super::client;
-use crate::fsutil::write_private_file;
-use crate::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
+use super::files::{self, pem_chain};
+use crate::proto::workload::{X509BundlesRequest, X509svidRequest};
 
 /// What to fetch.
 #[derive(Debug, clap::Subcommand)]
@@ -88,9 +89,10 @@ async fn fetch_x509(args: FetchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(dir) = &args.write {
-        write_x509(dir, &response)?;
+        let written = files::write_x509(dir, &response)?;
+        eprintln!("wrote {} to {}", written.join(", "), dir.display());
         eprintln!(
-            "wrote svid.pem, svid_key.pem and bundle.pem to {}",
+            "note: these SVIDs belong to this `sigil fetch` process and are revoked within a second of its exit; for files that stay valid and are renewed, run `sigil helper --dir {}`",
             dir.display()
         );
     }
@@ -127,7 +129,18 @@ async fn fetch_bundle(args: FetchArgs) -> anyhow::Result<ExitCode> {
         let all: Vec<u8> = bundles.iter().flat_map(|(_, der)| der.to_vec()).collect();
         let pem = pem_chain("CERTIFICATE", &all)?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        write_file(&dir.join("bundle.pem"), pem.as_bytes(), false)?;
+        let path = dir.join("bundle.pem");
+        crate::fsutil::write_file_atomic(&path, pem.as_bytes(), 0o644)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        if let Some(crl) = response.crl.first() {
+            let path = dir.join("crl.pem");
+            crate::fsutil::write_file_atomic(
+                &path,
+                files::pem_block("X509 CRL", crl).as_bytes(),
+                0o644,
+            )
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -196,46 +209,4 @@ fn summarize(spiffe_id: &str, hint: &str, chain: &[u8]) -> anyhow::Result<SvidSu
         not_before: time(leaf.validity().not_before),
         not_after: time(leaf.validity().not_after),
     })
-}
-
-fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<()> {
-    let Some(svid) = response.svids.first() else {
-        bail!("the response holds no SVID");
-    };
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_file(
-        &dir.join("svid.pem"),
-        pem_chain("CERTIFICATE", &svid.x509_svid)?.as_bytes(),
-        false,
-    )?;
-    let key = pem::encode(&pem::Pem::new("PRIVATE KEY", svid.x509_svid_key.to_vec()));
-    write_file(&dir.join("svid_key.pem"), key.as_bytes(), true)?;
-    write_file(
-        &dir.join("bundle.pem"),
-        pem_chain("CERTIFICATE", &svid.bundle)?.as_bytes(),
-        false,
-    )?;
-    Ok(())
-}
-
-fn write_file(path: &Path, contents: &[u8], private: bool) -> anyhow::Result<()> {
-    let result = if private {
-        write_private_file(path, contents)
-    } else {
-        std::fs::write(path, contents)
-    };
-    result.with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Splits concatenated DER certificates and encodes each as PEM.
-fn pem_chain(tag: &str, mut der: &[u8]) -> anyhow::Result<String> {
-    let mut out = String::new();
-    while !der.is_empty() {
-        let (rest, _) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| anyhow::anyhow!("malformed certificate in the response: {e}"))?;
-        let len = der.len() - rest.len();
-        out.push_str(&pem::encode(&pem::Pem::new(tag, der[..len].to_vec())));
-        der = rest;
-    }
-    Ok(out)
 }

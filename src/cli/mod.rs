@@ -7,6 +7,8 @@ mod admin;
 mod client;
 mod config_check;
 mod fetch;
+mod files;
+mod helper;
 mod run;
 mod verify;
 
@@ -38,6 +40,8 @@ pub enum Command {
     Config(config_check::ConfigCommand),
     /// Exit 0 when a daemon serves the Workload API on the socket.
     Healthcheck(EndpointArg),
+    /// Keep SVID, key, bundle and CRL files current (spiffe-helper's job).
+    Helper(helper::HelperArgs),
     /// Would a service accept this certificate? (chain, CRL, SPIFFE ID)
     #[command(subcommand)]
     Verify(verify::VerifyCommand),
@@ -87,6 +91,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Fetch(cmd) => fetch::run(cmd).await,
         Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
         Command::Verify(cmd) => verify::run(cmd).await,
+        Command::Helper(args) => helper::run(args).await,
         Command::Config(cmd) => config_check::run(cmd),
         Command::Admin(cmd) => admin::run(cmd, &mut std::io::stdout()).await,
     }
