@@ -36,6 +36,8 @@ use sigil::verify::tls::SvidServerVerifier;
 
 const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
 
+static GATE_LOG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 /// A child process killed on drop.
 struct Killed(Child);
 
@@ -85,46 +87,55 @@ async fn echo_service() -> SocketAddr {
     addr
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Starts `sigil gate` and waits until it listens.
+/// Starts `sigil gate` on a port of its own choosing and returns it once
+/// the gate listens (it prints `listening on ADDR`).
 async fn gate(
     daemon: &TestDaemon,
     upstream: SocketAddr,
     how: &[&str],
     log: &std::path::Path,
 ) -> (Killed, SocketAddr) {
-    let listen = free_port();
-    let child = Command::new(SIGIL)
+    use std::io::BufRead;
+    let mut child = Command::new(SIGIL)
         .args([
             "gate",
             "--listen",
-            &listen.to_string(),
+            "127.0.0.1:0",
             "--upstream",
             &format!("http://{upstream}"),
             "--socket",
         ])
         .arg(&daemon.socket)
         .args(how)
+        .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
         .spawn()
         .unwrap();
+    let stdout = child.stdout.take().unwrap();
     let child = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the gate listens: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (child, listen)
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
+    });
+    let line = tokio::time::timeout(Duration::from_secs(20), line)
+        .await
+        .expect("the gate listens within 20 s")
+        .unwrap()
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| {
+            panic!(
+                "{line:?}; log: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        })
+        .parse()
+        .unwrap();
+    (child, addr)
 }
 
 /// An SVID with its key, and the bundle to check the gate with.
@@ -183,7 +194,8 @@ async fn connect(
         .await
         .map_err(|e| e.to_string())?;
     let driving = tokio::spawn(async move {
-        let _ = conn.await;
+        let ended = conn.await;
+        let _ = ended;
     });
     Ok((sender, driving))
 }
@@ -206,8 +218,19 @@ async fn call(
     let response = sender
         .send_request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| {
+            format!("{e}; gate log:\n{}", {
+                std::thread::sleep(Duration::from_millis(300));
+                GATE_LOG
+                    .get()
+                    .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+                    .unwrap_or_default()
+            })
+        })?;
     let status = response.status().as_u16();
+    if std::env::var_os("GATE_DEBUG").is_some() {
+        eprintln!("DEBUG {method} {path} -> {status} {:?}", response.headers());
+    }
     let bytes = response
         .into_body()
         .collect()
@@ -249,8 +272,8 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
     let sigil = std::fs::canonicalize(SIGIL).unwrap();
     let me = nix::unistd::geteuid();
     let daemon = TestDaemon::start_with(&format!(
-        "trust_domain = \"sigil.test\"\n[svid]\ninstance_ttl = \"6s\"\n\
-         [[entry]]\nname = \"gate\"\nselectors = [\"unix:path:{}\"]\n\
+        "trust_domain = \"sigil.test\"\n\
+         [[entry]]\nname = \"gate\"\nselectors = [\"unix:path:{}\"]\nttl = \"6s\"\n\
          [[entry]]\nname = \"tester\"\nselectors = [\"unix:uid:{me}\"]\n[entry.tasks]\nself_declare = true\n",
         sigil.display()
     ))
@@ -260,6 +283,7 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
     std::fs::write(&rules, RULES).unwrap();
     let upstream = echo_service().await;
     let log = work.path().join("gate.log");
+    GATE_LOG.set(log.clone()).unwrap();
     let (_gate, addr) = gate(
         &daemon,
         upstream,
@@ -307,7 +331,12 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
     // A path no rule allows this caller, and MCP tools by name.
     let (status, _) = call(&mut sender, "GET", "/forbidden", &[], "")
         .await
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}; gate log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
     assert_eq!(status, 403);
     let tool = |name: &str| {
         format!(
@@ -322,7 +351,12 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
         &tool("safe_search"),
     )
     .await
-    .unwrap();
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; gate log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
     assert_eq!(status, 200);
     assert!(
         echo["body"].as_str().unwrap().contains("safe_search"),
@@ -438,7 +472,8 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
         "each decision is logged: {logged}"
     );
 
-    // The gate's own SVID rotates (6 s TTL); new connections still work.
+    // The gate's own SVID rotates (its entry's 6 s TTL); new connections
+    // still work.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let fresh = my_identity(&daemon, 0).await;
     assert!(

@@ -82,7 +82,10 @@ pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, upstream = %upstream, id = %source.current().spiffe_id, "the gate is serving");
+    let bound = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!(listen = %bound, upstream = %upstream, id = %source.current().spiffe_id, "the gate is serving");
+    // The bound address on stdout alone (useful with port 0).
+    println!("listening on {bound}");
     let stop = shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -94,9 +97,11 @@ pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
             }
+            tracing::info!("stopping (signal)");
             stop.cancel();
         }
     });
     crate::gate::serve(listener, source, rules, upstream, shutdown).await?;
+    tracing::info!("the gate stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -158,7 +158,9 @@ async fn connection(
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
     tokio::select! {
-        _ = serving => {}
+        served = serving => {
+            tracing::debug!(%remote, peer = %peer.id, outcome = ?served.err(), "connection ended");
+        }
         () = revoked(&peer.serial, shared.source.subscribe()) => {
             tracing::info!(%remote, peer = %peer.id, serial = %peer.serial, decision = "closed", reason = "revoked", "closed a connection whose certificate was revoked");
         }
@@ -335,7 +337,13 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
         .request(Request::from_parts(parts, body))
         .await
     {
-        Ok(response) => response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed()),
+        Ok(mut response) => {
+            // The upstream's connection headers are about its connection to
+            // the gate, not the client's (a `connection: close` passed on
+            // would close the client's connection too).
+            strip_hop_by_hop(response.headers_mut());
+            response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed())
+        }
         Err(e) => {
             tracing::warn!(error = %e, upstream = %shared.upstream, "the upstream failed");
             text(StatusCode::BAD_GATEWAY, format!("the upstream failed: {e}"))
