@@ -105,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(conn);
+    sender.ready().await?;
     let response = sender
         .send_request(
             hyper::Request::get("/")

@@ -36,6 +36,7 @@ use sigil::verify::tls::SvidServerVerifier;
 
 const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
 
+/// The main gate's log, quoted when a request fails.
 static GATE_LOG: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 /// A child process killed on drop.
@@ -194,8 +195,7 @@ async fn connect(
         .await
         .map_err(|e| e.to_string())?;
     let driving = tokio::spawn(async move {
-        let ended = conn.await;
-        let _ = ended;
+        let _ = conn.await;
     });
     Ok((sender, driving))
 }
@@ -215,22 +215,18 @@ async fn call(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
+    // HTTP/1.1 carries one request at a time: wait until the connection
+    // is done with the previous one.
+    sender.ready().await.map_err(|e| e.to_string())?;
     let response = sender
         .send_request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
         .await
         .map_err(|e| {
-            format!("{e}; gate log:\n{}", {
-                std::thread::sleep(Duration::from_millis(300));
-                GATE_LOG
-                    .get()
-                    .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-                    .unwrap_or_default()
-            })
+            // The gate's log says what it saw, for whoever reads the failure.
+            let log = GATE_LOG.get().and_then(|p| std::fs::read_to_string(p).ok());
+            format!("{e}; gate log:\n{}", log.unwrap_or_default())
         })?;
     let status = response.status().as_u16();
-    if std::env::var_os("GATE_DEBUG").is_some() {
-        eprintln!("DEBUG {method} {path} -> {status} {:?}", response.headers());
-    }
     let bytes = response
         .into_body()
         .collect()

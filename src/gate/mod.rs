@@ -151,8 +151,19 @@ async fn connection(
             async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) }
         })
     };
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let serving = builder.serve_connection(TokioIo::new(tls), service);
+    // The protocol is the one ALPN agreed (h2, else HTTP/1.1).
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let io = TokioIo::new(tls);
+    let serving: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>,
+    > = if h2 {
+        Box::pin(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service),
+        )
+    } else {
+        Box::pin(hyper::server::conn::http1::Builder::new().serve_connection(io, service))
+    };
     let expiry = peer
         .not_after
         .duration_since(SystemTime::now())
