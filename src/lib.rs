@@ -30,6 +30,8 @@
 //!   audit trail and status, over `identity` and `store`.
 //! - [`verify`]: the verdict on a presented X.509-SVID (chain, CRL,
 //!   lifetime, trust domain) and the SPIFFE ID patterns services allow.
+//! - [`gate`]: `sigil gate`, the mTLS reverse proxy that enforces agent
+//!   identity, rules (down to MCP tools) and revocation before a service.
 //! - [`metrics`]: Prometheus metrics (one registry per process, typed
 //!   labels) and the `/metrics`, `/livez`, `/readyz` listener.
 //! - [`sys`]: the one module with `unsafe` (kcmp(2), signal(2) for the
@@ -52,6 +54,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+pub mod gate;
 pub mod identity;
 pub mod ids;
 pub mod metrics;

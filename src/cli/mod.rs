@@ -8,6 +8,7 @@ mod client;
 mod config_check;
 mod fetch;
 mod files;
+mod gate;
 mod helper;
 mod run;
 mod verify;
@@ -40,6 +41,8 @@ pub enum Command {
     Config(config_check::ConfigCommand),
     /// Exit 0 when a daemon serves the Workload API on the socket.
     Healthcheck(EndpointArg),
+    /// An mTLS reverse proxy enforcing agent identity and revocation.
+    Gate(gate::GateArgs),
     /// Keep SVID, key, bundle and CRL files current (spiffe-helper's job).
     Helper(helper::HelperArgs),
     /// Would a service accept this certificate? (chain, CRL, SPIFFE ID)
@@ -66,16 +69,20 @@ impl EndpointArg {
 }
 
 impl Cli {
-    /// Whether this runs the daemon (`sigil run`) rather than a client.
+    /// Whether this runs a long-lived process (the daemon, the gate, the
+    /// helper) rather than a one-shot client.
     pub fn is_daemon(&self) -> bool {
-        matches!(self.command, Command::Run(_))
+        matches!(
+            self.command,
+            Command::Run(_) | Command::Gate(_) | Command::Helper(_)
+        )
     }
 
     /// The level logs default to for this command: the daemon says what it
     /// does; clients stay quiet unless something is wrong.
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
-            Command::Run(_) => "info",
+            Command::Run(_) | Command::Gate(_) | Command::Helper(_) => "info",
             _ => "warn",
         }
     }
@@ -92,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
         Command::Verify(cmd) => verify::run(cmd).await,
         Command::Helper(args) => helper::run(args).await,
+        Command::Gate(args) => gate::run(args).await,
         Command::Config(cmd) => config_check::run(cmd),
         Command::Admin(cmd) => admin::run(cmd, &mut std::io::stdout()).await,
     }

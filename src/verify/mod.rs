@@ -7,10 +7,13 @@
 //! who is allowed (`pattern`). The chain, signature, lifetime and CRL
 //! checks are rustls-webpki's (no hand-written X.509 path building); the
 //! SVID rules (exactly one SPIFFE ID, in the bundle's trust domain) are
-//! read with x509-parser. `sigil verify x509` is a thin command over this;
-//! the rustls verifiers and the gate of issue 14 are to be built on it.
+//! read with x509-parser. `source` keeps a process's own SVID, bundle and
+//! CRL current from a Workload API stream; `tls` builds rustls on both.
+//! `sigil verify x509` and `sigil gate` are thin layers over this.
 
 pub mod pattern;
+pub mod source;
+pub mod tls;
 
 use std::time::{Duration, SystemTime};
 

@@ -1,0 +1,107 @@
+//! `sigil gate`: run the mTLS reverse proxy (`crate::gate`) in front of a
+//! service, with its own SVID, bundle and CRL from a Workload API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+
+use super::EndpointArg;
+use crate::gate::Rules;
+use crate::verify::IdPattern;
+use crate::verify::source::WorkloadSource;
+
+/// How long the gate waits for its first SVID.
+const FIRST_SVID_WAIT: Duration = Duration::from_secs(30);
+
+/// `sigil gate`.
+#[derive(Debug, clap::Args)]
+pub struct GateArgs {
+    /// Address to listen on (TLS), e.g. 0.0.0.0:8443.
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// The service to forward to, e.g. http://127.0.0.1:8080.
+    #[arg(long, value_name = "URL")]
+    upstream: String,
+    /// SPIFFE ID patterns allowed for every request (exact, `spiffe://td`,
+    /// `*` one segment, a final `**` any).
+    #[arg(
+        long,
+        value_name = "PATTERN",
+        conflicts_with = "rules",
+        required_unless_present = "rules"
+    )]
+    allow: Vec<String>,
+    /// A rules file: ordered `[[rule]]` tables (path, methods, mcp_method,
+    /// mcp_tool, allow); the first rule that matches a request decides.
+    #[arg(long, value_name = "FILE")]
+    rules: Option<PathBuf>,
+    /// The Workload API the gate gets its own SVID, bundle and CRL from.
+    #[command(flatten)]
+    endpoint: EndpointArg,
+}
+
+/// Runs the gate until SIGINT or SIGTERM.
+///
+/// # Errors
+/// Bad arguments, no SVID from the Workload API, or a port in use.
+pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
+    let rules = match &args.rules {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Rules::parse(&text, &path.display().to_string())?
+        }
+        None => Rules::allow_all(
+            args.allow
+                .iter()
+                .map(|p| p.parse::<IdPattern>())
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let upstream: http::Uri = args
+        .upstream
+        .parse()
+        .with_context(|| format!("--upstream {:?} is not a URL", args.upstream))?;
+    if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
+        bail!(
+            "--upstream {:?}: give http://host:port (the gate speaks plain HTTP to the service behind it)",
+            args.upstream
+        );
+    }
+    let socket = args.endpoint.resolve()?;
+    let shutdown = CancellationToken::new();
+    let source = WorkloadSource::start(socket, FIRST_SVID_WAIT, shutdown.clone())
+        .await
+        .context(
+            "the gate needs its own SVID (give it an entry, e.g. unix:path of the sigil binary)",
+        )?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let bound = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!(listen = %bound, upstream = %upstream, id = %source.current().spiffe_id, "the gate is serving");
+    // The bound address on stdout alone (useful with port 0).
+    println!("listening on {bound}");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("stopping (signal)");
+            stop.cancel();
+        }
+    });
+    crate::gate::serve(listener, source, rules, upstream, shutdown).await?;
+    tracing::info!("the gate stopped");
+    Ok(ExitCode::SUCCESS)
+}

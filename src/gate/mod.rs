@@ -1,0 +1,398 @@
+//! `sigil gate`: an mTLS-terminating reverse proxy that puts agent
+//! identity and revocation in front of any HTTP/1.1 or HTTP/2 service.
+//!
+//! Owns the proxy: TLS with SVIDs from a Workload API (`verify::tls` over
+//! `verify::source`, so rotation needs no restart), the per-request rule
+//! decision (`rules`), forwarding with the caller's identity in headers
+//! (copies the client sent are stripped first), and cutting a live
+//! connection whose certificate the CRL revokes or that expires. Each
+//! decision is logged as one structured line. HTTP is hyper's, TLS rustls'.
+
+pub mod rules;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::ids::SpiffeId;
+use crate::verify::source::{Material, WorkloadSource};
+use crate::verify::{TrustSource, verify_svid};
+pub use rules::{Decision, Rules};
+
+/// A body of any origin, boxed.
+type Body = BoxBody<Bytes, BoxError>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Longest a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body read to find the MCP method and tool (JSON-RPC
+/// messages are small; a larger body is refused with 413 when a rule needs
+/// them).
+const MAX_INSPECTED_BODY: usize = 1 << 20; // 1 MiB
+/// Most client connections at once; more wait at accept.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// The identity headers the gate sets (and strips from clients).
+pub const SPIFFE_ID_HEADER: &str = "x-sigil-spiffe-id";
+/// The caller's instance id, when its SPIFFE ID names one.
+pub const INSTANCE_HEADER: &str = "x-sigil-instance";
+/// The caller's task id, when its SPIFFE ID names one.
+pub const TASK_HEADER: &str = "x-sigil-task";
+/// Envoy's header for the client certificate's facts.
+pub const XFCC_HEADER: &str = "x-forwarded-client-cert";
+
+/// Why the gate stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The TLS configuration could not be built.
+    #[error("cannot build the TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// One verified caller of one connection.
+#[derive(Debug, Clone)]
+struct Peer {
+    id: SpiffeId,
+    serial: String,
+    not_after: SystemTime,
+    leaf_sha256: String,
+}
+
+struct Shared {
+    rules: Rules,
+    upstream: Uri,
+    client: Client<HttpConnector, Body>,
+    source: WorkloadSource,
+}
+
+/// Serves the gate on `listener` until `shutdown`: TLS with the source's
+/// SVID, client SVIDs that some rule allows, each request decided by
+/// `rules` and forwarded to `upstream` (`http://host:port`).
+///
+/// # Errors
+/// [`Error::Tls`] when rustls refuses the configuration.
+pub async fn serve(
+    listener: TcpListener,
+    source: WorkloadSource,
+    rules: Rules,
+    upstream: Uri,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let config = crate::verify::tls::server_config(source.clone(), rules.all_patterns())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let shared = Arc::new(Shared {
+        rules,
+        upstream,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        source,
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { return Ok(()) };
+        let (tcp, remote) = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, shared, shutdown) = (acceptor.clone(), shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            connection(tcp, remote, acceptor, shared, shutdown).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    remote: std::net::SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, decision = "refused", stage = "handshake", error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let Some(peer) = peer_of(&tls, &shared.source.current()) else {
+        return;
+    };
+    tracing::debug!(%remote, peer = %peer.id, "connection accepted");
+    let service = {
+        let (shared, peer) = (shared.clone(), peer.clone());
+        hyper::service::service_fn(move |req| {
+            let (shared, peer) = (shared.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) }
+        })
+    };
+    // The protocol is the one ALPN agreed (h2, else HTTP/1.1).
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let io = TokioIo::new(tls);
+    let serving: std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>,
+    > = if h2 {
+        Box::pin(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service),
+        )
+    } else {
+        Box::pin(hyper::server::conn::http1::Builder::new().serve_connection(io, service))
+    };
+    let expiry = peer
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::select! {
+        served = serving => {
+            tracing::debug!(%remote, peer = %peer.id, outcome = ?served.err(), "connection ended");
+        }
+        () = revoked(&peer.serial, shared.source.subscribe()) => {
+            tracing::info!(%remote, peer = %peer.id, serial = %peer.serial, decision = "closed", reason = "revoked", "closed a connection whose certificate was revoked");
+        }
+        () = tokio::time::sleep(expiry) => {
+            tracing::info!(%remote, peer = %peer.id, decision = "closed", reason = "expired", "closed a connection whose certificate expired");
+        }
+        () = shutdown.cancelled() => {}
+    }
+}
+
+/// Resolves when the CRL lists `serial`.
+async fn revoked(serial: &str, mut material: tokio::sync::watch::Receiver<Arc<Material>>) {
+    loop {
+        if material.borrow_and_update().revoked.contains(serial) {
+            return;
+        }
+        if material.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The verified caller of a TLS connection (the handshake verified it;
+/// this reads its identity back).
+fn peer_of(
+    tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    material: &Material,
+) -> Option<Peer> {
+    let chain = tls.get_ref().1.peer_certificates()?;
+    let trust = TrustSource {
+        trust_domain: &material.trust_domain,
+        bundle: &material.bundle,
+        crls: &material.crls,
+    };
+    let verified = verify_svid(chain, &trust, &[], SystemTime::now()).ok()?;
+    Some(Peer {
+        id: verified.spiffe_id,
+        serial: verified.serial,
+        not_after: verified.not_after,
+        leaf_sha256: hex::encode(Sha256::digest(chain.first()?.as_ref())),
+    })
+}
+
+fn text(status: StatusCode, message: String) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(message + "\n"))
+            .map_err(|e: Infallible| -> BoxError { Box::new(e) })
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+}
+
+/// The JSON-RPC method and, for `tools/call`, the tool name of a body.
+fn mcp_of_body(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (None, None);
+    };
+    let method = value["method"].as_str().map(str::to_owned);
+    let tool = (method.as_deref() == Some("tools/call"))
+        .then(|| value["params"]["name"].as_str().map(str::to_owned))
+        .flatten();
+    (method, tool)
+}
+
+async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let mut request = rules::Request {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        mcp_method: header("mcp-method"),
+        mcp_tool: header("mcp-name"),
+    };
+    // The MCP method and tool from the JSON-RPC body when a rule needs them
+    // and the client did not say them in headers.
+    let body: Body = if shared.rules.need_mcp()
+        && request.mcp_method.is_none()
+        && parts.method == http::Method::POST
+    {
+        match Limited::new(body, MAX_INSPECTED_BODY).collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                let (method, tool) = mcp_of_body(&bytes);
+                request.mcp_method = method;
+                request.mcp_tool = tool;
+                Full::new(bytes)
+                    .map_err(|e: Infallible| -> BoxError { Box::new(e) })
+                    .boxed()
+            }
+            Err(_) => {
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body over {MAX_INSPECTED_BODY} bytes"),
+                );
+            }
+        }
+    } else {
+        body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+    };
+    let decision = shared.rules.decide(&peer.id, &request);
+    let allowed = match &decision {
+        Decision::Allow(rule) => Some(*rule),
+        Decision::Deny(_) => None,
+    };
+    tracing::info!(
+        decision = if allowed.is_some() { "allow" } else { "deny" },
+        peer = %peer.id,
+        method = %request.method,
+        path = %request.path,
+        mcp_method = request.mcp_method.as_deref().unwrap_or(""),
+        mcp_tool = request.mcp_tool.as_deref().unwrap_or(""),
+        rule = allowed.map_or(-1, |r| r as i64),
+        reason = match &decision { Decision::Deny(r) => r.as_str(), Decision::Allow(_) => "" },
+        "request"
+    );
+    if let Decision::Deny(reason) = decision {
+        return text(StatusCode::FORBIDDEN, format!("forbidden: {reason}"));
+    }
+    // Identity headers: the client's copies never reach the upstream.
+    strip_hop_by_hop(&mut parts.headers);
+    for name in [SPIFFE_ID_HEADER, INSTANCE_HEADER, TASK_HEADER, XFCC_HEADER] {
+        parts.headers.remove(name);
+    }
+    let own = shared.source.current().spiffe_id.to_string();
+    let id = peer.id.to_string();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            parts.headers.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set(
+        XFCC_HEADER,
+        format!("By={own};Hash={};URI={id}", peer.leaf_sha256),
+    );
+    set(SPIFFE_ID_HEADER, id);
+    let path: Vec<&str> = peer.id.path().split('/').collect();
+    let after = |key: &str| {
+        path.windows(2)
+            .find(|w| w[0] == key)
+            .map(|w| w[1].to_owned())
+    };
+    if let Some(instance) = after("instance") {
+        set(INSTANCE_HEADER, instance);
+    }
+    if let Some(task) = after("task") {
+        set(TASK_HEADER, task);
+    }
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let mut uri = shared.upstream.clone().into_parts();
+    uri.path_and_query = path_and_query.parse().ok();
+    let Ok(uri) = Uri::from_parts(uri) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "a request path the gate cannot forward".into(),
+        );
+    };
+    parts.uri = uri;
+    // The upstream speaks HTTP/1.1 (most local services do).
+    parts.version = http::Version::HTTP_11;
+    parts.headers.remove(http::header::HOST);
+    match shared
+        .client
+        .request(Request::from_parts(parts, body))
+        .await
+    {
+        Ok(mut response) => {
+            // The upstream's connection headers are about its connection to
+            // the gate, not the client's (a `connection: close` passed on
+            // would close the client's connection too).
+            strip_hop_by_hop(response.headers_mut());
+            response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, upstream = %shared.upstream, "the upstream failed");
+            text(StatusCode::BAD_GATEWAY, format!("the upstream failed: {e}"))
+        }
+    }
+}
+
+/// Removes the headers that belong to one connection, not the request.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mcp_method_and_tool_are_read_from_a_json_rpc_body() {
+        let call = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{}}}"#;
+        assert_eq!(
+            mcp_of_body(call),
+            (Some("tools/call".into()), Some("search".into()))
+        );
+        let init = br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"name":"x"}}"#;
+        assert_eq!(mcp_of_body(init), (Some("initialize".into()), None));
+        assert_eq!(mcp_of_body(b"not json"), (None, None));
+        assert_eq!(mcp_of_body(b"[1,2]"), (None, None));
+    }
+}
