@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -15,6 +16,12 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 
 use super::source::WorkloadSource;
 use super::{IdPattern, Refusal, TrustSource, verify_svid};
+
+/// The signature algorithms both verifiers check handshakes with: the
+/// crypto provider's (ring), as the server config uses.
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
 
 /// Presents the source's current SVID.
 #[derive(Clone)]
@@ -37,7 +44,8 @@ impl ResolvesServerCert for SvidResolver {
 pub struct SvidClientVerifier {
     source: WorkloadSource,
     allow: Vec<IdPattern>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The handshake signature algorithms (ring's, as rustls is built).
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl std::fmt::Debug for SvidClientVerifier {
@@ -55,7 +63,7 @@ impl SvidClientVerifier {
         Self {
             source,
             allow,
-            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            algorithms: algorithms(),
         }
     }
 }
@@ -109,12 +117,7 @@ impl ClientCertVerifier for SvidClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -123,18 +126,11 @@ impl ClientCertVerifier for SvidClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -163,7 +159,8 @@ pub struct SvidServerVerifier {
     bundle: Vec<CertificateDer<'static>>,
     crls: Vec<Vec<u8>>,
     allow: Vec<IdPattern>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The handshake signature algorithms (ring's, as rustls is built).
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl std::fmt::Debug for SvidServerVerifier {
@@ -188,7 +185,7 @@ impl SvidServerVerifier {
             bundle,
             crls,
             allow,
-            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            algorithms: algorithms(),
         }
     }
 }
@@ -221,12 +218,7 @@ impl rustls::client::danger::ServerCertVerifier for SvidServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -235,17 +227,10 @@ impl rustls::client::danger::ServerCertVerifier for SvidServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }
