@@ -35,7 +35,7 @@ use sigil::config::{Config, Overrides};
 use sigil::ids::{SpiffeId, TrustDomain};
 use sigil::proto::sigil::workload::v1::tasks_client::TasksClient;
 use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest};
-use sigil::proto::workload::X509svidRequest;
+use sigil::proto::workload::{X509BundlesRequest, X509svidRequest};
 use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil::shutdown::Shutdown;
 use tokio_stream::StreamExt;
@@ -371,12 +371,19 @@ async fn revocation_latencies(dir: &Path) -> Vec<Duration> {
     let (socket, shutdown, serve) = start_daemon(dir, extra).await;
     let ch = channel(&socket).await;
     let mut tasks = TasksClient::new(ch.clone());
-    let mut stream = SpiffeWorkloadApiClient::new(ch)
+    let mut stream = SpiffeWorkloadApiClient::new(ch.clone())
         .fetch_x509svid(with_header(X509svidRequest {}))
         .await
         .unwrap()
         .into_inner();
     stream.next().await.unwrap().unwrap();
+    // The CRL goes to verifiers, on the bundle stream.
+    let mut bundles = SpiffeWorkloadApiClient::new(ch)
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    bundles.next().await.unwrap().unwrap();
     let mut latencies = Vec::new();
     for i in 0..20 {
         let id = format!("job-{i}");
@@ -399,7 +406,7 @@ async fn revocation_latencies(dir: &Path) -> Vec<Duration> {
             .await
             .unwrap();
         loop {
-            let msg = stream.next().await.unwrap().unwrap();
+            let msg = bundles.next().await.unwrap().unwrap();
             if msg.crl.first().is_some_and(|crl| crl_lists(crl, &serial)) {
                 latencies.push(ended.elapsed());
                 break;

@@ -1,7 +1,8 @@
 //! Task-bound identities over the real socket: Begin/End on the workload
-//! socket, task SVIDs on the open stream, revocation pushed as a CRL that
-//! rustls-webpki and openssl enforce, entry policy refusals, TTL expiry, and
-//! what survives a daemon restart.
+//! socket, task SVIDs on the open stream, revocation pushed as a CRL (on
+//! the verifiers' FetchX509Bundles stream, never on agents' SVID streams)
+//! that rustls-webpki and openssl enforce, entry policy refusals, TTL
+//! expiry, and what survives a daemon restart.
 
 #![allow(
     clippy::unwrap_used,
@@ -18,7 +19,9 @@ use common::{
     with_header,
 };
 use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest, ListRequest};
-use sigil::proto::workload::{X509svidRequest, X509svidResponse};
+use sigil::proto::workload::{
+    X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse,
+};
 use tokio_stream::StreamExt;
 use tonic::Streaming;
 
@@ -48,6 +51,43 @@ async fn open_stream(daemon: &TestDaemon) -> Streaming<X509svidResponse> {
         .into_inner()
 }
 
+/// The agent child (see `common::agent`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the agent child the other tests run; does nothing on its own"]
+async fn agent_child_obeys_commands_on_stdin() {
+    common::agent::child_main().await;
+}
+
+/// A verifier's stream: the bundle and every new CRL.
+async fn open_bundles(daemon: &TestDaemon) -> Streaming<X509BundlesResponse> {
+    raw_client(&daemon.socket)
+        .await
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Reads the bundle stream until its CRL satisfies `check` (given the
+/// serials it lists), within `limit`; returns that CRL.
+async fn until_crl(
+    bundles: &mut Streaming<X509BundlesResponse>,
+    limit: Duration,
+    check: impl Fn(&[String]) -> bool,
+) -> Vec<u8> {
+    tokio::time::timeout(limit, async {
+        loop {
+            let msg = bundles.next().await.unwrap().unwrap();
+            let crl = msg.crl.first().expect("every bundle message has a CRL");
+            if check(&crl_serials(crl)) {
+                return crl.to_vec();
+            }
+        }
+    })
+    .await
+    .expect("the expected CRL arrived in time")
+}
+
 /// The next message, within a second (the bound for every push).
 async fn next_within_a_second(stream: &mut Streaming<X509svidResponse>) -> X509svidResponse {
     tokio::time::timeout(Duration::from_secs(1), stream.next())
@@ -57,8 +97,8 @@ async fn next_within_a_second(stream: &mut Streaming<X509svidResponse>) -> X509s
         .expect("a message, not an error")
 }
 
-/// Reads messages until one satisfies `check` (a push may carry only a CRL
-/// change), for at most `limit`.
+/// Reads SVID messages until one satisfies `check` (several changes may
+/// come as one push, or one after another), for at most `limit`.
 async fn until(
     stream: &mut Streaming<X509svidResponse>,
     limit: Duration,
@@ -106,7 +146,10 @@ async fn a_task_svid_appears_on_begin_and_is_revoked_on_end() {
     let mut stream = open_stream(&daemon).await;
     let first = next_within_a_second(&mut stream).await;
     assert_eq!(first.svids.len(), 1);
+    assert!(first.crl.is_empty(), "agents' streams carry no CRL");
     let instance_id = first.svids[0].spiffe_id.clone();
+    let mut bundles = open_bundles(&daemon).await;
+    let crl_before = until_crl(&mut bundles, Duration::from_secs(1), |_| true).await;
 
     let mut tasks = tasks_client(&daemon.socket).await;
     let task = tasks
@@ -129,10 +172,7 @@ async fn a_task_svid_appears_on_begin_and_is_revoked_on_end() {
     let task_serial = serial_of(&task_leaf);
     let bundle = with_task.svids[1].bundle.clone();
     // Before the end, the leaf verifies against the bundle and the current CRL.
-    assert_eq!(
-        webpki_verdict(&bundle, &with_task.crl[0], &task_leaf),
-        Ok(())
-    );
+    assert_eq!(webpki_verdict(&bundle, &crl_before, &task_leaf), Ok(()));
 
     let listed = tasks
         .list(with_header(ListRequest {}))
@@ -148,22 +188,21 @@ async fn a_task_svid_appears_on_begin_and_is_revoked_on_end() {
         }))
         .await
         .unwrap();
-    let after = until(&mut stream, Duration::from_secs(1), |m| {
-        m.svids.len() == 1
-            && m.crl
-                .first()
-                .is_some_and(|c| crl_serials(c).contains(&task_serial))
+    let after = until(&mut stream, Duration::from_secs(1), |m| m.svids.len() == 1).await;
+    assert_eq!(after.svids[0].hint, "instance");
+    assert!(after.crl.is_empty(), "agents' streams carry no CRL");
+    let crl = until_crl(&mut bundles, Duration::from_secs(1), |listed| {
+        listed.contains(&task_serial)
     })
     .await;
-    assert_eq!(after.svids[0].hint, "instance");
     assert_eq!(
-        webpki_verdict(&bundle, &after.crl[0], &task_leaf),
+        webpki_verdict(&bundle, &crl, &task_leaf),
         Err(webpki::Error::CertRevoked)
     );
-    // The bundle stream carries the same CRL.
-    let bundles = common::first_bundles(&mut raw_client(&daemon.socket).await).await;
-    assert!(crl_serials(&bundles.crl[0]).contains(&task_serial));
-    openssl_rejects_revoked(&bundle, &after.crl[0], &task_leaf);
+    // A verifier that connects now gets the same CRL at once.
+    let fresh = common::first_bundles(&mut raw_client(&daemon.socket).await).await;
+    assert!(crl_serials(&fresh.crl[0]).contains(&task_serial));
+    openssl_rejects_revoked(&bundle, &crl, &task_leaf);
     daemon.stop().await;
 }
 
@@ -320,28 +359,27 @@ async fn a_restart_keeps_the_tasks_of_live_processes_and_the_crl() {
         .x509_svid
         .clone();
     let ended_serial = serial_of(&ended_leaf);
+    let mut bundles = open_bundles(&daemon).await;
     tasks
         .end(with_header(EndRequest {
             task_id: "job-ended".into(),
         }))
         .await
         .unwrap();
-    until(&mut stream, Duration::from_secs(1), |m| {
-        m.crl
-            .first()
-            .is_some_and(|c| crl_serials(c).contains(&ended_serial))
+    until_crl(&mut bundles, Duration::from_secs(1), |listed| {
+        listed.contains(&ended_serial)
     })
     .await;
     let dir = daemon.stop().await;
 
     let daemon = TestDaemon::start_in(dir, &config("")).await;
     let mut stream = open_stream(&daemon).await;
-    let msg = until(&mut stream, Duration::from_secs(1), |m| {
-        m.crl
-            .first()
-            .is_some_and(|c| crl_serials(c).contains(&ended_serial))
+    let mut bundles = open_bundles(&daemon).await;
+    until_crl(&mut bundles, Duration::from_secs(1), |listed| {
+        listed.contains(&ended_serial)
     })
     .await;
+    let msg = until(&mut stream, Duration::from_secs(1), |m| m.svids.len() == 2).await;
     let hints: Vec<_> = msg.svids.iter().map(|s| s.hint.as_str()).collect();
     assert_eq!(
         hints,
@@ -367,24 +405,21 @@ async fn a_revoked_svid_leaves_the_crl_once_it_has_expired() {
     tasks.begin(begin("job-1", 600)).await.unwrap();
     let msg = until(&mut stream, Duration::from_secs(1), |m| m.svids.len() == 2).await;
     let serial = serial_of(&msg.svids[1].x509_svid);
+    let mut bundles = open_bundles(&daemon).await;
     tasks
         .end(with_header(EndRequest {
             task_id: "job-1".into(),
         }))
         .await
         .unwrap();
-    until(&mut stream, Duration::from_secs(1), |m| {
-        m.crl
-            .first()
-            .is_some_and(|c| crl_serials(c).contains(&serial))
+    until_crl(&mut bundles, Duration::from_secs(1), |listed| {
+        listed.contains(&serial)
     })
     .await;
     // The task SVID lived 2s: 10s after that (the clock-skew allowance) the
     // CRL no longer lists it.
-    until(&mut stream, Duration::from_secs(20), |m| {
-        m.crl
-            .first()
-            .is_some_and(|c| !crl_serials(c).contains(&serial))
+    until_crl(&mut bundles, Duration::from_secs(20), |listed| {
+        !listed.contains(&serial)
     })
     .await;
     daemon.stop().await;
@@ -498,5 +533,45 @@ async fn a_full_disk_refuses_new_tasks_cleanly_and_loses_nothing() {
     tasks.begin(begin("job-after", 300)).await.unwrap();
     let now_audited = daemon.store().audit(&Default::default()).unwrap().len();
     assert!(now_audited > audited);
+    daemon.stop().await;
+}
+
+/// The fan-out: another process's task end reaches a verifier's bundle
+/// stream within the push budget, and wakes no other agent's SVID stream
+/// (agents' streams carry no CRL, so they have nothing to be told).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_agents_task_end_reaches_verifiers_and_wakes_no_other_agent() {
+    let daemon = TestDaemon::start_with(&config("")).await;
+    let mut mine = open_stream(&daemon).await;
+    next_within_a_second(&mut mine).await;
+    let mut bundles = open_bundles(&daemon).await;
+    until_crl(&mut bundles, Duration::from_secs(1), |_| true).await;
+
+    let mut other = common::agent::Agent::start(&daemon).await;
+    other.fetch().await;
+    assert_eq!(other.task_command("begin job-9 60").await, "Ok");
+    let with_task = other
+        .find(Duration::from_secs(5), |e| {
+            e["event"] == "svids" && e["svids"].as_array().is_some_and(|s| s.len() == 2)
+        })
+        .await;
+    let serial = with_task["svids"][1]["serial"].as_str().unwrap().to_owned();
+    assert_eq!(other.task_command("end job-9").await, "Ok");
+    let ended = std::time::Instant::now();
+    until_crl(&mut bundles, Duration::from_secs(1), |listed| {
+        listed.contains(&serial)
+    })
+    .await;
+    let seen = ended.elapsed();
+    assert!(
+        seen < Duration::from_secs(1),
+        "the verifier saw the end after {seen:?}"
+    );
+    // Nothing of this instance changed: its stream stays quiet.
+    let woke = tokio::time::timeout(Duration::from_millis(500), mine.next()).await;
+    assert!(
+        woke.is_err(),
+        "another agent's task end pushed to this agent's stream: {woke:?}"
+    );
     daemon.stop().await;
 }

@@ -3,7 +3,8 @@
 //! `sigil helper`. One layout, written by one function:
 //!
 //! - `svid.pem` (the default SVID's chain), `svid_key.pem` (its PKCS#8
-//!   key, 0600), `bundle.pem`, `crl.pem` (when the daemon sent a CRL);
+//!   key, 0600), `bundle.pem`, `crl.pem` (when the daemon sent a CRL: it
+//!   comes on the FetchX509Bundles stream, not with the SVIDs);
 //! - every SVID numbered as SPIRE's `api fetch -write` does: `svid.N.pem`
 //!   and `svid.N.key` (0600), N from 0 in the response's order.
 //!
@@ -45,12 +46,16 @@ fn write(dir: &Path, name: &str, contents: &str, mode: u32) -> anyhow::Result<()
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes `response` into `dir` (created if missing); returns the names
-/// written.
+/// Writes `response` and the CRLs `crls` (the first is written) into `dir`
+/// (created if missing); returns the names written.
 ///
 /// # Errors
 /// A response with no SVID, a malformed certificate, or an I/O error.
-pub(super) fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<Vec<String>> {
+pub(super) fn write_x509(
+    dir: &Path,
+    response: &X509svidResponse,
+    crls: &[bytes::Bytes],
+) -> anyhow::Result<Vec<String>> {
     let Some(first) = response.svids.first() else {
         bail!("the response holds no SVID");
     };
@@ -78,7 +83,7 @@ pub(super) fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Res
         &pem_chain("CERTIFICATE", &first.bundle)?,
         PUBLIC_FILE_MODE,
     )?;
-    if let Some(crl) = response.crl.first() {
+    if let Some(crl) = crls.first().or(response.crl.first()) {
         put(
             "crl.pem".into(),
             &pem_block("X509 CRL", crl),

@@ -1,9 +1,10 @@
 //! `sigil helper`: spiffe-helper's job for services that read files
-//! (nginx, databases, TLS servers). It stays running on one FetchX509SVID
-//! stream, rewrites the files (`files`) on every rotation, task and CRL
-//! change, then runs a command or signals a process so the service reloads.
-//! Its SVIDs stay valid while it runs: it is the attested process. The
-//! stream is reopened with a backoff when the daemon goes away or refuses.
+//! (nginx, databases, TLS servers). It stays running on a FetchX509SVID
+//! stream (its SVIDs) and a FetchX509Bundles stream (the CRL), rewrites the
+//! files (`files`) on every rotation, task and CRL change, then runs a
+//! command or signals a process so the service reloads. Its SVIDs stay
+//! valid while it runs: it is the attested process. The streams are
+//! reopened with a backoff when the daemon goes away or refuses.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 
 use super::{EndpointArg, client, files};
-use crate::proto::workload::{X509svidRequest, X509svidResponse};
+use crate::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidResponse};
 
 /// First pause before reconnecting; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(500);
@@ -71,8 +72,8 @@ pub async fn run(args: HelperArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// One stream: writes and notifies on each change until it ends; returns
-/// why it ended.
+/// One session of both streams: writes and notifies on each change until
+/// either ends; returns why it ended.
 async fn follow(
     socket: &Path,
     args: &HelperArgs,
@@ -84,25 +85,49 @@ async fn follow(
         Ok(api) => api,
         Err(e) => return e,
     };
-    let mut stream = match api
+    let refused = |s: tonic::Status| anyhow::anyhow!("refused: {}: {}", s.code(), s.message());
+    let mut svids = match api
         .fetch_x509svid(client::request(X509svidRequest {}))
         .await
     {
         Ok(s) => s.into_inner(),
-        Err(s) => return anyhow::anyhow!("refused: {}: {}", s.code(), s.message()),
+        Err(s) => return refused(s),
     };
+    let mut bundles = match api
+        .fetch_x509_bundles(client::request(X509BundlesRequest {}))
+        .await
+    {
+        Ok(s) => s.into_inner(),
+        Err(s) => return refused(s),
+    };
+    let ended = |s: Option<tonic::Status>| match s {
+        Some(s) => anyhow::anyhow!("{}: {}", s.code(), s.message()),
+        None => anyhow::anyhow!("the daemon closed the stream"),
+    };
+    // Nothing is written until both streams have spoken: the first files
+    // hold the CRL too.
+    let mut response: Option<X509svidResponse> = None;
+    let mut crls: Option<Vec<bytes::Bytes>> = None;
     loop {
-        let response = match stream.next().await {
-            Some(Ok(r)) => r,
-            Some(Err(s)) => return anyhow::anyhow!("{}: {}", s.code(), s.message()),
-            None => return anyhow::anyhow!("the daemon closed the stream"),
+        tokio::select! {
+            next = svids.next() => match next {
+                Some(Ok(r)) => response = Some(r),
+                other => return ended(other.and_then(Result::err)),
+            },
+            next = bundles.next() => match next {
+                Some(Ok(b)) => crls = Some(b.crl),
+                other => return ended(other.and_then(Result::err)),
+            },
+        }
+        let (Some(response), Some(crls)) = (&response, &crls) else {
+            continue;
         };
         *retry = RETRY_FIRST;
-        let digest = fingerprint(&response);
+        let digest = fingerprint(response, crls);
         if last.as_ref() == Some(&digest) {
             continue;
         }
-        match files::write_x509(&args.dir, &response) {
+        match files::write_x509(&args.dir, response, crls) {
             Ok(written) => {
                 *last = Some(digest);
                 tracing::info!(dir = %args.dir.display(), files = written.len(), svids = response.svids.len(), "wrote the SVID files");
@@ -117,13 +142,13 @@ async fn follow(
 
 /// What the files are made of: rewriting is skipped when a message only
 /// repeats it.
-fn fingerprint(response: &X509svidResponse) -> [u8; 32] {
+fn fingerprint(response: &X509svidResponse, crls: &[bytes::Bytes]) -> [u8; 32] {
     let mut hash = Sha256::new();
     for svid in &response.svids {
         hash.update(&svid.x509_svid);
         hash.update(&svid.bundle);
     }
-    for crl in &response.crl {
+    for crl in crls.iter().chain(&response.crl) {
         hash.update(crl);
     }
     hash.finalize().into()

@@ -239,6 +239,12 @@ impl IdentityManager {
         self.bundle.clone()
     }
 
+    /// The trust domain's CA certificates (concatenated DER). They are fixed
+    /// for the daemon's life: only the CRL beside them changes.
+    pub fn anchors(&self) -> bytes::Bytes {
+        self.bundle.borrow().x509_der.clone()
+    }
+
     /// The instances currently live.
     pub fn instances(&self) -> Vec<InstanceSummary> {
         self.registry.list()

@@ -50,7 +50,6 @@ pub use audit::admin_event;
 pub use context::Mint;
 pub use entries::{EntryDef, EntryDiff, EntrySource, InstanceReconciled, LoadedEntry, Reconciled};
 pub use manager::{IdentityManager, SvidRevoked};
-pub use revoke::COALESCE as CRL_COALESCE;
 
 /// The Workload API hint of the default SVID.
 pub const INSTANCE_HINT: &str = "instance";

@@ -1,5 +1,15 @@
 //! The CRL publisher: turns the store's revocations into one signed CRL,
-//! shared by every stream.
+//! shared by every verifier's FetchX509Bundles stream (agents' SVID streams
+//! carry none; see `workload_api::convert`).
+//!
+//! What it lists: every revoked SVID until shortly after it expires,
+//! including the SVIDs of processes that have exited. An exited process's
+//! key is gone only if it never left the process, and the daemon cannot
+//! know that: `sigil fetch x509 --write` and `sigil helper` write keys to
+//! files by design, a child may have inherited one, and an attacker who
+//! read the process's memory holds a copy. The CRL is the only way to end
+//! such a key's use before it expires. The cost is bounded (exits within
+//! one SVID lifetime) and is paid only by verifiers' streams.
 //!
 //! Revocations that arrive together are coalesced: a change only wakes the
 //! publisher, which waits [`COALESCE`] and then signs once from the store,

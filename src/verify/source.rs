@@ -1,11 +1,15 @@
 //! [`WorkloadSource`]: a process's own SVID, its trust bundle and CRL, kept
-//! current from one FetchX509SVID stream of a Workload API (Sigil's, or any
-//! SPIFFE agent's), so that TLS built on it (`tls`) never needs a restart.
-//! The stream is reopened with a backoff when it ends or is refused; the
-//! last good material stays in force meanwhile (its SVID stays valid until
-//! it expires).
+//! current from a Workload API (Sigil's, or any SPIFFE agent's), so that TLS
+//! built on it (`tls`) never needs a restart. Two streams feed it: the own
+//! SVID comes from FetchX509SVID, the CRL from FetchX509Bundles (Sigil sends
+//! CRLs to verifiers only, on that stream; a `crl` another agent puts on the
+//! SVID stream is used while the bundle stream has none). Each stream is
+//! reopened with a backoff when it ends or is refused; the last good
+//! material stays in force meanwhile (its SVID stays valid until it
+//! expires).
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,19 +20,21 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::ids::{SpiffeId, TrustDomain};
 use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use crate::proto::workload::{X509svidRequest, X509svidResponse};
+use crate::proto::workload::{
+    X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse,
+};
 
-/// First pause before reopening the stream; doubles up to [`RETRY_MAX`].
+/// First pause before reopening a stream; doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(200);
-/// Longest pause before reopening the stream.
+/// Longest pause before reopening a stream.
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// What a message of the stream makes usable at once.
-#[derive(Debug)]
+/// What the two streams make usable at once.
+#[derive(Clone, Debug)]
 pub struct Material {
     /// This process's SPIFFE ID (the default SVID's).
     pub spiffe_id: SpiffeId,
@@ -37,12 +43,12 @@ pub struct Material {
     /// The default SVID and its key, ready for rustls.
     pub certified: Arc<CertifiedKey>,
     /// The trust domain's CA certificates.
-    pub bundle: Vec<CertificateDer<'static>>,
+    pub bundle: Arc<Vec<CertificateDer<'static>>>,
     /// The CRLs (DER).
-    pub crls: Vec<Vec<u8>>,
+    pub crls: Arc<Vec<Vec<u8>>>,
     /// Every serial on those CRLs (lower-case hex), to find live
     /// connections that must be cut.
-    pub revoked: HashSet<String>,
+    pub revoked: Arc<HashSet<String>>,
 }
 
 /// Why no material could be made.
@@ -69,8 +75,8 @@ pub struct WorkloadSource {
 
 impl WorkloadSource {
     /// Connects to the Workload API on `socket`, waits for the first usable
-    /// message (up to `wait`), then keeps the material current in the
-    /// background until `shutdown`.
+    /// message of both streams (up to `wait` in all), then keeps the
+    /// material current in the background until `shutdown`.
     ///
     /// # Errors
     /// [`SourceError`] when no usable material came within `wait`.
@@ -79,29 +85,46 @@ impl WorkloadSource {
         wait: Duration,
         shutdown: CancellationToken,
     ) -> Result<Self, SourceError> {
-        let mut stream = tokio::time::timeout(wait, open(&socket))
+        let first = tokio::time::timeout(wait, first_material(&socket))
             .await
             .map_err(|_| SourceError::Unavailable {
                 path: socket.clone(),
-                message: format!("no answer within {wait:?}"),
-            })??;
-        let first = match tokio::time::timeout(wait, stream.next()).await {
-            Ok(Some(Ok(msg))) => material(&msg)?,
-            Ok(Some(Err(s))) => {
-                return Err(SourceError::Unavailable {
-                    path: socket,
-                    message: format!("{}: {}", s.code(), s.message()),
-                });
-            }
-            _ => {
-                return Err(SourceError::Unavailable {
-                    path: socket,
-                    message: "the stream ended without SVIDs".into(),
-                });
-            }
-        };
-        let (tx, rx) = watch::channel(Arc::new(first));
-        tokio::spawn(follow(socket, stream, tx, shutdown));
+                message: format!("no SVID, bundle and CRL within {wait:?}"),
+            })?;
+        let (material, svids, bundles, crl_from_bundles) = first?;
+        let (tx, rx) = watch::channel(Arc::new(material));
+        let crl_from_bundles = Arc::new(std::sync::atomic::AtomicBool::new(crl_from_bundles));
+        let from_bundles = crl_from_bundles.clone();
+        tokio::spawn(follow(
+            socket.clone(),
+            svids,
+            open_svids,
+            tx.clone(),
+            move |msg: &X509svidResponse, m: &mut Material| {
+                apply_svids(msg, m)?;
+                if !msg.crl.is_empty()
+                    && !from_bundles.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    apply_crls(&msg.crl, m)?;
+                }
+                Ok(())
+            },
+            shutdown.clone(),
+        ));
+        tokio::spawn(follow(
+            socket,
+            bundles,
+            open_bundles,
+            tx,
+            move |msg: &X509BundlesResponse, m: &mut Material| {
+                if !msg.crl.is_empty() {
+                    crl_from_bundles.store(true, std::sync::atomic::Ordering::Relaxed);
+                    apply_crls(&msg.crl, m)?;
+                }
+                Ok(())
+            },
+            shutdown,
+        ));
         Ok(Self { rx })
     }
 
@@ -116,15 +139,42 @@ impl WorkloadSource {
     }
 }
 
-type Stream = tonic::Streaming<X509svidResponse>;
+type Svids = tonic::Streaming<X509svidResponse>;
+type Bundles = tonic::Streaming<X509BundlesResponse>;
 
-async fn open(socket: &Path) -> Result<Stream, SourceError> {
+/// Opens both streams and builds the material from the first message of
+/// each. The last item says whether the CRL came from the bundle stream.
+async fn first_material(socket: &Path) -> Result<(Material, Svids, Bundles, bool), SourceError> {
     let unavailable = |message: String| SourceError::Unavailable {
         path: socket.to_owned(),
         message,
     };
+    let mut svids = open_svids(socket.to_owned()).await?;
+    let mut bundles = open_bundles(socket.to_owned()).await?;
+    let svid_msg = first_message(&mut svids).await.map_err(unavailable)?;
+    let bundle_msg = first_message(&mut bundles).await.map_err(unavailable)?;
+    let mut material = own_material(&svid_msg)?;
+    let from_bundles = !bundle_msg.crl.is_empty();
+    let crls = if from_bundles {
+        &bundle_msg.crl
+    } else {
+        &svid_msg.crl
+    };
+    apply_crls(crls, &mut material)?;
+    Ok((material, svids, bundles, from_bundles))
+}
+
+async fn first_message<M>(stream: &mut tonic::Streaming<M>) -> Result<M, String> {
+    match stream.next().await {
+        Some(Ok(msg)) => Ok(msg),
+        Some(Err(s)) => Err(format!("{}: {}", s.code(), s.message())),
+        None => Err("the stream ended before its first message".into()),
+    }
+}
+
+async fn channel(socket: &Path) -> Result<Channel, SourceError> {
     let path = socket.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {
@@ -132,26 +182,57 @@ async fn open(socket: &Path) -> Result<Stream, SourceError> {
             }
         }))
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    let mut request = tonic::Request::new(X509svidRequest {});
+        .map_err(|e| SourceError::Unavailable {
+            path: socket.to_owned(),
+            message: e.to_string(),
+        })
+}
+
+fn request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
         crate::workload_api::header::SECURITY_HEADER,
         tonic::metadata::MetadataValue::from_static("true"),
     );
-    SpiffeWorkloadApiClient::new(channel)
-        .fetch_x509svid(request)
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|s| unavailable(format!("{}: {}", s.code(), s.message())))
+    request
 }
 
-/// Publishes every usable message; reopens the stream when it ends.
-async fn follow(
+fn refused(socket: &Path, s: &tonic::Status) -> SourceError {
+    SourceError::Unavailable {
+        path: socket.to_owned(),
+        message: format!("{}: {}", s.code(), s.message()),
+    }
+}
+
+async fn open_svids(socket: PathBuf) -> Result<Svids, SourceError> {
+    SpiffeWorkloadApiClient::new(channel(&socket).await?)
+        .fetch_x509svid(request(X509svidRequest {}))
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| refused(&socket, &s))
+}
+
+async fn open_bundles(socket: PathBuf) -> Result<Bundles, SourceError> {
+    SpiffeWorkloadApiClient::new(channel(&socket).await?)
+        .fetch_x509_bundles(request(X509BundlesRequest {}))
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| refused(&socket, &s))
+}
+
+/// Applies every usable message of one stream to the material; reopens the
+/// stream when it ends.
+async fn follow<M, Open, Opened>(
     socket: PathBuf,
-    mut stream: Stream,
+    mut stream: tonic::Streaming<M>,
+    open: Open,
     tx: watch::Sender<Arc<Material>>,
+    apply: impl Fn(&M, &mut Material) -> Result<(), SourceError>,
     shutdown: CancellationToken,
-) {
+) where
+    Open: Fn(PathBuf) -> Opened,
+    Opened: Future<Output = Result<tonic::Streaming<M>, SourceError>>,
+{
     let mut retry = RETRY_FIRST;
     loop {
         loop {
@@ -160,17 +241,20 @@ async fn follow(
                 next = stream.next() => next,
             };
             match next {
-                Some(Ok(msg)) => match material(&msg) {
-                    Ok(m) => {
-                        retry = RETRY_FIRST;
-                        tx.send_replace(Arc::new(m));
+                Some(Ok(msg)) => {
+                    let mut updated = Material::clone(&tx.borrow());
+                    match apply(&msg, &mut updated) {
+                        Ok(()) => {
+                            retry = RETRY_FIRST;
+                            tx.send_replace(Arc::new(updated));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "an unusable Workload API message was skipped")
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "an unusable Workload API message was skipped")
-                    }
-                },
+                }
                 Some(Err(s)) => {
-                    tracing::warn!(code = ?s.code(), message = s.message(), "the Workload API stream ended");
+                    tracing::warn!(code = ?s.code(), message = s.message(), "a Workload API stream ended");
                     break;
                 }
                 None => break,
@@ -182,13 +266,13 @@ async fn follow(
                 () = tokio::time::sleep(retry) => {}
             }
             retry = (retry * 2).min(RETRY_MAX);
-            match open(&socket).await {
+            match open(socket.clone()).await {
                 Ok(s) => {
                     stream = s;
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?retry, "cannot reopen the Workload API stream")
+                    tracing::warn!(error = %e, retry_in = ?retry, "cannot reopen a Workload API stream")
                 }
             }
         }
@@ -207,14 +291,41 @@ pub fn split_certs(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, Sourc
     Ok(out)
 }
 
-fn material(msg: &X509svidResponse) -> Result<Material, SourceError> {
+/// The own SVID and bundle of a FetchX509SVID message, with no CRL yet.
+fn own_material(msg: &X509svidResponse) -> Result<Material, SourceError> {
+    let (spiffe_id, certified, bundle) = own(msg)?;
+    Ok(Material {
+        trust_domain: spiffe_id.trust_domain().clone(),
+        spiffe_id,
+        certified,
+        bundle,
+        crls: Arc::default(),
+        revoked: Arc::default(),
+    })
+}
+
+fn apply_svids(msg: &X509svidResponse, m: &mut Material) -> Result<(), SourceError> {
+    let (spiffe_id, certified, bundle) = own(msg)?;
+    m.trust_domain = spiffe_id.trust_domain().clone();
+    m.spiffe_id = spiffe_id;
+    m.certified = certified;
+    m.bundle = bundle;
+    Ok(())
+}
+
+type Own = (
+    SpiffeId,
+    Arc<CertifiedKey>,
+    Arc<Vec<CertificateDer<'static>>>,
+);
+
+fn own(msg: &X509svidResponse) -> Result<Own, SourceError> {
     let svid = msg
         .svids
         .first()
         .ok_or_else(|| SourceError::Unusable("no SVID".into()))?;
     let spiffe_id = SpiffeId::new(&svid.spiffe_id)
         .map_err(|e| SourceError::Unusable(format!("SPIFFE ID {:?}: {e}", svid.spiffe_id)))?;
-    let trust_domain = spiffe_id.trust_domain().clone();
     let chain = split_certs(&svid.x509_svid)?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.x509_svid_key.to_vec()));
     let provider = rustls::crypto::ring::default_provider();
@@ -223,7 +334,16 @@ fn material(msg: &X509svidResponse) -> Result<Material, SourceError> {
         .load_private_key(key)
         .map_err(|e| SourceError::Unusable(format!("the SVID's key: {e}")))?;
     let bundle = split_certs(&svid.bundle)?;
-    let crls: Vec<Vec<u8>> = msg.crl.iter().map(|c| c.to_vec()).collect();
+    Ok((
+        spiffe_id,
+        Arc::new(CertifiedKey::new(chain, signing)),
+        Arc::new(bundle),
+    ))
+}
+
+/// Replaces the CRLs and the revoked serials they list.
+fn apply_crls(crls: &[bytes::Bytes], m: &mut Material) -> Result<(), SourceError> {
+    let crls: Vec<Vec<u8>> = crls.iter().map(|c| c.to_vec()).collect();
     let mut revoked = HashSet::new();
     for crl in &crls {
         let (_, parsed) = x509_parser::parse_x509_crl(crl)
@@ -234,12 +354,7 @@ fn material(msg: &X509svidResponse) -> Result<Material, SourceError> {
                 .map(|r| hex::encode(r.raw_serial())),
         );
     }
-    Ok(Material {
-        spiffe_id,
-        trust_domain,
-        certified: Arc::new(CertifiedKey::new(chain, signing)),
-        bundle,
-        crls,
-        revoked,
-    })
+    m.crls = Arc::new(crls);
+    m.revoked = Arc::new(revoked);
+    Ok(())
 }

@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -86,17 +88,18 @@ impl WorkloadService {
     }
 
     /// Streams messages built by `build` from the instance state and the
-    /// bundle, once now and again on every change of either. When `keys` is
-    /// set the messages carry private keys, and each is sent only after the
-    /// check that the attested process alone holds the connection.
+    /// CA certificates, once now and again on every change of the state.
+    /// When `keys` is set the messages carry private keys, and each is sent
+    /// only after the check that the attested process alone holds the
+    /// connection.
     fn stream<T: Send + 'static>(
         &self,
         sub: Subscription,
         keys: bool,
-        build: fn(&IdentitySet, &TrustBundle) -> T,
+        build: fn(&IdentitySet, &Bytes) -> T,
     ) -> BoxStream<T> {
         let (tx, rx) = channel();
-        let bundle = self.identity.bundle();
+        let anchors = self.identity.anchors();
         let shutdown = self.shutdown.clone();
         let holder_check = match (keys, sub.conn) {
             (true, Some(conn)) => Some(HolderCheck {
@@ -109,7 +112,7 @@ impl WorkloadService {
         };
         let Subscription { state, slot, .. } = sub;
         self.tracker.spawn(async move {
-            drive(state, bundle, tx, build, holder_check, shutdown).await;
+            drive(state, anchors, tx, build, holder_check, shutdown).await;
             drop(slot);
         });
         rx
@@ -286,12 +289,13 @@ impl SpiffeWorkloadApi for WorkloadService {
 
 /// Feeds one stream until the client leaves, the instance ends or the
 /// daemon shuts down. It reserves room in the channel *before* reading the
-/// state, so what it sends is always the newest.
+/// state, so what it sends is always the newest. CRL changes do not wake it
+/// (see `convert`): only its own instance's changes do.
 async fn drive<T>(
     mut state: watch::Receiver<InstanceState>,
-    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    anchors: Bytes,
     tx: mpsc::Sender<Item<T>>,
-    build: fn(&IdentitySet, &TrustBundle) -> T,
+    build: fn(&IdentitySet, &Bytes) -> T,
     holder_check: Option<HolderCheck>,
     shutdown: CancellationToken,
 ) {
@@ -304,7 +308,6 @@ async fn drive<T>(
             () = shutdown.cancelled() => return,
         };
         let current = state.borrow_and_update().clone();
-        let trust = bundle.borrow_and_update().clone();
         if let (InstanceState::Active(_), Some(check)) = (&current, &holder_check)
             && let Err(e) = check.verdict().await
         {
@@ -313,7 +316,7 @@ async fn drive<T>(
             return;
         }
         if let InstanceState::Active(set) = &current {
-            permit.send(Box::new(Ok(build(set, &trust))));
+            permit.send(Box::new(Ok(build(set, &anchors))));
         } else {
             if let Some(reason) = current.lost_identity() {
                 permit.send(Box::new(Err(revoked(&reason.to_string()))));
@@ -322,7 +325,6 @@ async fn drive<T>(
         }
         tokio::select! {
             changed = state.changed() => if changed.is_err() { return },
-            changed = bundle.changed() => if changed.is_err() { return },
             () = tx.closed() => return,
             () = shutdown.cancelled() => return,
         }
@@ -332,8 +334,8 @@ async fn drive<T>(
     }
 }
 
-/// Changes come in bursts (a task ends, then the CRL that revokes its
-/// SVID): waits a moment so they reach the client as one message. `false`
+/// Changes of one instance can come in bursts (several tasks begun at
+/// once): waits a moment so they reach the client as one message. `false`
 /// when the daemon is shutting down.
 async fn coalesce(shutdown: &CancellationToken) -> bool {
     tokio::select! {
@@ -342,9 +344,10 @@ async fn coalesce(shutdown: &CancellationToken) -> bool {
     }
 }
 
-/// Feeds a bundle stream: the bundle now, then every change, until the
-/// client leaves or the daemon shuts down. Like [`drive`], it reserves room
-/// before reading, so what it sends is always the newest.
+/// Feeds a bundle stream: the bundle and CRL now, then every new CRL at
+/// once (the CRL publisher has already gathered the changes behind it),
+/// until the client leaves or the daemon shuts down. Like [`drive`], it
+/// reserves room before reading, so what it sends is always the newest.
 async fn drive_bundle(
     mut bundle: watch::Receiver<Arc<TrustBundle>>,
     tx: mpsc::Sender<Item<X509BundlesResponse>>,
@@ -365,17 +368,10 @@ async fn drive_bundle(
             () = tx.closed() => return,
             () = shutdown.cancelled() => return,
         }
-        if !coalesce(&shutdown).await {
-            return;
-        }
     }
 }
 
-/// How long a stream gathers changes before pushing: longer than the CRL
-/// publisher's own coalescing (checked below, at compile time), far below
-/// the one-second push budget.
-const PUSH_COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
-const _: () = assert!(
-    PUSH_COALESCE.as_millis() > identity::CRL_COALESCE.as_millis(),
-    "a stream must gather changes for longer than the CRL publisher does, or a task's end and the CRL that revokes it reach clients as two messages"
-);
+/// How long an SVID stream gathers its instance's changes before pushing:
+/// short against the 200 ms Begin → task SVID budget, and a cap of 50
+/// messages a second on a stream whatever the instance does.
+const PUSH_COALESCE: std::time::Duration = std::time::Duration::from_millis(20);
