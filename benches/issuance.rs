@@ -35,8 +35,8 @@ use sigil::config::{Config, Overrides};
 use sigil::ids::{SpiffeId, TrustDomain};
 use sigil::proto::sigil::workload::v1::tasks_client::TasksClient;
 use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest};
-use sigil::proto::workload::{X509BundlesRequest, X509svidRequest};
 use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil::proto::workload::{X509BundlesRequest, X509svidRequest};
 use sigil::shutdown::Shutdown;
 use tokio_stream::StreamExt;
 

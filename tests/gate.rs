@@ -89,13 +89,14 @@ async fn echo_service() -> SocketAddr {
 }
 
 /// Starts `sigil gate` on a port of its own choosing and returns it once
-/// the gate listens (it prints `listening on ADDR`).
+/// the gate listens (it prints `listening on ADDR`, then `metrics on ADDR`
+/// when `how` asks for `--metrics`).
 async fn gate(
     daemon: &TestDaemon,
     upstream: SocketAddr,
     how: &[&str],
     log: &std::path::Path,
-) -> (Killed, SocketAddr) {
+) -> (Killed, SocketAddr, Option<SocketAddr>) {
     use std::io::BufRead;
     let mut child = Command::new(SIGIL)
         .args([
@@ -114,17 +115,29 @@ async fn gate(
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let child = Killed(child);
-    let line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .map(|_| line)
+    let lines = if how.contains(&"--metrics") { 2 } else { 1 };
+    let read = tokio::task::spawn_blocking(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        (0..lines)
+            .map(|_| {
+                let mut line = String::new();
+                reader.read_line(&mut line).map(|_| line)
+            })
+            .collect::<Result<Vec<_>, _>>()
     });
-    let line = tokio::time::timeout(Duration::from_secs(20), line)
+    let read = tokio::time::timeout(Duration::from_secs(20), read)
         .await
         .expect("the gate listens within 20 s")
         .unwrap()
         .unwrap();
+    let line = read[0].clone();
+    let metrics = read.get(1).map(|l| {
+        l.trim()
+            .strip_prefix("metrics on ")
+            .unwrap_or_else(|| panic!("{l:?}"))
+            .parse()
+            .unwrap()
+    });
     let addr = line
         .trim()
         .strip_prefix("listening on ")
@@ -136,7 +149,30 @@ async fn gate(
         })
         .parse()
         .unwrap();
-    (child, addr)
+    (child, addr, metrics)
+}
+
+/// One plain HTTP/1.1 GET of the gate's metrics listener: status and body.
+async fn scrape(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, out)
+}
+
+/// The value of the sample `series` (name and labels, exactly as exported).
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+        .parse()
+        .unwrap()
 }
 
 /// An SVID with its key, and the bundle to check the gate with.
@@ -280,13 +316,19 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
     let upstream = echo_service().await;
     let log = work.path().join("gate.log");
     GATE_LOG.set(log.clone()).unwrap();
-    let (_gate, addr) = gate(
+    let (_gate, addr, metrics) = gate(
         &daemon,
         upstream,
-        &["--rules", rules.to_str().unwrap()],
+        &[
+            "--rules",
+            rules.to_str().unwrap(),
+            "--metrics",
+            "127.0.0.1:0",
+        ],
         &log,
     )
     .await;
+    let metrics = metrics.unwrap();
     let agent = my_identity(&daemon, 0).await;
 
     // Permitted: the service sees who called, not who the client claimed.
@@ -403,7 +445,7 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
         "another trust domain is refused"
     );
     let strict_log = work.path().join("strict.log");
-    let (_strict, strict) = gate(
+    let (_strict, strict, _) = gate(
         &daemon,
         upstream,
         &["--allow", "spiffe://sigil.test/agent/other/**"],
@@ -467,6 +509,38 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
         logged.contains("deny") && logged.contains("allow"),
         "each decision is logged: {logged}"
     );
+    // And counted.
+    let (status, text) = scrape(metrics, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "sigil_gate_connections_closed_total{reason=\"revoked\"}"
+        ),
+        1.0
+    );
+    assert!(
+        sample(&text, "sigil_gate_handshakes_total{outcome=\"accepted\"}") >= 2.0,
+        "{text}"
+    );
+    // At least the ended task's new handshake.
+    assert!(sample(&text, "sigil_gate_handshakes_total{outcome=\"refused\"}") >= 1.0);
+    assert!(
+        sample(
+            &text,
+            "sigil_gate_requests_total{outcome=\"denied\",rule=\"none\"}"
+        ) >= 2.0
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("sigil_gate_requests_total{outcome=\"forwarded\",rule=\"")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("sigil_live_instances"),
+        "the gate exports only its own"
+    );
+    assert_eq!(scrape(metrics, "/readyz").await.0, 200);
 
     // The gate's own SVID rotates (its entry's 6 s TTL); new connections
     // still work.

@@ -104,7 +104,9 @@ async fn fetch_x509(args: FetchArgs) -> anyhow::Result<ExitCode> {
 
 /// The CRLs of the first FetchX509Bundles message (Sigil sends CRLs on
 /// that stream only).
-async fn first_crls(api: &mut SpiffeWorkloadApiClient<Channel>) -> anyhow::Result<Vec<bytes::Bytes>> {
+async fn first_crls(
+    api: &mut SpiffeWorkloadApiClient<Channel>,
+) -> anyhow::Result<Vec<bytes::Bytes>> {
     let response = api
         .fetch_x509_bundles(client::request(X509BundlesRequest {}))
         .await

@@ -39,9 +39,43 @@ pub struct GateArgs {
     /// mcp_tool, allow); the first rule that matches a request decides.
     #[arg(long, value_name = "FILE")]
     rules: Option<PathBuf>,
+    /// Serve `/metrics` (the gate's decisions), `/livez` and `/readyz`
+    /// (ready while the gate's own SVID is valid) over plain HTTP here,
+    /// e.g. 127.0.0.1:9102.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// The Workload API the gate gets its own SVID, bundle and CRL from.
     #[command(flatten)]
     endpoint: EndpointArg,
+}
+
+/// The gate's readiness and metrics, for the `--metrics` listener.
+struct GateHealth(WorkloadSource);
+
+impl crate::metrics::http::Health for GateHealth {
+    fn check(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = crate::metrics::http::Readiness> + Send + '_>,
+    > {
+        let material = self.0.current();
+        let answer = match material.certified.end_entity_cert().map(|c| {
+            x509_parser::parse_x509_certificate(c.as_ref())
+                .map(|(_, cert)| cert.validity().time_to_expiration().is_some())
+        }) {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(vec![format!(
+                "the gate's own SVID ({}) has expired: is the Workload API reachable?",
+                material.spiffe_id
+            )]),
+            _ => Err(vec!["the gate's own SVID cannot be read".to_owned()]),
+        };
+        Box::pin(std::future::ready(answer))
+    }
+
+    fn encode_metrics(&self) -> Result<String, std::fmt::Error> {
+        crate::metrics::gate::global().encode()
+    }
 }
 
 /// Runs the gate until SIGINT or SIGTERM.
@@ -86,6 +120,19 @@ pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(listen = %bound, upstream = %upstream, id = %source.current().spiffe_id, "the gate is serving");
     // The bound address on stdout alone (useful with port 0).
     println!("listening on {bound}");
+    if let Some(addr) = args.metrics {
+        let metrics = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr} (--metrics)"))?;
+        let at = metrics.local_addr().unwrap_or(addr);
+        tracing::info!(listen = %at, "serving /metrics, /livez and /readyz");
+        println!("metrics on {at}");
+        tokio::spawn(crate::metrics::http::serve(
+            metrics,
+            std::sync::Arc::new(GateHealth(source.clone())),
+            shutdown.clone(),
+        ));
+    }
     let stop = shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};

@@ -6,7 +6,8 @@
 //! decision (`rules`), forwarding with the caller's identity in headers
 //! (copies the client sent are stripped first), and cutting a live
 //! connection whose certificate the CRL revokes or that expires. Each
-//! decision is logged as one structured line. HTTP is hyper's, TLS rustls'.
+//! decision is logged as one structured line and counted
+//! (`metrics::gate`). HTTP is hyper's, TLS rustls'.
 
 pub mod rules;
 
@@ -28,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::ids::SpiffeId;
+use crate::metrics::gate::{GateClose, GateOutcome, Handshake, global as metrics};
 use crate::verify::source::{Material, WorkloadSource};
 use crate::verify::{TrustSource, verify_svid};
 pub use rules::{Decision, Rules};
@@ -135,14 +137,28 @@ async fn connection(
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
+            metrics().handshake(Handshake::Refused);
             tracing::info!(%remote, decision = "refused", stage = "handshake", error = %e, "TLS handshake failed");
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            metrics().handshake(Handshake::TimedOut);
+            tracing::info!(%remote, decision = "refused", stage = "handshake", "the client did not finish the TLS handshake in time");
+            return;
+        }
     };
-    let Some(peer) = peer_of(&tls, &shared.source.current()) else {
-        return;
+    // The handshake's verifier accepted the client a moment ago; a CRL
+    // that arrived in between is the usual reason to refuse it here.
+    let peer = match peer_of(&tls, &shared.source.current()) {
+        Ok(peer) => peer,
+        Err(refusal) => {
+            metrics().handshake(Handshake::Refused);
+            tracing::info!(%remote, decision = "refused", stage = "handshake", reason = %refusal, "refused the client's certificate after the handshake");
+            return;
+        }
     };
+    metrics().handshake(Handshake::Accepted);
+    let _open = metrics().connection_opened();
     tracing::debug!(%remote, peer = %peer.id, "connection accepted");
     let service = {
         let (shared, peer) = (shared.clone(), peer.clone());
@@ -173,9 +189,11 @@ async fn connection(
             tracing::debug!(%remote, peer = %peer.id, outcome = ?served.err(), "connection ended");
         }
         () = revoked(&peer.serial, shared.source.subscribe()) => {
+            metrics().closed(GateClose::Revoked);
             tracing::info!(%remote, peer = %peer.id, serial = %peer.serial, decision = "closed", reason = "revoked", "closed a connection whose certificate was revoked");
         }
         () = tokio::time::sleep(expiry) => {
+            metrics().closed(GateClose::Expired);
             tracing::info!(%remote, peer = %peer.id, decision = "closed", reason = "expired", "closed a connection whose certificate expired");
         }
         () = shutdown.cancelled() => {}
@@ -199,19 +217,24 @@ async fn revoked(serial: &str, mut material: tokio::sync::watch::Receiver<Arc<Ma
 fn peer_of(
     tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     material: &Material,
-) -> Option<Peer> {
-    let chain = tls.get_ref().1.peer_certificates()?;
+) -> Result<Peer, String> {
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or("no client certificate")?;
     let trust = TrustSource {
         trust_domain: &material.trust_domain,
         bundle: &material.bundle,
         crls: &material.crls,
     };
-    let verified = verify_svid(chain, &trust, &[], SystemTime::now()).ok()?;
-    Some(Peer {
+    let verified = verify_svid(chain, &trust, &[], SystemTime::now()).map_err(|r| r.to_string())?;
+    let leaf = chain.first().ok_or("an empty certificate chain")?;
+    Ok(Peer {
         id: verified.spiffe_id,
         serial: verified.serial,
         not_after: verified.not_after,
-        leaf_sha256: hex::encode(Sha256::digest(chain.first()?.as_ref())),
+        leaf_sha256: hex::encode(Sha256::digest(leaf.as_ref())),
     })
 }
 
@@ -269,6 +292,7 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
                     .boxed()
             }
             Err(_) => {
+                metrics().request(GateOutcome::TooLarge, None);
                 return text(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!("request body over {MAX_INSPECTED_BODY} bytes"),
@@ -295,6 +319,7 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
         "request"
     );
     if let Decision::Deny(reason) = decision {
+        metrics().request(GateOutcome::Denied, None);
         return text(StatusCode::FORBIDDEN, format!("forbidden: {reason}"));
     }
     // Identity headers: the client's copies never reach the upstream.
@@ -334,6 +359,7 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
     let mut uri = shared.upstream.clone().into_parts();
     uri.path_and_query = path_and_query.parse().ok();
     let Ok(uri) = Uri::from_parts(uri) else {
+        metrics().request(GateOutcome::BadRequest, allowed);
         return text(
             StatusCode::BAD_REQUEST,
             "a request path the gate cannot forward".into(),
@@ -349,6 +375,7 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
         .await
     {
         Ok(mut response) => {
+            metrics().request(GateOutcome::Forwarded, allowed);
             // The upstream's connection headers are about its connection to
             // the gate, not the client's (a `connection: close` passed on
             // would close the client's connection too).
@@ -356,6 +383,7 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
             response.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed())
         }
         Err(e) => {
+            metrics().request(GateOutcome::UpstreamFailed, allowed);
             tracing::warn!(error = %e, upstream = %shared.upstream, "the upstream failed");
             text(StatusCode::BAD_GATEWAY, format!("the upstream failed: {e}"))
         }

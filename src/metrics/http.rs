@@ -58,6 +58,15 @@ pub trait Health: Send + Sync {
     /// Runs every readiness check. Runs once per `/readyz` request, under
     /// [`READY_TIMEOUT`].
     fn check(&self) -> Pin<Box<dyn Future<Output = Readiness> + Send + '_>>;
+
+    /// The `/metrics` body: the daemon's registry unless the process serves
+    /// another (`sigil gate` serves its own).
+    ///
+    /// # Errors
+    /// When a metric cannot be encoded.
+    fn encode_metrics(&self) -> Result<String, std::fmt::Error> {
+        super::global().encode()
+    }
 }
 
 /// The bounds on connections; tests shrink them.
@@ -76,7 +85,7 @@ impl Bounds {
     };
 }
 
-/// Serves `/metrics` (from [`super::global`]), `/livez` and `/readyz` on
+/// Serves `/metrics` (from [`Health::encode_metrics`]), `/livez` and `/readyz` on
 /// `listener` until `shutdown` is cancelled; then stops accepting, gives the
 /// connections in flight a second to finish, and returns.
 pub async fn serve(listener: TcpListener, health: Arc<dyn Health>, shutdown: CancellationToken) {
@@ -181,14 +190,14 @@ async fn route(req: &Request<Incoming>, health: &dyn Health) -> Response<Full<By
         return response;
     }
     match path {
-        "/metrics" => metrics(),
+        "/metrics" => metrics(health),
         "/livez" => text(StatusCode::OK, "ok\n"),
         _ => readyz(health).await,
     }
 }
 
-fn metrics() -> Response<Full<Bytes>> {
-    match super::global().encode() {
+fn metrics(health: &dyn Health) -> Response<Full<Bytes>> {
+    match health.encode_metrics() {
         Ok(body) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));
             response

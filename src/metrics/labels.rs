@@ -60,6 +60,47 @@ label_values! {
 }
 
 label_values! {
+    /// What `sigil gate` did with a TLS handshake.
+    pub enum Handshake {
+        /// The client's SVID verified and some rule allows its ID.
+        Accepted => "accepted",
+        /// Refused with a TLS alert: no certificate, an untrusted or
+        /// revoked one, another trust domain, an ID no rule allows, or a
+        /// TLS failure.
+        Refused => "refused",
+        /// The client did not finish within the handshake timeout.
+        TimedOut => "timed_out",
+    }
+}
+
+label_values! {
+    /// What `sigil gate` did with a request.
+    pub enum GateOutcome {
+        /// A rule allowed it and it was forwarded (whatever the upstream
+        /// answered).
+        Forwarded => "forwarded",
+        /// No rule allowed it: 403.
+        Denied => "denied",
+        /// The upstream could not be reached or failed: 502.
+        UpstreamFailed => "upstream_failed",
+        /// Its body was too large to read the MCP method from: 413.
+        TooLarge => "too_large",
+        /// A path the gate cannot forward: 400.
+        BadRequest => "bad_request",
+    }
+}
+
+label_values! {
+    /// Why `sigil gate` closed a live client connection itself.
+    pub enum GateClose {
+        /// The CRL revoked the client's certificate.
+        Revoked => "revoked",
+        /// The client's certificate expired.
+        Expired => "expired",
+    }
+}
+
+label_values! {
     /// Why SVIDs were revoked (added to the CRL).
     pub enum RevokeReason {
         /// The task ended (End, TTL, or its instance went with it).
@@ -216,6 +257,18 @@ pub(super) struct MethodLabel {
     pub(super) method: Method,
 }
 
+/// A `sigil gate` handshake's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct HandshakeLabel {
+    pub(super) outcome: Handshake,
+}
+
+/// Why `sigil gate` closed a connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct GateCloseLabel {
+    pub(super) reason: GateClose,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,7 +325,10 @@ mod tests {
             .iter()
             .map(|v| v.as_str())
             .chain(RevokeReason::ALL.iter().map(|v| v.as_str()))
-            .chain(RefusalReason::ALL.iter().map(|v| v.as_str()));
+            .chain(RefusalReason::ALL.iter().map(|v| v.as_str()))
+            .chain(Handshake::ALL.iter().map(|v| v.as_str()))
+            .chain(GateOutcome::ALL.iter().map(|v| v.as_str()))
+            .chain(GateClose::ALL.iter().map(|v| v.as_str()));
         for v in values {
             assert!(
                 v.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),

@@ -19,6 +19,7 @@
 //! Does not own: the HTTP listener and the health checks (`http`), which
 //! error maps to which reason (the callers), or when anything is counted.
 
+pub mod gate;
 pub mod http;
 mod labels;
 
@@ -293,8 +294,9 @@ impl Metrics {
     }
 }
 
-/// An open Workload API stream, as [`Metrics::stream_opened`] counts it;
-/// dropping it closes the stream in the gauge.
+/// An open Workload API stream, as [`Metrics::stream_opened`] counts it
+/// (or a gate connection, as [`gate::GateMetrics::connection_opened`]
+/// does); dropping it takes it off the gauge.
 #[derive(Debug)]
 pub struct OpenStream {
     gauge: Gauge,

@@ -102,9 +102,7 @@ impl WorkloadSource {
             tx.clone(),
             move |msg: &X509svidResponse, m: &mut Material| {
                 apply_svids(msg, m)?;
-                if !msg.crl.is_empty()
-                    && !from_bundles.load(std::sync::atomic::Ordering::Relaxed)
-                {
+                if !msg.crl.is_empty() && !from_bundles.load(std::sync::atomic::Ordering::Relaxed) {
                     apply_crls(&msg.crl, m)?;
                 }
                 Ok(())
