@@ -1787,22 +1787,37 @@ mod revocation {
         // The window: from the drivers' go to their stop.
         let agents0 = agents.step(Some("count"));
         let verifiers0 = verifiers.step(Some("count"));
-        // The clients, and this process (it samples /proc and steps them).
-        let pids: Vec<u32> = [
+        // The clients by kind, and this process (it samples /proc and
+        // steps them).
+        let groups = [
             agents.pids(),
             verifiers.pids(),
             drivers.pids(),
             vec![std::process::id()],
-        ]
-        .concat();
-        let (clients0, machine0, cpu0) = (cpu_of(&pids), machine_busy_secs(), daemon.cpu_secs());
+        ];
+        let cpu_groups = || groups.iter().map(|g| cpu_of(g)).collect::<Vec<_>>();
+        let (clients0, machine0, cpu0) = (cpu_groups(), machine_busy_secs(), daemon.cpu_secs());
         let rss = RssLog::start(daemon.pid, opts.revocation_min_available_mib);
         let start = Instant::now();
         drivers.send("go");
         let mut cut_short = None;
+        let (mut shown, mut shown_cpu) = (Duration::ZERO, cpu0);
         while start.elapsed() < Duration::from_secs(secs) {
             std::thread::sleep(Duration::from_millis(200));
             daemon.check_alive();
+            if start.elapsed() >= shown + Duration::from_secs(10) {
+                let cpu = daemon.cpu_secs();
+                println!(
+                    "  {:>4.0} s: daemon RSS {}, {:.2} cores over the last {:.0} s; \
+                     MemAvailable {} MiB",
+                    start.elapsed().as_secs_f64(),
+                    mib(daemon.status().rss_kib),
+                    (cpu - shown_cpu) / (start.elapsed() - shown).as_secs_f64(),
+                    (start.elapsed() - shown).as_secs_f64(),
+                    mem_available_mib().unwrap_or(0)
+                );
+                (shown, shown_cpu) = (start.elapsed(), cpu);
+            }
             if rss.low() {
                 cut_short = Some(start.elapsed());
                 println!(
@@ -1815,9 +1830,10 @@ mod revocation {
         }
         drivers.send("stop");
         let window = start.elapsed().as_secs_f64();
-        let (clients1, machine1, cpu1) = (cpu_of(&pids), machine_busy_secs(), daemon.cpu_secs());
+        let (clients1, machine1, cpu1) = (cpu_groups(), machine_busy_secs(), daemon.cpu_secs());
         let rss_samples = rss.finish();
         let agents1 = agents.step(Some("count"));
+        let after_window = Instant::now();
         let verifiers1 = verifiers.step(Some("count"));
         let done = drivers.step(None);
         drivers.expect_ok(&done, "revocation drivers' results");
@@ -1842,6 +1858,7 @@ mod revocation {
         let grace_secs = grace.elapsed().as_secs_f64();
         let verdicts = verifiers.step(Some("stop"));
         let agents2 = agents.step(Some("stop"));
+        let after_secs = after_window.elapsed().as_secs_f64();
         daemon.check_alive();
         let s = "revocation".to_owned();
         report.plain(
@@ -1886,8 +1903,8 @@ mod revocation {
         driver.report(report, &s, "driver streams", window, ended);
         let late = Traffic::between(&agents1, &agents2);
         report.plain(
-            &format!("{s}: agent bytes after the window (grace)"),
-            format!("{:.1} MB in {grace_secs:.1} s", late.bytes as f64 / 1e6),
+            &format!("{s}: agent bytes after the window, until stop"),
+            format!("{:.1} MB in {after_secs:.1} s", late.bytes as f64 / 1e6),
             "",
             None,
         );
@@ -1902,7 +1919,12 @@ mod revocation {
         );
         report_rss(report, &s, &rss_samples);
         let daemon_cpu = cpu1 - cpu0;
-        let client_cpu = cpu_between(&clients0, &clients1);
+        let by_kind: Vec<f64> = clients0
+            .iter()
+            .zip(&clients1)
+            .map(|(a, b)| cpu_between(a, b))
+            .collect();
+        let client_cpu: f64 = by_kind.iter().sum();
         let machine = machine1 - machine0;
         report.cpu(
             &format!("{s}: daemon CPU per task end"),
@@ -1918,6 +1940,16 @@ mod revocation {
                 (machine - daemon_cpu - client_cpu).max(0.0) / window
             ),
             &format!("of {} (rest: other work)", report.cores),
+            None,
+        );
+        report.plain(
+            &format!("{s}: client cores: agents / verifiers / drivers / bench"),
+            by_kind
+                .iter()
+                .map(|c| format!("{:.2}", c / window))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            "",
             None,
         );
         report.threads(&s, peak);
@@ -2030,7 +2062,7 @@ mod revocation {
         report.plain(
             &format!("{s}: ends not in every verifier's CRL"),
             format!(
-                "{never} of {} ({} verifiers, {grace:.1} s grace){}",
+                "{never} of {} ({} verifiers; waited {grace:.1} s more after the last End){}",
                 ends.len(),
                 maps.len(),
                 if unknown > 0 {
