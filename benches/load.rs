@@ -14,7 +14,7 @@
 //! - latencies as sign-times: the same product for wall-clock time;
 //! - rates as a fraction of the openssl sign rate.
 //!
-//! Scenarios (default: all):
+//! Scenarios (default: all but `revocation`):
 //! - `new-processes`: N processes at once do a connect-only round trip
 //!   (FetchX509SVID without the `workload.spiffe.io` header, answered
 //!   InvalidArgument without attestation), then, at a second `go`, connect
@@ -25,14 +25,34 @@
 //!   each holding a FetchX509SVID stream as an agent would;
 //! - `rotation`: streams from several processes under a short instance TTL;
 //!   rotations (a new set of serials on one process's streams, counted once
-//!   per process) per one-second bin over a window.
+//!   per process) per one-second bin over a window;
+//! - `revocation` (only when named: minutes long, gigabytes when the CRL
+//!   rides every stream): N agent FetchX509SVID streams held by `streams`
+//!   clients, V verifier processes each holding a FetchX509Bundles stream,
+//!   and K task drivers each holding its own FetchX509SVID stream and
+//!   starting Begin -> (task SVID on its stream) -> End cycles on a fixed
+//!   schedule (open loop: a slow answer does not delay the next cycle) at
+//!   R cycles/s in total, for S seconds. Measured: Begin -> the task SVID
+//!   (hint `task:<id>`) on the driver's stream; End -> the task SVID's
+//!   serial in the CRL of every verifier (the driver's wall clock before End
+//!   joined with each verifier's first sighting of the serial, both epoch
+//!   ms; the worst verifier counts), and ends never seen; the protobuf
+//!   bytes (`encoded_len`) every client received, per kind of stream, per
+//!   second and per task end; daemon RSS each second (start, 30 s, end,
+//!   max); daemon, client and whole-machine CPU. The window is cut short
+//!   (and says so) if MemAvailable falls under a floor.
 //!
 //! Flags: `--quick` (small sizes, a short window: a smoke run), `--processes
 //! N`, `--streams N`, `--streams-per-process N`, `--streams-per-connection
 //! N`, `--task-secs S`, `--rotation-secs S`, `--rotation-processes N`,
 //! `--rotation-streams N`, `--rotation-ttl DURATION`, `--rounds N` (streams:
 //! N identical rounds against one daemon, RSS after each: memory that grows
-//! round after round is a leak, memory that plateaus is allocator retention).
+//! round after round is a leak, memory that plateaus is allocator retention),
+//! `--revocation-streams N` (10000), `--revocation-verifiers V` (4),
+//! `--revocation-rate R` (100 Begin+End per second in total),
+//! `--revocation-drivers K` (8), `--revocation-secs S` (120),
+//! `--revocation-min-available-mib M` (2048: the memory floor). `--quick`
+//! makes these 500 streams, 20/s, 15 s.
 
 #![allow(
     clippy::unwrap_used,
@@ -90,6 +110,7 @@ fn main() {
             "streams" => streams(&opts, &mut report),
             "tasks" => tasks(&opts, &mut report),
             "rotation" => rotation(&opts, &mut report),
+            "revocation" => revocation::run(&opts, &mut report),
             _ => unreachable!("checked by Opts::parse"),
         }
         report.print(from);
@@ -113,9 +134,23 @@ struct Opts {
     rotation_streams: usize,
     rotation_ttl: String,
     rounds: usize,
+    revocation_streams: usize,
+    revocation_verifiers: usize,
+    revocation_rate: f64,
+    revocation_drivers: usize,
+    revocation_secs: u64,
+    revocation_min_available_mib: u64,
 }
 
-const SCENARIOS: [&str; 4] = ["new-processes", "streams", "tasks", "rotation"];
+const SCENARIOS: [&str; 5] = [
+    "new-processes",
+    "streams",
+    "tasks",
+    "rotation",
+    "revocation",
+];
+/// What runs when no scenario is named: `revocation` only when asked for.
+const DEFAULT_SCENARIOS: [&str; 4] = ["new-processes", "streams", "tasks", "rotation"];
 
 impl Opts {
     fn parse(args: &[String]) -> Self {
@@ -133,6 +168,12 @@ impl Opts {
                 rotation_streams: 100,
                 rotation_ttl: "4s".into(),
                 rounds: 1,
+                revocation_streams: 500,
+                revocation_verifiers: 4,
+                revocation_rate: 20.0,
+                revocation_drivers: 8,
+                revocation_secs: 15,
+                revocation_min_available_mib: 2048,
             }
         } else {
             Opts {
@@ -147,6 +188,12 @@ impl Opts {
                 rotation_streams: 1000,
                 rotation_ttl: "10s".into(),
                 rounds: 1,
+                revocation_streams: 10_000,
+                revocation_verifiers: 4,
+                revocation_rate: 100.0,
+                revocation_drivers: 8,
+                revocation_secs: 120,
+                revocation_min_available_mib: 2048,
             }
         };
         let mut it = args.iter();
@@ -172,12 +219,27 @@ impl Opts {
                 "--rotation-streams" => o.rotation_streams = num(value()),
                 "--rotation-ttl" => o.rotation_ttl = value(),
                 "--rounds" => o.rounds = num(value()),
+                "--revocation-streams" => o.revocation_streams = num(value()),
+                "--revocation-verifiers" => o.revocation_verifiers = num(value()),
+                "--revocation-rate" => {
+                    let v = value();
+                    o.revocation_rate = v
+                        .parse()
+                        .ok()
+                        .filter(|r: &f64| r.is_finite() && *r > 0.0)
+                        .unwrap_or_else(|| usage(&format!("{arg}: {v:?} is not a rate")));
+                }
+                "--revocation-drivers" => o.revocation_drivers = num(value()),
+                "--revocation-secs" => o.revocation_secs = num(value()) as u64,
+                "--revocation-min-available-mib" => {
+                    o.revocation_min_available_mib = num(value()) as u64;
+                }
                 s if SCENARIOS.contains(&s) => o.scenarios.push(s.to_owned()),
                 s => usage(&format!("unknown argument {s:?}")),
             }
         }
         if o.scenarios.is_empty() {
-            o.scenarios = SCENARIOS.iter().map(|s| (*s).to_owned()).collect();
+            o.scenarios = DEFAULT_SCENARIOS.iter().map(|s| (*s).to_owned()).collect();
         }
         let positive = [
             o.processes,
@@ -187,8 +249,11 @@ impl Opts {
             o.rotation_processes,
             o.rotation_streams,
             o.rounds,
+            o.revocation_streams,
+            o.revocation_verifiers,
+            o.revocation_drivers,
         ];
-        if positive.contains(&0) || o.rotation_secs == 0 {
+        if positive.contains(&0) || o.rotation_secs == 0 || o.revocation_secs == 0 {
             usage("sizes must be at least 1");
         }
         o
@@ -201,7 +266,9 @@ fn usage(problem: &str) -> ! {
          [--processes N] [--streams N] [--streams-per-process N] \
          [--streams-per-connection N] [--task-secs S] [--rotation-secs S] \
          [--rotation-processes N] [--rotation-streams N] [--rotation-ttl 10s] \
-         [--rounds N]",
+         [--rounds N] [--revocation-streams N] [--revocation-verifiers V] \
+         [--revocation-rate R] [--revocation-drivers K] [--revocation-secs S] \
+         [--revocation-min-available-mib M]",
         SCENARIOS.join("|")
     );
     std::process::exit(2)
@@ -340,11 +407,7 @@ begin_per_second = 1000.0
 
     /// utime + stime of the daemon, in seconds.
     fn cpu_secs(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        ticks as f64 / procfs::ticks_per_second() as f64
+        process_cpu_secs(self.pid).unwrap_or_else(|| self.fail("cannot read the daemon's stat"))
     }
 
     fn status(&self) -> Status {
@@ -392,6 +455,15 @@ fn tail(path: &Path, lines: usize) -> String {
     let _ = file.read_to_string(&mut text);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// utime + stime of process `pid`, in seconds; `None` once it is gone.
+fn process_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / procfs::ticks_per_second() as f64)
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -502,20 +574,33 @@ impl Clients {
         self.failed.iter().flatten().next().map(String::as_str)
     }
 
+    /// Writes `command` to every live client without waiting for answers.
+    fn send(&mut self, command: &str) {
+        for (i, stdin) in self.stdins.iter_mut().enumerate() {
+            if self.failed[i].is_some() {
+                continue;
+            }
+            if let Some(s) = stdin
+                && let Err(e) = s.write_all(format!("{command}\n").as_bytes())
+            {
+                self.failed[i] = Some(format!("cannot write to client: {e}"));
+            }
+        }
+    }
+
+    /// The process ids of the clients still running.
+    fn pids(&mut self) -> Vec<u32> {
+        self.children
+            .iter_mut()
+            .filter_map(|c| matches!(c.try_wait(), Ok(None)).then(|| c.id()))
+            .collect()
+    }
+
     /// Writes `command` (if any) to every live client, then reads one line
     /// from each. A client's `{"error": ...}` line marks it failed.
     fn step(&mut self, command: Option<&str>) -> Vec<Option<Value>> {
         if let Some(command) = command {
-            for (i, stdin) in self.stdins.iter_mut().enumerate() {
-                if self.failed[i].is_some() {
-                    continue;
-                }
-                if let Some(s) = stdin
-                    && let Err(e) = s.write_all(format!("{command}\n").as_bytes())
-                {
-                    self.failed[i] = Some(format!("cannot write to client: {e}"));
-                }
-            }
+            self.send(command);
         }
         let mut lines = Vec::with_capacity(self.len());
         for i in 0..self.len() {
@@ -1122,8 +1207,33 @@ mod client {
     use tokio::sync::mpsc;
     use tonic::transport::Channel;
 
-    type Stream = tonic::Streaming<X509svidResponse>;
-    type Lines = mpsc::UnboundedReceiver<String>;
+    pub(super) type Stream = tonic::Streaming<X509svidResponse>;
+    pub(super) type Lines = mpsc::UnboundedReceiver<String>;
+    /// Largest message a client accepts.
+    const MAX_MESSAGE: usize = 256 << 20; // 256 MiB
+
+    /// Protobuf bytes (`encoded_len`, without gRPC or HTTP/2 framing) and
+    /// messages received, over all of a process's streams of one kind.
+    #[derive(Default)]
+    pub(super) struct Counts {
+        bytes: std::sync::atomic::AtomicU64,
+        messages: std::sync::atomic::AtomicU64,
+    }
+
+    impl Counts {
+        pub(super) fn add(&self, msg: &impl prost::Message) {
+            self.bytes
+                .fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
+            self.messages.fetch_add(1, Ordering::Relaxed);
+        }
+
+        pub(super) fn json(&self) -> Value {
+            json!({
+                "bytes": self.bytes.load(Ordering::Relaxed),
+                "messages": self.messages.load(Ordering::Relaxed),
+            })
+        }
+    }
 
     pub fn main(args: &[String]) {
         let (kind, socket) = (args[0].as_str(), PathBuf::from(&args[1]));
@@ -1143,6 +1253,11 @@ mod client {
                     tasks(&socket, lines, secs).await
                 }
                 "rotation" => rotation(&socket, lines, params[0], params[1]).await,
+                "verifier" => crate::revocation::verifier(&socket, lines).await,
+                "revtasks" => {
+                    let rate: f64 = args[2].parse().map_err(|_| "bad rate".to_owned())?;
+                    crate::revocation::driver(&socket, lines, rate).await
+                }
                 other => Err(format!("unknown client kind {other}")),
             }
         });
@@ -1152,7 +1267,7 @@ mod client {
         }
     }
 
-    fn say(v: Value) {
+    pub(super) fn say(v: Value) {
         println!("{v}");
     }
 
@@ -1171,11 +1286,11 @@ mod client {
     }
 
     /// Waits for the parent's next command; EOF counts as "stop".
-    async fn next(lines: &mut Lines) -> String {
+    pub(super) async fn next(lines: &mut Lines) -> String {
         lines.recv().await.unwrap_or_else(|| "stop".into())
     }
 
-    async fn timed<T, E: std::fmt::Display>(
+    pub(super) async fn timed<T, E: std::fmt::Display>(
         what: &str,
         f: impl std::future::Future<Output = Result<T, E>>,
     ) -> Result<T, String> {
@@ -1186,7 +1301,7 @@ mod client {
         }
     }
 
-    async fn channel(socket: &Path) -> Result<Channel, String> {
+    pub(super) async fn channel(socket: &Path) -> Result<Channel, String> {
         let path = socket.to_owned();
         let endpoint = tonic::transport::Endpoint::from_static("http://localhost");
         let connect = endpoint.connect_with_connector(tower::service_fn(move |_| {
@@ -1200,26 +1315,33 @@ mod client {
         timed("connect", connect).await
     }
 
-    fn with_header<T>(msg: T) -> tonic::Request<T> {
+    pub(super) fn with_header<T>(msg: T) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         req.metadata_mut()
             .insert("workload.spiffe.io", "true".parse().unwrap());
         req
     }
 
-    async fn open_stream(ch: Channel) -> Result<Stream, String> {
-        let mut client = SpiffeWorkloadApiClient::new(ch);
+    /// A Workload API client that takes messages of any size the bench
+    /// makes (a CRL of every task ended in a long run passes tonic's 4 MiB
+    /// default).
+    pub(super) fn workload_client(ch: Channel) -> SpiffeWorkloadApiClient<Channel> {
+        SpiffeWorkloadApiClient::new(ch).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    pub(super) async fn open_stream(ch: Channel) -> Result<Stream, String> {
+        let mut client = workload_client(ch);
         let call = client.fetch_x509svid(with_header(X509svidRequest {}));
         Ok(timed("FetchX509SVID", call).await?.into_inner())
     }
 
-    async fn first_message(stream: &mut Stream) -> Result<X509svidResponse, String> {
+    pub(super) async fn first_message(stream: &mut Stream) -> Result<X509svidResponse, String> {
         timed("first message", stream.message())
             .await?
             .ok_or_else(|| "stream ended before its first message".to_owned())
     }
 
-    fn ms(since: Instant) -> f64 {
+    pub(super) fn ms(since: Instant) -> f64 {
         since.elapsed().as_secs_f64() * 1e3
     }
 
@@ -1270,6 +1392,7 @@ mod client {
         count: usize,
         per_conn: usize,
         forward: Option<mpsc::UnboundedSender<Vec<Vec<u8>>>>,
+        counts: Arc<Counts>,
     ) -> Result<(tokio::task::JoinSet<()>, Vec<f64>, usize), String> {
         let mut channels = Vec::new();
         for _ in 0..count.div_ceil(per_conn.max(1)) {
@@ -1279,7 +1402,7 @@ mod client {
         let mut set = tokio::task::JoinSet::new();
         for i in 0..count {
             let ch = channels[i / per_conn.max(1)].clone();
-            let (tx, forward) = (tx.clone(), forward.clone());
+            let (tx, forward, counts) = (tx.clone(), forward.clone(), counts.clone());
             set.spawn(async move {
                 let start = Instant::now();
                 let mut stream = match open_stream(ch).await {
@@ -1288,6 +1411,7 @@ mod client {
                 };
                 match first_message(&mut stream).await {
                     Ok(msg) => {
+                        counts.add(&msg);
                         let _ = tx.send(Ok(ms(start)));
                         if let Some(f) = &forward {
                             let _ = f.send(serials(&msg));
@@ -1296,6 +1420,7 @@ mod client {
                     Err(e) => return drop(tx.send(Err(e))),
                 }
                 while let Ok(Some(msg)) = stream.message().await {
+                    counts.add(&msg);
                     if let Some(f) = &forward {
                         let _ = f.send(serials(&msg));
                     }
@@ -1345,11 +1470,17 @@ mod client {
     ) -> Result<(), String> {
         say(json!({ "ready": true }));
         next(&mut lines).await;
-        let (set, lat, errors) = open_many(socket, count, per_conn, None).await?;
+        let counts = Arc::new(Counts::default());
+        let (set, lat, errors) = open_many(socket, count, per_conn, None, counts.clone()).await?;
         say(json!({ "ms": lat, "errors": errors }));
-        next(&mut lines).await;
+        // `count`: the bytes and messages so far; anything else closes.
+        while next(&mut lines).await == "count" {
+            say(counts.json());
+        }
         drop(set);
-        say(json!({ "closed": true }));
+        let mut closed = counts.json();
+        closed["closed"] = json!(true);
+        say(closed);
         Ok(())
     }
 
@@ -1362,7 +1493,8 @@ mod client {
         say(json!({ "ready": true }));
         next(&mut lines).await;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let (set, _, errors) = open_many(socket, count, per_conn, Some(tx)).await?;
+        let counts = Arc::new(Counts::default());
+        let (set, _, errors) = open_many(socket, count, per_conn, Some(tx), counts).await?;
         say(json!({ "up": true, "errors": errors }));
         let mut seen: HashSet<Vec<Vec<u8>>> = HashSet::new();
         let (mut rotations, mut messages, mut ended) = (Vec::new(), 0u64, 0u64);
@@ -1432,6 +1564,826 @@ mod client {
             "secs": start.elapsed().as_secs_f64(),
             "refused": refused,
             "lat_ms": lat,
+        }));
+        next(&mut lines).await;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- revocation at scale
+
+/// The `revocation` scenario: the parent's side (`run`) and its two client
+/// kinds (`verifier`, `driver`); the agent streams are `streams` clients.
+mod revocation {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use sigil::proto::sigil::workload::v1::tasks_client::TasksClient;
+    use sigil::proto::sigil::workload::v1::{BeginRequest, EndRequest};
+    use sigil::proto::workload::{X509BundlesRequest, X509BundlesResponse, X509svidResponse};
+    use tokio::sync::watch;
+    use tonic::transport::Channel;
+
+    use super::client::{
+        Counts, Lines, channel, first_message, ms, next, open_stream, say, timed, with_header,
+        workload_client,
+    };
+    use super::*;
+
+    /// How long a driver waits for a task SVID on its stream after Begin
+    /// answered; past it the Begin counts as never seen (and is ended).
+    const SEEN_TIMEOUT: Duration = Duration::from_secs(30);
+    /// How long a driver waits for a Begin or an End answer.
+    const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+    /// After the window, how long the verifiers get to see the last ends.
+    const GRACE: Duration = Duration::from_secs(30);
+    /// Latency target of issue 14 for both Begin and End, ms.
+    const TARGET_MS: f64 = 200.0;
+    /// The RSS figure compared with the end: this far into the window.
+    const RSS_MARK: Duration = Duration::from_secs(30);
+
+    /// Wall clock in ms since the epoch, to the microsecond: the one clock
+    /// a driver's End and a verifier's sighting share across processes.
+    fn epoch_ms_f64() -> f64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    }
+
+    // ------------------------------------------------------------ parent
+
+    /// The daemon's RSS every second, and whether the machine ran short of
+    /// memory (MemAvailable under the floor), until finished.
+    struct RssLog {
+        stop: Arc<AtomicBool>,
+        low: Arc<AtomicBool>,
+        handle: std::thread::JoinHandle<Vec<(f64, u64)>>,
+    }
+
+    impl RssLog {
+        fn start(pid: u32, floor_mib: u64) -> Self {
+            let stop = Arc::new(AtomicBool::new(false));
+            let low = Arc::new(AtomicBool::new(false));
+            let (flag, short) = (stop.clone(), low.clone());
+            let handle = std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut samples = Vec::new();
+                let mut next = Duration::ZERO;
+                while !flag.load(Ordering::Relaxed) {
+                    if start.elapsed() >= next {
+                        if let Some(s) = read_status(pid) {
+                            samples.push((start.elapsed().as_secs_f64(), s.rss_kib));
+                        }
+                        if mem_available_mib().is_some_and(|m| m < floor_mib) {
+                            short.store(true, Ordering::Relaxed);
+                        }
+                        next += Duration::from_secs(1);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if let Some(s) = read_status(pid) {
+                    samples.push((start.elapsed().as_secs_f64(), s.rss_kib));
+                }
+                samples
+            });
+            RssLog { stop, low, handle }
+        }
+
+        fn low(&self) -> bool {
+            self.low.load(Ordering::Relaxed)
+        }
+
+        fn finish(self) -> Vec<(f64, u64)> {
+            self.stop.store(true, Ordering::Relaxed);
+            self.handle.join().unwrap()
+        }
+    }
+
+    fn mem_available_mib() -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024)
+    }
+
+    /// Busy CPU seconds of the whole machine (all cores, from /proc/stat).
+    fn machine_busy_secs() -> f64 {
+        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let busy: u64 = fields
+            .iter()
+            .take(8)
+            .enumerate()
+            .filter(|(i, _)| *i != 3 && *i != 4)
+            .map(|(_, v)| v)
+            .sum();
+        busy as f64 / procfs::ticks_per_second() as f64
+    }
+
+    /// CPU seconds of the given processes; ones gone are left out.
+    fn cpu_of(pids: &[u32]) -> HashMap<u32, f64> {
+        pids.iter()
+            .filter_map(|&p| process_cpu_secs(p).map(|c| (p, c)))
+            .collect()
+    }
+
+    fn cpu_between(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
+        after
+            .iter()
+            .map(|(p, c)| c - before.get(p).copied().unwrap_or(0.0))
+            .sum()
+    }
+
+    fn total(lines: &[Option<Value>], key: &str) -> u64 {
+        sum(lines, key) as u64
+    }
+
+    /// Bytes and messages of one kind of stream over the window.
+    struct Traffic {
+        bytes: u64,
+        messages: u64,
+    }
+
+    impl Traffic {
+        fn between(before: &[Option<Value>], after: &[Option<Value>]) -> Self {
+            Traffic {
+                bytes: total(after, "bytes").saturating_sub(total(before, "bytes")),
+                messages: total(after, "messages").saturating_sub(total(before, "messages")),
+            }
+        }
+
+        fn report(&self, report: &mut Report, s: &str, kind: &str, secs: f64, ends: u64) {
+            report.plain(
+                &format!("{s}: {kind} bytes / messages"),
+                format!("{:.1} MB / {}", self.bytes as f64 / 1e6, self.messages),
+                "",
+                None,
+            );
+            report.plain(
+                &format!("{s}: {kind} MB/s"),
+                format!("{:.2} MB/s", self.bytes as f64 / 1e6 / secs.max(1e-9)),
+                "",
+                None,
+            );
+            report.plain(
+                &format!("{s}: {kind} bytes per task end"),
+                format!("{:.0} B", self.bytes as f64 / ends.max(1) as f64),
+                "",
+                None,
+            );
+        }
+    }
+
+    pub(super) fn run(opts: &Opts, report: &mut Report) {
+        let n = opts.revocation_streams;
+        let per = opts.streams_per_process.min(n);
+        let processes = n.div_ceil(per);
+        let (v, k) = (opts.revocation_verifiers, opts.revocation_drivers);
+        let rate = opts.revocation_rate;
+        let secs = opts.revocation_secs;
+        let mut daemon = Daemon::start("1h");
+        daemon.warm_up();
+        let peak_sampler = Sampler::start(daemon.pid);
+        println!(
+            "\nrevocation: {} agent streams from {processes} processes, {v} verifiers, \
+             {rate}/s Begin+End from {k} drivers, {secs} s; daemon pid {}",
+            per * processes,
+            daemon.pid
+        );
+        let mut agents = Clients::spawn(
+            &daemon,
+            processes,
+            "streams",
+            &[per.to_string(), opts.streams_per_connection.to_string()],
+        );
+        let ready = agents.step(None);
+        agents.expect_ok(&ready, "revocation agents start");
+        let t = Instant::now();
+        let up = agents.step(Some("go"));
+        agents.expect_ok(&up, "revocation agent streams");
+        let opened = numbers(&up, "ms").len();
+        let stream_errors = sum(&up, "errors");
+        println!(
+            "{opened} agent streams up in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        let mut verifiers = Clients::spawn(&daemon, v, "verifier", &[]);
+        let ready = verifiers.step(None);
+        verifiers.expect_ok(&ready, "revocation verifiers");
+        let mut drivers = Clients::spawn(&daemon, k, "revtasks", &[(rate / k as f64).to_string()]);
+        let ready = drivers.step(None);
+        drivers.expect_ok(&ready, "revocation drivers");
+        std::thread::sleep(Duration::from_secs(2));
+        daemon.check_alive();
+
+        // The window: from the drivers' go to their stop.
+        let agents0 = agents.step(Some("count"));
+        let verifiers0 = verifiers.step(Some("count"));
+        // The clients by kind, and this process (it samples /proc and
+        // steps them).
+        let groups = [
+            agents.pids(),
+            verifiers.pids(),
+            drivers.pids(),
+            vec![std::process::id()],
+        ];
+        let cpu_groups = || groups.iter().map(|g| cpu_of(g)).collect::<Vec<_>>();
+        let (clients0, machine0, cpu0) = (cpu_groups(), machine_busy_secs(), daemon.cpu_secs());
+        let rss = RssLog::start(daemon.pid, opts.revocation_min_available_mib);
+        let start = Instant::now();
+        drivers.send("go");
+        let mut cut_short = None;
+        let (mut shown, mut shown_cpu) = (Duration::ZERO, cpu0);
+        while start.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(Duration::from_millis(200));
+            daemon.check_alive();
+            if start.elapsed() >= shown + Duration::from_secs(10) {
+                let cpu = daemon.cpu_secs();
+                println!(
+                    "  {:>4.0} s: daemon RSS {}, {:.2} cores over the last {:.0} s; \
+                     MemAvailable {} MiB",
+                    start.elapsed().as_secs_f64(),
+                    mib(daemon.status().rss_kib),
+                    (cpu - shown_cpu) / (start.elapsed() - shown).as_secs_f64(),
+                    (start.elapsed() - shown).as_secs_f64(),
+                    mem_available_mib().unwrap_or(0)
+                );
+                (shown, shown_cpu) = (start.elapsed(), cpu);
+            }
+            if rss.low() {
+                cut_short = Some(start.elapsed());
+                println!(
+                    "MemAvailable under {} MiB after {:.1} s: window cut short",
+                    opts.revocation_min_available_mib,
+                    start.elapsed().as_secs_f64()
+                );
+                break;
+            }
+        }
+        drivers.send("stop");
+        let window = start.elapsed().as_secs_f64();
+        let (clients1, machine1, cpu1) = (cpu_groups(), machine_busy_secs(), daemon.cpu_secs());
+        let rss_samples = rss.finish();
+        let agents1 = agents.step(Some("count"));
+        let after_window = Instant::now();
+        let verifiers1 = verifiers.step(Some("count"));
+        let done = drivers.step(None);
+        drivers.expect_ok(&done, "revocation drivers' results");
+        let ends = driver_ends(&done);
+
+        // Grace: until every verifier has a sighting per end, at most GRACE.
+        let grace = Instant::now();
+        let initial = numbers(&verifiers0, "seen");
+        loop {
+            let now = verifiers.step(Some("count"));
+            let seen = numbers(&now, "seen");
+            let all = seen.len() == initial.len()
+                && seen
+                    .iter()
+                    .zip(&initial)
+                    .all(|(s, i)| s - i >= ends.len() as f64);
+            if all || grace.elapsed() > GRACE {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let grace_secs = grace.elapsed().as_secs_f64();
+        let verdicts = verifiers.step(Some("stop"));
+        let agents2 = agents.step(Some("stop"));
+        let after_secs = after_window.elapsed().as_secs_f64();
+        daemon.check_alive();
+        let s = "revocation".to_owned();
+        report.plain(
+            &format!("{s}: layout"),
+            format!("{opened} streams, {v} verifiers, {k} drivers, {rate}/s, {window:.0} s"),
+            "",
+            None,
+        );
+        report.failures(&format!("{s} agents"), &agents);
+        report.failures(&format!("{s} verifiers"), &verifiers);
+        report.failures(&format!("{s} drivers"), &drivers);
+        verifiers.finish();
+        drivers.finish();
+        settle(&daemon, agents);
+        let peak = peak_sampler.finish();
+
+        report.plain(
+            &format!("{s}: agent streams opened"),
+            format!("{opened} ({stream_errors} stream errors)"),
+            &format!("{}", per * processes),
+            Some(opened == per * processes),
+        );
+        if let Some(at) = cut_short {
+            report.plain(
+                &format!("{s}: window CUT SHORT (memory floor)"),
+                format!("{:.1} s of {secs} s", at.as_secs_f64()),
+                "",
+                Some(false),
+            );
+        }
+        let ended = total(&done, "ended");
+        report_tasks(report, &s, &done, window, rate);
+        report_ends(report, &s, &ends, &verdicts, ended, grace_secs);
+        let agent = Traffic::between(&agents0, &agents1);
+        let verifier = Traffic::between(&verifiers0, &verifiers1);
+        let driver = Traffic {
+            bytes: total(&done, "bytes"),
+            messages: total(&done, "messages"),
+        };
+        agent.report(report, &s, "agent streams", window, ended);
+        verifier.report(report, &s, "verifier streams", window, ended);
+        driver.report(report, &s, "driver streams", window, ended);
+        let late = Traffic::between(&agents1, &agents2);
+        report.plain(
+            &format!("{s}: agent bytes after the window, until stop"),
+            format!("{:.1} MB in {after_secs:.1} s", late.bytes as f64 / 1e6),
+            "",
+            None,
+        );
+        let crl = verdicts.iter().flatten().next();
+        report.plain(
+            &format!("{s}: CRL at the end (entries / bytes)"),
+            crl.map_or("-".into(), |c| {
+                format!("{} / {}", c["crl_entries"], c["crl_bytes"])
+            }),
+            "",
+            None,
+        );
+        report_rss(report, &s, &rss_samples);
+        let daemon_cpu = cpu1 - cpu0;
+        let by_kind: Vec<f64> = clients0
+            .iter()
+            .zip(&clients1)
+            .map(|(a, b)| cpu_between(a, b))
+            .collect();
+        let client_cpu: f64 = by_kind.iter().sum();
+        let machine = machine1 - machine0;
+        report.cpu(
+            &format!("{s}: daemon CPU per task end"),
+            daemon_cpu / ended.max(1) as f64,
+            None,
+        );
+        report.plain(
+            &format!("{s}: CPU cores: daemon / clients / rest"),
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                daemon_cpu / window,
+                client_cpu / window,
+                (machine - daemon_cpu - client_cpu).max(0.0) / window
+            ),
+            &format!("of {} (rest: other work)", report.cores),
+            None,
+        );
+        report.plain(
+            &format!("{s}: client cores: agents / verifiers / drivers / bench"),
+            by_kind
+                .iter()
+                .map(|c| format!("{:.2}", c / window))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            "",
+            None,
+        );
+        report.threads(&s, peak);
+    }
+
+    /// Every End with its task SVID's serial: (serial hex, epoch ms before
+    /// the End was sent).
+    fn driver_ends(done: &[Option<Value>]) -> Vec<(String, f64)> {
+        done.iter()
+            .flatten()
+            .flat_map(|d| d["ends"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| Some((e[0].as_str()?.to_owned(), e[1].as_f64()?)))
+            .collect()
+    }
+
+    fn latency_rows(report: &mut Report, s: &str, what: &str, values: &mut [f64], target: bool) {
+        for (p, name) in [(0.5, "p50"), (0.99, "p99"), (1.0, "max")] {
+            let v = quantile(values, p);
+            let t = (target && name == "p99").then_some((TARGET_MS, "<= 200 ms"));
+            report.latency(&format!("{s}: {what} {name}"), v, t);
+        }
+    }
+
+    fn report_tasks(report: &mut Report, s: &str, done: &[Option<Value>], window: f64, rate: f64) {
+        let ended = total(done, "ended");
+        report.plain(
+            &format!("{s}: cycles scheduled / begun / ended"),
+            format!(
+                "{} / {} / {ended}",
+                total(done, "scheduled"),
+                total(done, "begun")
+            ),
+            "",
+            None,
+        );
+        report.row(
+            format!("{s}: task ends"),
+            format!("{:.1} /s", ended as f64 / window),
+            "-".into(),
+            &format!("{rate} /s"),
+            Some(ended as f64 / window >= 0.95 * rate),
+        );
+        report.plain(
+            &format!("{s}: Begins refused (rate limit) / errors"),
+            format!(
+                "{} / {}{}",
+                total(done, "refused"),
+                total(done, "errors"),
+                done.iter()
+                    .flatten()
+                    .find_map(|d| d["first_error"].as_str())
+                    .map_or(String::new(), |e| format!(
+                        " (first: {})",
+                        e.chars().take(60).collect::<String>()
+                    ))
+            ),
+            "0 / 0",
+            Some(total(done, "refused") == 0 && total(done, "errors") == 0),
+        );
+        let mut begin = numbers(done, "begin_ms");
+        latency_rows(report, s, "Begin -> SVID on own stream", &mut begin, true);
+        report.plain(
+            &format!("{s}: task SVIDs not seen on own stream"),
+            format!(
+                "{} (waited {} s each)",
+                total(done, "unseen"),
+                SEEN_TIMEOUT.as_secs()
+            ),
+            "0",
+            Some(total(done, "unseen") == 0),
+        );
+        let mut begin_rpc = numbers(done, "begin_rpc_ms");
+        let mut end_rpc = numbers(done, "end_rpc_ms");
+        for (what, values) in [("Begin RPC", &mut begin_rpc), ("End RPC", &mut end_rpc)] {
+            for (p, name) in [(0.5, "p50"), (0.99, "p99")] {
+                report.latency(&format!("{s}: {what} {name}"), quantile(values, p), None);
+            }
+        }
+    }
+
+    /// End -> the serial in every verifier's CRL: per end, the latest of
+    /// the verifiers' first sightings.
+    fn report_ends(
+        report: &mut Report,
+        s: &str,
+        ends: &[(String, f64)],
+        verdicts: &[Option<Value>],
+        ended: u64,
+        grace: f64,
+    ) {
+        let maps: Vec<&serde_json::Map<String, Value>> = verdicts
+            .iter()
+            .flatten()
+            .filter_map(|v| v["first_seen"].as_object())
+            .collect();
+        let (mut lat, mut never) = (Vec::with_capacity(ends.len()), 0usize);
+        for (serial, end_ms) in ends {
+            let worst = maps.iter().try_fold(f64::MIN, |worst, m| {
+                m.get(serial)
+                    .and_then(Value::as_f64)
+                    .map(|seen| worst.max(seen - end_ms))
+            });
+            match worst {
+                Some(w) if !maps.is_empty() => lat.push(w),
+                _ => never += 1,
+            }
+        }
+        latency_rows(report, s, "End -> in every verifier's CRL", &mut lat, true);
+        let unknown = ended.saturating_sub(ends.len() as u64);
+        report.plain(
+            &format!("{s}: ends not in every verifier's CRL"),
+            format!(
+                "{never} of {} ({} verifiers; waited {grace:.1} s more after the last End){}",
+                ends.len(),
+                maps.len(),
+                if unknown > 0 {
+                    format!("; {unknown} ends without a known serial")
+                } else {
+                    String::new()
+                }
+            ),
+            "0",
+            Some(never == 0 && unknown == 0 && !maps.is_empty()),
+        );
+    }
+
+    fn report_rss(report: &mut Report, s: &str, samples: &[(f64, u64)]) {
+        let Some(&(_, first)) = samples.first() else {
+            return;
+        };
+        let &(end_t, last) = samples.last().unwrap();
+        // 30 s in, or half the window when it is shorter than a minute.
+        let mark_t = if end_t >= 2.0 * RSS_MARK.as_secs_f64() {
+            RSS_MARK.as_secs_f64()
+        } else {
+            end_t / 2.0
+        };
+        let &(mark_at, mark) = samples
+            .iter()
+            .find(|(t, _)| *t >= mark_t)
+            .unwrap_or(samples.last().unwrap());
+        let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+        report.plain(
+            &format!("{s}: daemon RSS start / {mark_at:.0} s / end / max"),
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0} MiB",
+                first as f64 / 1024.0,
+                mark as f64 / 1024.0,
+                last as f64 / 1024.0,
+                max as f64 / 1024.0
+            ),
+            "",
+            None,
+        );
+        let ratio = last as f64 / mark.max(1) as f64;
+        report.plain(
+            &format!("{s}: daemon RSS end / at {mark_at:.0} s"),
+            format!("{ratio:.2}x ({} samples, 1 s apart)", samples.len()),
+            "<= 1.20x (stable)",
+            Some(ratio <= 1.2),
+        );
+    }
+
+    // ------------------------------------------------------------ verifier
+
+    /// What one verifier has seen: when each serial first appeared in a
+    /// CRL on its FetchX509Bundles stream.
+    #[derive(Default)]
+    struct Seen {
+        counts: Counts,
+        first_seen: HashMap<String, f64>,
+        last_crl: bytes::Bytes,
+        crl_entries: usize,
+    }
+
+    impl Seen {
+        fn absorb(&mut self, msg: &X509BundlesResponse) -> Result<(), String> {
+            let now = epoch_ms_f64();
+            self.counts.add(msg);
+            for der in &msg.crl {
+                if *der == self.last_crl {
+                    continue;
+                }
+                let (_, crl) =
+                    x509_parser::parse_x509_crl(der).map_err(|e| format!("unparsable CRL: {e}"))?;
+                let mut entries = 0;
+                for revoked in crl.iter_revoked_certificates() {
+                    entries += 1;
+                    self.first_seen
+                        .entry(hex::encode(revoked.raw_serial()))
+                        .or_insert(now);
+                }
+                self.crl_entries = entries;
+                self.last_crl = der.clone();
+            }
+            Ok(())
+        }
+    }
+
+    /// Holds one FetchX509Bundles stream and notes when each revoked
+    /// serial first shows up. `count`: bytes, messages, serials seen;
+    /// anything else: the sightings, then exit at the next line.
+    pub(super) async fn verifier(socket: &Path, mut lines: Lines) -> Result<(), String> {
+        let mut client = workload_client(channel(socket).await?);
+        let call = client.fetch_x509_bundles(with_header(X509BundlesRequest {}));
+        let mut stream = timed("FetchX509Bundles", call).await?.into_inner();
+        let mut seen = Seen::default();
+        let first = timed("first bundle message", stream.message())
+            .await?
+            .ok_or_else(|| "bundle stream ended before its first message".to_owned())?;
+        seen.absorb(&first)?;
+        say(json!({ "ready": true }));
+        loop {
+            tokio::select! {
+                msg = stream.message() => match msg {
+                    Ok(Some(m)) => seen.absorb(&m)?,
+                    Ok(None) => return Err("the bundle stream ended".into()),
+                    Err(s) => return Err(format!("bundle stream: {s}")),
+                },
+                line = next(&mut lines) => {
+                    if line != "count" {
+                        break;
+                    }
+                    let mut c = seen.counts.json();
+                    c["seen"] = json!(seen.first_seen.len());
+                    say(c);
+                }
+            }
+        }
+        let mut out = seen.counts.json();
+        out["first_seen"] = json!(seen.first_seen);
+        out["crl_entries"] = json!(seen.crl_entries);
+        out["crl_bytes"] = json!(seen.last_crl.len());
+        say(out);
+        next(&mut lines).await;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ driver
+
+    /// Task SVIDs seen on a driver's own stream: hint -> (when, serial hex).
+    struct Sightings {
+        counts: Counts,
+        seen: Mutex<HashMap<String, (Instant, String)>>,
+        /// Bumped on every new task SVID and when the stream ends.
+        tick: watch::Sender<u64>,
+        ended: AtomicBool,
+    }
+
+    impl Sightings {
+        fn absorb(&self, msg: &X509svidResponse) {
+            let now = Instant::now();
+            self.counts.add(msg);
+            let mut seen = self.seen.lock().unwrap();
+            let mut new = false;
+            for svid in msg.svids.iter().filter(|s| s.hint.starts_with("task:")) {
+                if seen.contains_key(&svid.hint) {
+                    continue;
+                }
+                let serial = x509_parser::parse_x509_certificate(&svid.x509_svid)
+                    .map(|(_, c)| hex::encode(c.raw_serial()))
+                    .unwrap_or_default();
+                seen.insert(svid.hint.clone(), (now, serial));
+                new = true;
+            }
+            drop(seen);
+            if new {
+                self.tick.send_modify(|n| *n += 1);
+            }
+        }
+
+        fn end(&self) {
+            self.ended.store(true, Ordering::Relaxed);
+            self.tick.send_modify(|n| *n += 1);
+        }
+
+        /// When the SVID with `hint` appeared, waiting up to SEEN_TIMEOUT.
+        async fn wait(&self, hint: &str) -> Option<(Instant, String)> {
+            let mut tick = self.tick.subscribe();
+            let deadline = tokio::time::Instant::now() + SEEN_TIMEOUT;
+            loop {
+                if let Some(found) = self.seen.lock().unwrap().get(hint) {
+                    return Some(found.clone());
+                }
+                if self.ended.load(Ordering::Relaxed) {
+                    return None;
+                }
+                match tokio::time::timeout_at(deadline, tick.changed()).await {
+                    Ok(Ok(())) => {}
+                    _ => return None,
+                }
+            }
+        }
+    }
+
+    /// One Begin -> task SVID on the stream -> End.
+    #[derive(Default)]
+    struct Cycle {
+        refused: bool,
+        error: Option<String>,
+        begin_rpc_ms: Option<f64>,
+        begin_ms: Option<f64>,
+        end_rpc_ms: Option<f64>,
+        /// The task SVID's serial (if it was seen) and the wall clock just
+        /// before End was sent.
+        ended: Option<(Option<String>, f64)>,
+    }
+
+    async fn cycle(mut tasks: TasksClient<Channel>, seen: Arc<Sightings>, id: String) -> Cycle {
+        let mut out = Cycle::default();
+        let t0 = Instant::now();
+        let begin = BeginRequest {
+            task_id: id.clone(),
+            ttl: None,
+            attributes: Default::default(),
+        };
+        match tokio::time::timeout(RPC_TIMEOUT, tasks.begin(with_header(begin))).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) if s.code() == tonic::Code::ResourceExhausted => {
+                out.refused = true;
+                return out;
+            }
+            Ok(Err(s)) => {
+                out.error = Some(format!("Begin: {s}"));
+                return out;
+            }
+            Err(_) => {
+                out.error = Some("Begin: no answer".into());
+                return out;
+            }
+        }
+        out.begin_rpc_ms = Some(ms(t0));
+        let sighting = seen.wait(&format!("task:{id}")).await;
+        out.begin_ms = sighting
+            .as_ref()
+            .map(|(at, _)| at.saturating_duration_since(t0).as_secs_f64() * 1e3);
+        let end_at = epoch_ms_f64();
+        let t1 = Instant::now();
+        let end = EndRequest { task_id: id };
+        match tokio::time::timeout(RPC_TIMEOUT, tasks.end(with_header(end))).await {
+            Ok(Ok(_)) => {
+                out.end_rpc_ms = Some(ms(t1));
+                out.ended = Some((sighting.map(|(_, serial)| serial), end_at));
+            }
+            Ok(Err(s)) => out.error = Some(format!("End: {s}")),
+            Err(_) => out.error = Some("End: no answer".into()),
+        }
+        out
+    }
+
+    /// Holds its own FetchX509SVID stream; from `go` until the next line
+    /// starts a cycle every 1/`rate` s (from a random phase, so that the
+    /// drivers do not start theirs together), waits for the cycles under
+    /// way, and reports them all.
+    pub(super) async fn driver(socket: &Path, mut lines: Lines, rate: f64) -> Result<(), String> {
+        let ch = channel(socket).await?;
+        let mut stream = open_stream(ch.clone()).await?;
+        let first = first_message(&mut stream).await?;
+        let seen = Arc::new(Sightings {
+            counts: Counts::default(),
+            seen: Mutex::new(HashMap::new()),
+            tick: watch::Sender::new(0),
+            ended: AtomicBool::new(false),
+        });
+        seen.absorb(&first);
+        let reader = seen.clone();
+        let reading = tokio::spawn(async move {
+            while let Ok(Some(msg)) = stream.message().await {
+                reader.absorb(&msg);
+            }
+            reader.end();
+        });
+        let tasks = TasksClient::new(ch);
+        say(json!({ "ready": true }));
+        next(&mut lines).await;
+        let before = seen.counts.json();
+        let period = Duration::from_secs_f64(1.0 / rate);
+        let start = tokio::time::Instant::now() + period.mul_f64(rand::random::<f64>());
+        let mut cycles = tokio::task::JoinSet::new();
+        let mut scheduled = 0u64;
+        loop {
+            let at = start + period.mul_f64(scheduled as f64);
+            tokio::select! {
+                () = tokio::time::sleep_until(at) => {
+                    let id = format!("r{scheduled}");
+                    cycles.spawn(cycle(tasks.clone(), seen.clone(), id));
+                    scheduled += 1;
+                }
+                _ = next(&mut lines) => break,
+            }
+        }
+        let after = seen.counts.json();
+        let (mut begin_ms, mut begin_rpc_ms, mut end_rpc_ms) = (vec![], vec![], vec![]);
+        let (mut ends, mut begun, mut ended) = (vec![], 0u64, 0u64);
+        let (mut refused, mut errors, mut unseen, mut first_error) = (0u64, 0u64, 0u64, None);
+        while let Some(c) = cycles.join_next().await {
+            let c = c.map_err(|e| format!("a cycle panicked: {e}"))?;
+            refused += u64::from(c.refused);
+            if let Some(e) = c.error {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
+            if let Some(b) = c.begin_rpc_ms {
+                begun += 1;
+                begin_rpc_ms.push(b);
+                match c.begin_ms {
+                    Some(ms) => begin_ms.push(ms),
+                    None => unseen += 1,
+                }
+            }
+            end_rpc_ms.extend(c.end_rpc_ms);
+            if let Some((serial, at)) = c.ended {
+                ended += 1;
+                if let Some(serial) = serial.filter(|s| !s.is_empty()) {
+                    ends.push(json!([serial, at]));
+                }
+            }
+        }
+        reading.abort();
+        let diff = |key: &str| after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0);
+        say(json!({
+            "scheduled": scheduled,
+            "begun": begun,
+            "ended": ended,
+            "refused": refused,
+            "errors": errors,
+            "first_error": first_error,
+            "unseen": unseen,
+            "begin_ms": begin_ms,
+            "begin_rpc_ms": begin_rpc_ms,
+            "end_rpc_ms": end_rpc_ms,
+            "ends": ends,
+            "bytes": diff("bytes"),
+            "messages": diff("messages"),
         }));
         next(&mut lines).await;
         Ok(())
