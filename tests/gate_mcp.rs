@@ -598,3 +598,47 @@ async fn an_mcp_agent_calls_tools_through_the_gate_with_its_task_identity_until_
     other.stop().await;
     stranger.stop().await;
 }
+
+/// Known hole, reported and not fixed here: the gate takes the MCP method
+/// and tool from the client's `Mcp-Method`/`Mcp-Name` headers when they are
+/// present and then does not read the body, while the SDK's server acts on
+/// the body alone in a 2025-11-25 session. A `tools/call` of the forbidden
+/// tool that claims to be `tools/list` (or a call of `echo_identity`) in
+/// its headers is let through and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: the gate trusts Mcp-Method/Mcp-Name headers over the JSON-RPC body"]
+async fn a_forbidden_tool_cannot_hide_behind_mcp_headers_naming_another_method_or_tool() {
+    let mut scene = Scene::start().await;
+    scene.agent.ask(json!({"cmd": "fetch"})).await;
+    scene
+        .agent
+        .ask(json!({"cmd": "begin", "task": "job-1", "ttl": 300}))
+        .await;
+    // The same request without the headers: refused, as it should be.
+    let plain = scene
+        .agent
+        .ask(json!({"cmd": "raw_call", "as": "task", "tool": "delete_everything"}))
+        .await;
+    assert_eq!(plain["status"], 403, "{plain}");
+    for headers in [
+        json!({"Mcp-Method": "tools/list"}),
+        json!({"Mcp-Method": "tools/call", "Mcp-Name": "echo_identity"}),
+    ] {
+        let called = scene
+            .agent
+            .ask(json!({"cmd": "raw_call", "as": "task", "tool": "delete_everything", "headers": headers}))
+            .await;
+        let status = called["status"].as_u64().unwrap();
+        assert!(
+            (400..500).contains(&status),
+            "with {headers}: the gate let the call through: {called}"
+        );
+    }
+    assert!(
+        record_of(&scene.record)
+            .iter()
+            .all(|r| r["tool_ran"] != "delete_everything"),
+        "the forbidden tool ran"
+    );
+    scene.stop().await;
+}
