@@ -1256,7 +1256,8 @@ mod client {
                 "verifier" => crate::revocation::verifier(&socket, lines).await,
                 "revtasks" => {
                     let rate: f64 = args[2].parse().map_err(|_| "bad rate".to_owned())?;
-                    crate::revocation::driver(&socket, lines, rate).await
+                    let gate = args.get(3).and_then(|a| a.parse().ok());
+                    crate::revocation::driver(&socket, lines, rate, gate).await
                 }
                 other => Err(format!("unknown client kind {other}")),
             }
@@ -1778,7 +1779,14 @@ mod revocation {
         let mut verifiers = Clients::spawn(&daemon, v, "verifier", &[]);
         let ready = verifiers.step(None);
         verifiers.expect_ok(&ready, "revocation verifiers");
-        let mut drivers = Clients::spawn(&daemon, k, "revtasks", &[(rate / k as f64).to_string()]);
+        let gate = Gate::start(&daemon);
+        println!("gate pid {} on {}", gate.child.id(), gate.addr);
+        let mut drivers = Clients::spawn(
+            &daemon,
+            k,
+            "revtasks",
+            &[(rate / k as f64).to_string(), gate.addr.to_string()],
+        );
         let ready = drivers.step(None);
         drivers.expect_ok(&ready, "revocation drivers");
         std::thread::sleep(Duration::from_secs(2));
@@ -1892,6 +1900,28 @@ mod revocation {
         let ended = total(&done, "ended");
         report_tasks(report, &s, &done, window, rate);
         report_ends(report, &s, &ends, &verdicts, ended, grace_secs);
+        let mut closes = numbers(&done, "gate_close_ms");
+        latency_rows(
+            report,
+            &s,
+            "End -> the gate closed the task's connection",
+            &mut closes,
+            true,
+        );
+        report.plain(
+            &format!("{s}: gate connections not measured"),
+            format!(
+                "{} ({})",
+                total(&done, "gate_errors"),
+                done.iter()
+                    .flatten()
+                    .find_map(|d| d["first_gate_error"].as_str())
+                    .unwrap_or("-")
+            ),
+            "0",
+            Some(total(&done, "gate_errors") == 0),
+        );
+        drop(gate);
         let agent = Traffic::between(&agents0, &agents1);
         let verifier = Traffic::between(&verifiers0, &verifiers1);
         let driver = Traffic {
@@ -2188,12 +2218,71 @@ mod revocation {
         Ok(())
     }
 
+    // ------------------------------------------------------------ gate
+
+    /// `sigil gate` in front of nothing (requests get 502), admitting the
+    /// load trust domain, on the daemon's socket: the drivers hold a
+    /// connection through it with each task SVID and time its close.
+    struct Gate {
+        child: Child,
+        addr: std::net::SocketAddr,
+    }
+
+    impl Gate {
+        fn start(daemon: &Daemon) -> Self {
+            // An upstream port nobody listens on.
+            let upstream = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap();
+            let log = daemon.dir.path().join("gate.log");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_sigil"))
+                .args(["gate", "--listen", "127.0.0.1:0", "--upstream"])
+                .arg(format!("http://{upstream}"))
+                .args(["--allow", "spiffe://load.test", "--socket"])
+                .arg(&daemon.socket)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .stderr(File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let Some(addr) = line.trim().strip_prefix("listening on ") else {
+                panic!("the gate did not start: {}", tail(&log, 20));
+            };
+            Self {
+                addr: addr.parse().unwrap(),
+                child,
+            }
+        }
+    }
+
+    impl Drop for Gate {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
     // ------------------------------------------------------------ driver
 
-    /// Task SVIDs seen on a driver's own stream: hint -> (when, serial hex).
+    /// A task SVID as a driver saw it: when, its serial (hex), and what a
+    /// TLS client needs to present it (chain DER, PKCS#8 key, bundle DER).
+    #[derive(Clone)]
+    struct Sighting {
+        at: Instant,
+        serial: String,
+        chain: bytes::Bytes,
+        key: bytes::Bytes,
+        bundle: bytes::Bytes,
+    }
+
+    /// Task SVIDs seen on a driver's own stream, by hint.
     struct Sightings {
         counts: Counts,
-        seen: Mutex<HashMap<String, (Instant, String)>>,
+        seen: Mutex<HashMap<String, Sighting>>,
         /// Bumped on every new task SVID and when the stream ends.
         tick: watch::Sender<u64>,
         ended: AtomicBool,
@@ -2212,7 +2301,16 @@ mod revocation {
                 let serial = x509_parser::parse_x509_certificate(&svid.x509_svid)
                     .map(|(_, c)| hex::encode(c.raw_serial()))
                     .unwrap_or_default();
-                seen.insert(svid.hint.clone(), (now, serial));
+                seen.insert(
+                    svid.hint.clone(),
+                    Sighting {
+                        at: now,
+                        serial,
+                        chain: svid.x509_svid.clone(),
+                        key: svid.x509_svid_key.clone(),
+                        bundle: svid.bundle.clone(),
+                    },
+                );
                 new = true;
             }
             drop(seen);
@@ -2227,7 +2325,7 @@ mod revocation {
         }
 
         /// When the SVID with `hint` appeared, waiting up to SEEN_TIMEOUT.
-        async fn wait(&self, hint: &str) -> Option<(Instant, String)> {
+        async fn wait(&self, hint: &str) -> Option<Sighting> {
             let mut tick = self.tick.subscribe();
             let deadline = tokio::time::Instant::now() + SEEN_TIMEOUT;
             loop {
@@ -2256,9 +2354,18 @@ mod revocation {
         /// The task SVID's serial (if it was seen) and the wall clock just
         /// before End was sent.
         ended: Option<(Option<String>, f64)>,
+        /// With a gate: End -> the gate closed the connection the task SVID
+        /// had open through it, ms; or why that was not measured.
+        gate_close_ms: Option<f64>,
+        gate_error: Option<String>,
     }
 
-    async fn cycle(mut tasks: TasksClient<Channel>, seen: Arc<Sightings>, id: String) -> Cycle {
+    async fn cycle(
+        mut tasks: TasksClient<Channel>,
+        seen: Arc<Sightings>,
+        id: String,
+        gate: Option<std::net::SocketAddr>,
+    ) -> Cycle {
         let mut out = Cycle::default();
         let t0 = Instant::now();
         let begin = BeginRequest {
@@ -2285,26 +2392,106 @@ mod revocation {
         let sighting = seen.wait(&format!("task:{id}")).await;
         out.begin_ms = sighting
             .as_ref()
-            .map(|(at, _)| at.saturating_duration_since(t0).as_secs_f64() * 1e3);
+            .map(|s| s.at.saturating_duration_since(t0).as_secs_f64() * 1e3);
+        // With a gate: a connection with the task SVID, admitted (one
+        // request answered) before End, whose close is then timed.
+        let mut through_gate = None;
+        if let (Some(addr), Some(s)) = (gate, &sighting) {
+            match gate_connection(addr, s).await {
+                Ok(conn) => through_gate = Some(conn),
+                Err(e) => out.gate_error = Some(e),
+            }
+        }
         let end_at = epoch_ms_f64();
         let t1 = Instant::now();
         let end = EndRequest { task_id: id };
         match tokio::time::timeout(RPC_TIMEOUT, tasks.end(with_header(end))).await {
             Ok(Ok(_)) => {
                 out.end_rpc_ms = Some(ms(t1));
-                out.ended = Some((sighting.map(|(_, serial)| serial), end_at));
+                out.ended = Some((sighting.map(|s| s.serial), end_at));
             }
             Ok(Err(s)) => out.error = Some(format!("End: {s}")),
             Err(_) => out.error = Some("End: no answer".into()),
         }
+        if let Some(mut conn) = through_gate {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 1024];
+            let closed = tokio::time::timeout(SEEN_TIMEOUT, async {
+                loop {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            match closed {
+                Ok(()) => out.gate_close_ms = Some(epoch_ms_f64() - end_at),
+                Err(_) => out.gate_error = Some("the gate never closed the connection".into()),
+            }
+        }
         out
+    }
+
+    /// A TLS connection to the gate with the task SVID `s` as the client
+    /// certificate, once the gate has answered one request on it (so the
+    /// gate has admitted it: a 502 from the absent upstream is fine).
+    async fn gate_connection(
+        addr: std::net::SocketAddr,
+        s: &Sighting,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let split = |der: &[u8]| sigil::verify::source::split_certs(der).map_err(|e| e.to_string());
+        let verifier = sigil::verify::tls::SvidServerVerifier::new(
+            sigil::ids::TrustDomain::new("load.test").map_err(|e| e.to_string())?,
+            split(&s.bundle)?,
+            Vec::new(),
+            vec!["spiffe://load.test".parse().map_err(|e| format!("{e}"))?],
+        );
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(s.key.to_vec()));
+        let chain: Vec<CertificateDer<'static>> = split(&s.chain)?;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect to the gate: {e}"))?;
+        let name = ServerName::try_from("gate").map_err(|e| e.to_string())?;
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("handshake with the gate: {e}"))?;
+        tls.write_all(b"GET / HTTP/1.1\r\nhost: gate\r\n\r\n")
+            .await
+            .map_err(|e| format!("request to the gate: {e}"))?;
+        let mut buf = [0u8; 1024];
+        let n = tls
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("the gate refused the task SVID: {e}"))?;
+        if !buf[..n].starts_with(b"HTTP/1.1 ") {
+            return Err("the gate did not answer the request".into());
+        }
+        Ok(tls)
     }
 
     /// Holds its own FetchX509SVID stream; from `go` until the next line
     /// starts a cycle every 1/`rate` s (from a random phase, so that the
     /// drivers do not start theirs together), waits for the cycles under
     /// way, and reports them all.
-    pub(super) async fn driver(socket: &Path, mut lines: Lines, rate: f64) -> Result<(), String> {
+    pub(super) async fn driver(
+        socket: &Path,
+        mut lines: Lines,
+        rate: f64,
+        gate: Option<std::net::SocketAddr>,
+    ) -> Result<(), String> {
         let ch = channel(socket).await?;
         let mut stream = open_stream(ch.clone()).await?;
         let first = first_message(&mut stream).await?;
@@ -2335,7 +2522,7 @@ mod revocation {
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {
                     let id = format!("r{scheduled}");
-                    cycles.spawn(cycle(tasks.clone(), seen.clone(), id));
+                    cycles.spawn(cycle(tasks.clone(), seen.clone(), id, gate));
                     scheduled += 1;
                 }
                 _ = next(&mut lines) => break,
@@ -2344,6 +2531,7 @@ mod revocation {
         let after = seen.counts.json();
         let (mut begin_ms, mut begin_rpc_ms, mut end_rpc_ms) = (vec![], vec![], vec![]);
         let (mut ends, mut begun, mut ended) = (vec![], 0u64, 0u64);
+        let (mut gate_close_ms, mut gate_errors, mut first_gate_error) = (vec![], 0u64, None);
         let (mut refused, mut errors, mut unseen, mut first_error) = (0u64, 0u64, 0u64, None);
         while let Some(c) = cycles.join_next().await {
             let c = c.map_err(|e| format!("a cycle panicked: {e}"))?;
@@ -2361,6 +2549,11 @@ mod revocation {
                 }
             }
             end_rpc_ms.extend(c.end_rpc_ms);
+            gate_close_ms.extend(c.gate_close_ms);
+            if let Some(e) = c.gate_error {
+                gate_errors += 1;
+                first_gate_error.get_or_insert(e);
+            }
             if let Some((serial, at)) = c.ended {
                 ended += 1;
                 if let Some(serial) = serial.filter(|s| !s.is_empty()) {
@@ -2381,6 +2574,9 @@ mod revocation {
             "begin_ms": begin_ms,
             "begin_rpc_ms": begin_rpc_ms,
             "end_rpc_ms": end_rpc_ms,
+            "gate_close_ms": gate_close_ms,
+            "gate_errors": gate_errors,
+            "first_gate_error": first_gate_error,
             "ends": ends,
             "bytes": diff("bytes"),
             "messages": diff("messages"),
