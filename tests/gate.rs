@@ -415,11 +415,37 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
         "POST",
         "/mcp",
         &[("mcp-method", "tools/call"), ("mcp-name", "delete_all")],
-        "{}",
+        &tool("delete_all"),
     )
     .await
     .unwrap();
-    assert_eq!(status, 403, "the Mcp-Method/Mcp-Name headers are honoured");
+    assert_eq!(status, 403, "headers that agree with the body");
+    // Headers that name an allowed tool cannot hide the body's call.
+    let (status, text) = call(
+        &mut sender,
+        "POST",
+        "/mcp",
+        &[("mcp-method", "tools/call"), ("mcp-name", "safe_search")],
+        &tool("delete_all"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 400, "{text}");
+    assert!(text.to_string().contains("Mcp-Name"), "{text}");
+    // Nor can a body the gate cannot read the way the server would.
+    for (headers, body) in [
+        (vec![], format!("[{}]", tool("delete_all"))),
+        (vec![], tool("delete_all").replace("{}}", "{\"a\":NaN}}")),
+        (vec![("content-encoding", "gzip")], tool("delete_all")),
+    ] {
+        let (status, text) = call(&mut sender, "POST", "/mcp", &headers, &body)
+            .await
+            .unwrap();
+        assert!(
+            status == 400 || status == 415,
+            "{status} {text} for {headers:?} {body}"
+        );
+    }
 
     // An SVID of another trust domain, and an ID outside the rules, are
     // refused at the handshake.

@@ -599,14 +599,11 @@ async fn an_mcp_agent_calls_tools_through_the_gate_with_its_task_identity_until_
     stranger.stop().await;
 }
 
-/// Known hole, reported and not fixed here: the gate takes the MCP method
-/// and tool from the client's `Mcp-Method`/`Mcp-Name` headers when they are
-/// present and then does not read the body, while the SDK's server acts on
-/// the body alone in a 2025-11-25 session. A `tools/call` of the forbidden
-/// tool that claims to be `tools/list` (or a call of `echo_identity`) in
-/// its headers is let through and runs.
+/// The SDK's server acts on the JSON-RPC body alone in a 2025-11-25
+/// session, so the gate decides on the body too: a `tools/call` of the
+/// forbidden tool whose `Mcp-Method`/`Mcp-Name` headers claim `tools/list`
+/// or an allowed tool is refused, and the tool never runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: the gate trusts Mcp-Method/Mcp-Name headers over the JSON-RPC body"]
 async fn a_forbidden_tool_cannot_hide_behind_mcp_headers_naming_another_method_or_tool() {
     let mut scene = Scene::start().await;
     scene.agent.ask(json!({"cmd": "fetch"})).await;

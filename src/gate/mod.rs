@@ -9,6 +9,7 @@
 //! decision is logged as one structured line and counted
 //! (`metrics::gate`). HTTP is hyper's, TLS rustls'.
 
+pub mod mcp;
 pub mod rules;
 
 use std::convert::Infallible;
@@ -248,18 +249,6 @@ fn text(status: StatusCode, message: String) -> Response<Body> {
     response
 }
 
-/// The JSON-RPC method and, for `tools/call`, the tool name of a body.
-fn mcp_of_body(body: &[u8]) -> (Option<String>, Option<String>) {
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return (None, None);
-    };
-    let method = value["method"].as_str().map(str::to_owned);
-    let tool = (method.as_deref() == Some("tools/call"))
-        .then(|| value["params"]["name"].as_str().map(str::to_owned))
-        .flatten();
-    (method, tool)
-}
-
 async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let header = |name: &str| {
@@ -272,25 +261,22 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
     let mut request = rules::Request {
         method: parts.method.as_str().to_owned(),
         path: parts.uri.path().to_owned(),
-        mcp_method: header("mcp-method"),
-        mcp_tool: header("mcp-name"),
+        mcp_method: None,
+        mcp_tool: None,
     };
-    // The MCP method and tool from the JSON-RPC body when a rule needs them
-    // and the client did not say them in headers.
-    let body: Body = if shared.rules.need_mcp()
-        && request.mcp_method.is_none()
-        && parts.method == http::Method::POST
-    {
-        match Limited::new(body, MAX_INSPECTED_BODY).collect().await {
-            Ok(collected) => {
-                let bytes = collected.to_bytes();
-                let (method, tool) = mcp_of_body(&bytes);
-                request.mcp_method = method;
-                request.mcp_tool = tool;
-                Full::new(bytes)
-                    .map_err(|e: Infallible| -> BoxError { Box::new(e) })
-                    .boxed()
-            }
+    // When a rule names MCP methods or tools, the call is read from the
+    // JSON-RPC body (what the server acts on) and the client's headers are
+    // checked against it (`mcp`); otherwise the headers only label the log.
+    let body: Body = if !shared.rules.need_mcp() {
+        request.mcp_method = header("mcp-method");
+        request.mcp_tool = header("mcp-name");
+        body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+    } else if parts.method == http::Method::POST {
+        if let Err(refused) = mcp::check_encoding(&parts.headers) {
+            return unreadable(refused, peer, &request);
+        }
+        let bytes = match Limited::new(body, MAX_INSPECTED_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
             Err(_) => {
                 metrics().request(GateOutcome::TooLarge, None);
                 return text(
@@ -298,7 +284,17 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
                     format!("request body over {MAX_INSPECTED_BODY} bytes"),
                 );
             }
+        };
+        match mcp::of_request(&parts.headers, &bytes) {
+            Ok(call) => {
+                request.mcp_method = call.method;
+                request.mcp_tool = call.tool;
+            }
+            Err(refused) => return unreadable(refused, peer, &request),
         }
+        Full::new(bytes)
+            .map_err(|e: Infallible| -> BoxError { Box::new(e) })
+            .boxed()
     } else {
         body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
     };
@@ -390,6 +386,21 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
     }
 }
 
+/// Refuses a request whose MCP call cannot be read (logged and counted as
+/// denied: no rule was asked).
+fn unreadable(refused: mcp::Unreadable, peer: &Peer, request: &rules::Request) -> Response<Body> {
+    metrics().request(GateOutcome::Denied, None);
+    tracing::info!(
+        decision = "deny",
+        peer = %peer.id,
+        method = %request.method,
+        path = %request.path,
+        reason = %refused.message,
+        "request"
+    );
+    text(refused.status, format!("refused: {}", refused.message))
+}
+
 /// Removes the headers that belong to one connection, not the request.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     for name in [
@@ -404,23 +415,5 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
         "upgrade",
     ] {
         headers.remove(name);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_mcp_method_and_tool_are_read_from_a_json_rpc_body() {
-        let call = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{}}}"#;
-        assert_eq!(
-            mcp_of_body(call),
-            (Some("tools/call".into()), Some("search".into()))
-        );
-        let init = br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"name":"x"}}"#;
-        assert_eq!(mcp_of_body(init), (Some("initialize".into()), None));
-        assert_eq!(mcp_of_body(b"not json"), (None, None));
-        assert_eq!(mcp_of_body(b"[1,2]"), (None, None));
     }
 }

@@ -141,7 +141,13 @@ impl Rules {
 
     /// Every pattern any rule allows: what the handshake admits.
     pub fn all_patterns(&self) -> Vec<IdPattern> {
-        self.rules.iter().flat_map(|r| r.allow.clone()).collect()
+        let mut all: Vec<IdPattern> = Vec::new();
+        for pattern in self.rules.iter().flat_map(|r| &r.allow) {
+            if !all.contains(pattern) {
+                all.push(pattern.clone());
+            }
+        }
+        all
     }
 
     /// Whether some rule needs the MCP method or tool of a request.
@@ -206,6 +212,13 @@ mod tests {
     #[test]
     fn the_first_matching_rule_decides_and_unmatched_requests_are_refused() {
         let rules = Rules::parse(RULES, "gate.toml").unwrap();
+        let twice = "[[rule]]\npath = \"/a\"\nallow = [\"spiffe://td\"]\n[[rule]]\nallow = [\"spiffe://td\"]";
+        let twice = Rules::parse(twice, "gate.toml").unwrap();
+        assert_eq!(
+            twice.all_patterns().len(),
+            1,
+            "the handshake lists each once"
+        );
         let bot = SpiffeId::new("spiffe://td/agent/research-bot/instance/1").unwrap();
         let tool = |name| req("POST", "/mcp", Some(("tools/call", name)));
         assert_eq!(rules.decide(&bot, &tool("search_web")), Decision::Allow(0));
