@@ -1802,6 +1802,7 @@ mod revocation {
             verifiers.pids(),
             drivers.pids(),
             vec![std::process::id()],
+            vec![gate.child.id()],
         ];
         let cpu_groups = || groups.iter().map(|g| cpu_of(g)).collect::<Vec<_>>();
         let (clients0, machine0, cpu0) = (cpu_groups(), machine_busy_secs(), daemon.cpu_secs());
@@ -1973,7 +1974,7 @@ mod revocation {
             None,
         );
         report.plain(
-            &format!("{s}: client cores: agents / verifiers / drivers / bench"),
+            &format!("{s}: client cores: agents / verifiers / drivers / bench / gate"),
             by_kind
                 .iter()
                 .map(|c| format!("{:.2}", c / window))
@@ -2306,9 +2307,11 @@ mod revocation {
                     Sighting {
                         at: now,
                         serial,
-                        chain: svid.x509_svid.clone(),
-                        key: svid.x509_svid_key.clone(),
-                        bundle: svid.bundle.clone(),
+                        // Copies: a slice would pin the whole received
+                        // buffer for the driver's life.
+                        chain: bytes::Bytes::copy_from_slice(&svid.x509_svid),
+                        key: bytes::Bytes::copy_from_slice(&svid.x509_svid_key),
+                        bundle: bytes::Bytes::copy_from_slice(&svid.bundle),
                     },
                 );
                 new = true;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use sigil::verify::source::WorkloadSource;
-use sigil::verify::{IdPattern, TrustSource, verify_svid};
+use sigil::verify::{IdPattern, verify_svid};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -45,11 +45,7 @@ async fn main() -> anyhow::Result<()> {
             };
             // The handshake verified the caller; read its ID back.
             let material = source.current();
-            let trust = TrustSource {
-                trust_domain: &material.trust_domain,
-                bundle: &material.bundle,
-                crls: &material.crls,
-            };
+            let trust = material.trust();
             let Some(chain) = tls.get_ref().1.peer_certificates() else {
                 return;
             };

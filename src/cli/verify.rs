@@ -104,7 +104,7 @@ pub async fn run(cmd: VerifyCommand) -> anyhow::Result<ExitCode> {
     let trust = TrustSource {
         trust_domain: &trust_domain,
         bundle: &bundle,
-        crls: &crls,
+        revocation: crate::verify::Revocation::Crls(&crls),
     };
     let verdict = verify_svid(&chain, &trust, &allow, SystemTime::now());
     let report = Report {

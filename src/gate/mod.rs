@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ids::SpiffeId;
 use crate::metrics::gate::{GateClose, GateOutcome, Handshake, global as metrics};
 use crate::verify::source::{Material, WorkloadSource};
-use crate::verify::{TrustSource, verify_svid};
+use crate::verify::verify_svid;
 pub use rules::{Decision, Rules};
 
 /// A body of any origin, boxed.
@@ -224,11 +224,7 @@ fn peer_of(
         .1
         .peer_certificates()
         .ok_or("no client certificate")?;
-    let trust = TrustSource {
-        trust_domain: &material.trust_domain,
-        bundle: &material.bundle,
-        crls: &material.crls,
-    };
+    let trust = material.trust();
     let verified = verify_svid(chain, &trust, &[], SystemTime::now()).map_err(|r| r.to_string())?;
     let leaf = chain.first().ok_or("an empty certificate chain")?;
     Ok(Peer {

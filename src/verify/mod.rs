@@ -85,8 +85,22 @@ pub struct TrustSource<'a> {
     pub trust_domain: &'a TrustDomain,
     /// Its CA certificates (DER).
     pub bundle: &'a [CertificateDer<'a>],
-    /// Its CRLs (DER); a serial on any of them is refused.
-    pub crls: &'a [Vec<u8>],
+    /// What says a certificate is revoked.
+    pub revocation: Revocation<'a>,
+}
+
+/// Where revocation is looked up.
+#[derive(Clone, Copy, Debug)]
+pub enum Revocation<'a> {
+    /// DER CRLs, parsed and their signatures checked by rustls-webpki at
+    /// each verification: for one-shot checks (`sigil verify`). Each costs
+    /// time in the CRL's size.
+    Crls(&'a [Vec<u8>]),
+    /// The serials (lower-case hex) of CRLs already parsed and checked
+    /// against the bundle, once per CRL (`source::Material`): a lookup per
+    /// verification, whatever the CRL's size, for servers that verify a
+    /// handshake at a time.
+    Serials(&'a std::collections::HashSet<String>),
 }
 
 /// Verifies `chain` (leaf first) as an X.509-SVID of `trust.trust_domain`
@@ -120,6 +134,11 @@ pub fn verify_svid(
     let serial = hex::encode(leaf.raw_serial());
     let not_after = SystemTime::UNIX_EPOCH
         + Duration::from_secs(u64::try_from(leaf.validity().not_after.timestamp()).unwrap_or(0));
+    if let Revocation::Serials(revoked) = trust.revocation
+        && revoked.contains(&serial)
+    {
+        return Err(Refusal::Revoked { serial });
+    }
     webpki_verdict(chain, trust, now, &serial, not_after)?;
     if !allow.is_empty() && !allow.iter().any(|p| p.matches(&spiffe_id)) {
         return Err(Refusal::NotAllowed {
@@ -178,8 +197,11 @@ fn webpki_verdict(
         .map(|ca| webpki::anchor_from_trusted_cert(ca).map(|a| a.to_owned()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Refusal::Untrusted(format!("a bundle certificate is unusable: {e}")))?;
-    let crls = trust
-        .crls
+    let crls = match trust.revocation {
+        Revocation::Crls(crls) => crls,
+        Revocation::Serials(_) => &[],
+    };
+    let crls = crls
         .iter()
         .map(|der| {
             webpki::BorrowedCertRevocationList::from_der(der)
@@ -264,7 +286,7 @@ mod tests {
         let trust = TrustSource {
             trust_domain: td,
             bundle: &bundle,
-            crls,
+            revocation: Revocation::Crls(crls),
         };
         verify_svid(&leaf.cert_chain, &trust, &allow, now)
     }
@@ -307,6 +329,22 @@ mod tests {
             .to_vec();
         let revoked = check(&ca, &td, &good, &[crl], &[], now).unwrap_err();
         assert!(matches!(revoked, Refusal::Revoked { .. }), "{revoked}");
+        // The same verdict from serials already taken off a checked CRL.
+        let bundle = [ca.certificate_der().clone()];
+        let serials = std::collections::HashSet::from([good.serial.clone()]);
+        let by_serial = TrustSource {
+            trust_domain: &td,
+            bundle: &bundle,
+            revocation: Revocation::Serials(&serials),
+        };
+        let revoked = verify_svid(&good.cert_chain, &by_serial, &[], now).unwrap_err();
+        assert!(matches!(revoked, Refusal::Revoked { .. }), "{revoked}");
+        let none = std::collections::HashSet::new();
+        let clean = TrustSource {
+            revocation: Revocation::Serials(&none),
+            ..by_serial
+        };
+        assert!(verify_svid(&good.cert_chain, &clean, &[], now).is_ok());
 
         let later = now + Duration::from_secs(3600);
         let expired = check(&ca, &td, &good, &[], &[], later).unwrap_err();
@@ -356,7 +394,7 @@ mod tests {
         let trust = TrustSource {
             trust_domain: &td,
             bundle: &bundle,
-            crls: &[],
+            revocation: Revocation::Crls(&[]),
         };
         let now = SystemTime::now();
         assert!(matches!(

@@ -44,11 +44,26 @@ pub struct Material {
     pub certified: Arc<CertifiedKey>,
     /// The trust domain's CA certificates.
     pub bundle: Arc<Vec<CertificateDer<'static>>>,
-    /// The CRLs (DER).
+    /// The CRLs (DER), each signed by a CA of `bundle` (checked once, as
+    /// it arrives).
     pub crls: Arc<Vec<Vec<u8>>>,
-    /// Every serial on those CRLs (lower-case hex), to find live
-    /// connections that must be cut.
+    /// Every serial on those CRLs (lower-case hex): what handshakes are
+    /// checked against, and how live connections that must be cut are
+    /// found.
     pub revoked: Arc<HashSet<String>>,
+}
+
+impl Material {
+    /// What a peer's SVID is verified against: the trust domain, its CA
+    /// certificates and the revoked serials (a lookup per handshake, not a
+    /// parse of the CRL).
+    pub fn trust(&self) -> crate::verify::TrustSource<'_> {
+        crate::verify::TrustSource {
+            trust_domain: &self.trust_domain,
+            bundle: &self.bundle,
+            revocation: crate::verify::Revocation::Serials(&self.revoked),
+        }
+    }
 }
 
 /// Why no material could be made.
@@ -339,13 +354,23 @@ fn own(msg: &X509svidResponse) -> Result<Own, SourceError> {
     ))
 }
 
-/// Replaces the CRLs and the revoked serials they list.
+/// Replaces the CRLs and the revoked serials they list, once each CRL's
+/// signature checks against a CA certificate of the bundle.
 fn apply_crls(crls: &[bytes::Bytes], m: &mut Material) -> Result<(), SourceError> {
     let crls: Vec<Vec<u8>> = crls.iter().map(|c| c.to_vec()).collect();
     let mut revoked = HashSet::new();
     for crl in &crls {
         let (_, parsed) = x509_parser::parse_x509_crl(crl)
             .map_err(|e| SourceError::Unusable(format!("a CRL: {e}")))?;
+        let signed = m.bundle.iter().any(|ca| {
+            x509_parser::parse_x509_certificate(ca.as_ref())
+                .is_ok_and(|(_, ca)| parsed.verify_signature(ca.public_key()).is_ok())
+        });
+        if !signed {
+            return Err(SourceError::Unusable(
+                "a CRL not signed by a CA of the trust bundle".into(),
+            ));
+        }
         revoked.extend(
             parsed
                 .iter_revoked_certificates()
@@ -355,4 +380,74 @@ fn apply_crls(crls: &[bytes::Bytes], m: &mut Material) -> Result<(), SourceError
     m.crls = Arc::new(crls);
     m.revoked = Arc::new(revoked);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::ca::Ca;
+    use crate::ca::crl::RevokedEntry;
+
+    fn ca(td: &str) -> (tempfile::TempDir, Ca) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), &TrustDomain::new(td).unwrap()).unwrap();
+        (dir, ca)
+    }
+
+    fn crl_of(ca: &Ca, serial: &str) -> bytes::Bytes {
+        let now = SystemTime::now();
+        let entry = RevokedEntry {
+            serial_hex: serial.into(),
+            revoked_at: now,
+        };
+        let der = ca
+            .sign_crl(
+                1,
+                &[entry],
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(600),
+            )
+            .unwrap();
+        bytes::Bytes::copy_from_slice(&der)
+    }
+
+    fn material(bundle: &Ca) -> Material {
+        let (_d, other) = ca("sigil.test");
+        let svid = other
+            .sign_svid(&crate::ca::SvidRequest {
+                spiffe_id: SpiffeId::new("spiffe://sigil.test/agent/gate/x").unwrap(),
+                dns_names: vec![],
+                ttl: Duration::from_secs(600),
+                hint: "instance".into(),
+            })
+            .unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.pkcs8_der().to_vec()));
+        let signing = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(key)
+            .unwrap();
+        Material {
+            spiffe_id: svid.spiffe_id.clone(),
+            trust_domain: TrustDomain::new("sigil.test").unwrap(),
+            certified: Arc::new(CertifiedKey::new(svid.cert_chain.clone(), signing)),
+            bundle: Arc::new(vec![bundle.certificate_der().clone()]),
+            crls: Arc::default(),
+            revoked: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_crl_is_taken_only_when_a_ca_of_the_bundle_signed_it() {
+        let (_a, trusted) = ca("sigil.test");
+        let (_b, stranger) = ca("sigil.test");
+        let mut m = material(&trusted);
+        apply_crls(&[crl_of(&trusted, "0a0b")], &mut m).unwrap();
+        assert!(m.revoked.contains("0a0b"));
+        let refused = apply_crls(&[crl_of(&stranger, "0c0d")], &mut m).unwrap_err();
+        assert!(refused.to_string().contains("not signed"), "{refused}");
+        assert!(m.revoked.contains("0a0b"), "the last good CRL stays");
+        assert!(!m.revoked.contains("0c0d"));
+    }
 }

@@ -93,11 +93,7 @@ impl ClientCertVerifier for SvidClientVerifier {
         let material = self.source.current();
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
-        let trust = TrustSource {
-            trust_domain: &material.trust_domain,
-            bundle: &material.bundle,
-            crls: &material.crls,
-        };
+        let trust = material.trust();
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
         match verify_svid(&chain, &trust, &self.allow, at) {
             Ok(v) => {
@@ -204,7 +200,7 @@ impl rustls::client::danger::ServerCertVerifier for SvidServerVerifier {
         let trust = TrustSource {
             trust_domain: &self.trust_domain,
             bundle: &self.bundle,
-            crls: &self.crls,
+            revocation: crate::verify::Revocation::Crls(&self.crls),
         };
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
         verify_svid(&chain, &trust, &self.allow, at)
