@@ -343,6 +343,11 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
                 "spiffe://sigil.test/agent/admin/forged",
             ),
             ("x-forwarded-client-cert", "By=forged"),
+            // What a WSGI server reads as X-Sigil-Spiffe-Id.
+            (
+                "x_sigil_spiffe_id",
+                "spiffe://sigil.test/agent/admin/forged",
+            ),
         ],
         "",
     )
@@ -350,6 +355,10 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
     .unwrap();
     assert_eq!(status, 200, "{echo}");
     let seen = &echo["headers"];
+    assert!(
+        seen.get("x_sigil_spiffe_id").is_none(),
+        "the underscore spelling is stripped too: {echo}"
+    );
     let id = seen["x-sigil-spiffe-id"].as_str().unwrap();
     assert!(
         id.starts_with("spiffe://sigil.test/agent/tester/instance/"),
@@ -365,6 +374,17 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
             && xfcc.ends_with(&format!(";URI={id}")),
         "{xfcc}"
     );
+
+    // A path read as the service reads it: an encoded letter still hits
+    // the rule; a dot segment or a lower-case method is refused.
+    let (status, _) = call(&mut sender, "GET", "/%66orbidden", &[], "")
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "/%66orbidden is /forbidden");
+    for (method, path) in [("GET", "/x/../forbidden"), ("get", "/hello")] {
+        let (status, text) = call(&mut sender, method, path, &[], "").await.unwrap();
+        assert_eq!(status, 400, "{method} {path}: {text}");
+    }
 
     // A path no rule allows this caller, and MCP tools by name.
     let (status, _) = call(&mut sender, "GET", "/forbidden", &[], "")
@@ -436,15 +456,21 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
     for (headers, body) in [
         (vec![], format!("[{}]", tool("delete_all"))),
         (vec![], tool("delete_all").replace("{}}", "{\"a\":NaN}}")),
+        // Go's encoding/json reads METHOD as method (and the last wins).
+        (
+            vec![],
+            tool("delete_all").replace(
+                "\"method\":\"tools/call\"",
+                "\"method\":\"tools/list\",\"METHOD\":\"tools/call\"",
+            ),
+        ),
         (vec![("content-encoding", "gzip")], tool("delete_all")),
     ] {
         let (status, text) = call(&mut sender, "POST", "/mcp", &headers, &body)
             .await
             .unwrap();
-        assert!(
-            status == 400 || status == 415,
-            "{status} {text} for {headers:?} {body}"
-        );
+        let expected = if headers.is_empty() { 400 } else { 415 };
+        assert_eq!(status, expected, "{text} for {headers:?} {body}");
     }
 
     // An SVID of another trust domain, and an ID outside the rules, are
@@ -551,11 +577,24 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
     );
     // At least the ended task's new handshake.
     assert!(sample(&text, "sigil_gate_handshakes_total{outcome=\"refused\"}") >= 1.0);
+    let total = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // 403s by path and by tool; 400/415s for what the gate cannot read.
     assert!(
+        total("sigil_gate_requests_total{outcome=\"denied\"") >= 2.0,
+        "{text}"
+    );
+    assert_eq!(
         sample(
             &text,
-            "sigil_gate_requests_total{outcome=\"denied\",rule=\"none\"}"
-        ) >= 2.0
+            "sigil_gate_requests_total{outcome=\"unreadable\",rule=\"none\"}"
+        ),
+        7.0,
+        "{text}"
     );
     assert!(
         text.lines()

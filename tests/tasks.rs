@@ -557,16 +557,11 @@ async fn another_agents_task_end_reaches_verifiers_and_wakes_no_other_agent() {
         .await;
     let serial = with_task["svids"][1]["serial"].as_str().unwrap().to_owned();
     assert_eq!(other.task_command("end job-9").await, "Ok");
-    let ended = std::time::Instant::now();
+    // Within the push budget: `until_crl` fails the test past 1 s.
     until_crl(&mut bundles, Duration::from_secs(1), |listed| {
         listed.contains(&serial)
     })
     .await;
-    let seen = ended.elapsed();
-    assert!(
-        seen < Duration::from_secs(1),
-        "the verifier saw the end after {seen:?}"
-    );
     // Nothing of this instance changed: its stream stays quiet.
     let woke = tokio::time::timeout(Duration::from_millis(500), mine.next()).await;
     assert!(

@@ -59,6 +59,11 @@ impl crate::metrics::http::Health for GateHealth {
         Box<dyn std::future::Future<Output = crate::metrics::http::Readiness> + Send + '_>,
     > {
         let material = self.0.current();
+        if !self.0.streams_up() {
+            return Box::pin(std::future::ready(Err(vec![
+                "a Workload API stream of the gate is down: new SVIDs and CRLs are not arriving, so revocations would go unenforced (is the daemon running?)".to_owned(),
+            ])));
+        }
         let answer = match material.certified.end_entity_cert().map(|c| {
             x509_parser::parse_x509_certificate(c.as_ref())
                 .map(|(_, cert)| cert.validity().time_to_expiration().is_some())
@@ -111,7 +116,7 @@ pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
     let source = WorkloadSource::start(socket, FIRST_SVID_WAIT, shutdown.clone())
         .await
         .context(
-            "the gate needs its own SVID (give it an entry, e.g. unix:path of the sigil binary)",
+            "the gate needs its own SVID and the trust bundle with its CRL (give it an entry, e.g. unix:path of the sigil binary)",
         )?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -21,6 +21,9 @@ use crate::proto::workload::{X509BundlesRequest, X509svidRequest, X509svidRespon
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 /// Longest pause before reconnecting.
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long a change of the CRL alone waits before the files are rewritten
+/// (later CRL changes join it): at most one reload a second for them.
+const CRL_SETTLE: Duration = Duration::from_secs(1);
 
 /// `sigil helper`.
 #[derive(Debug, clap::Args)]
@@ -105,19 +108,40 @@ async fn follow(
         None => anyhow::anyhow!("the daemon closed the stream"),
     };
     // Nothing is written until both streams have spoken: the first files
-    // hold the CRL too.
+    // hold the CRL too. A change of the SVIDs is written at once; a change
+    // of the CRL alone (any agent's task ending on the node) waits
+    // CRL_SETTLE, so a busy node does not reload the service many times a
+    // second.
     let mut response: Option<X509svidResponse> = None;
     let mut crls: Option<Vec<bytes::Bytes>> = None;
+    let mut crl_due: Option<tokio::time::Instant> = None;
     loop {
+        let settle = async {
+            match crl_due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             next = svids.next() => match next {
-                Some(Ok(r)) => response = Some(r),
+                Some(Ok(r)) => {
+                    response = Some(r);
+                    crl_due = None;
+                }
                 other => return ended(other.and_then(Result::err)),
             },
             next = bundles.next() => match next {
-                Some(Ok(b)) => crls = Some(b.crl),
+                Some(Ok(b)) => {
+                    let first = crls.is_none();
+                    crls = Some(b.crl);
+                    if !first {
+                        crl_due.get_or_insert(tokio::time::Instant::now() + CRL_SETTLE);
+                        continue;
+                    }
+                }
                 other => return ended(other.and_then(Result::err)),
             },
+            () = settle => crl_due = None,
         }
         let (Some(response), Some(crls)) = (&response, &crls) else {
             continue;

@@ -2,11 +2,14 @@
 //! tools. The answer comes from the JSON-RPC body, because that is what the
 //! server acts on: the `Mcp-Method`/`Mcp-Name` headers are the client's
 //! claim about the body, so they are checked against it, never believed
-//! instead of it. Anything the gate cannot read the same way the server
-//! would (a compressed body, a batch, a body that is not one JSON object,
-//! a tool name that is not a string) is refused, not passed to the rules as
-//! "no MCP call": failing open here would let a forbidden tool through a
-//! rule that allows the path.
+//! instead of it. Anything the gate cannot read the same way every server
+//! would is refused, not passed to the rules as "no MCP call" (failing open
+//! here would let a forbidden tool through a rule that allows the path): a
+//! compressed body, a batch, a body that is not one JSON object, a tool
+//! name that is not a string, an object with two members whose names are
+//! equal or equal ignoring case, or a member spelled like `Method` or
+//! `paramſ`, which servers that match names without case (Go's
+//! `encoding/json`) read as `method`/`params`.
 //!
 //! Does not own: reading the body (bounded, in `super`), or what the rules
 //! decide.
@@ -121,9 +124,9 @@ fn decode_name(value: &str) -> Result<String, Unreadable> {
 }
 
 fn of_body(body: &[u8]) -> Result<McpCall, Unreadable> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+    let Strict(value) = serde_json::from_slice(body).map_err(|e| {
         bad(format!(
-            "the body is not a JSON-RPC message the gate can read ({e}); it must be one JSON object"
+            "the body is not a JSON-RPC message the gate can read ({e}); it must be one JSON object whose member names are unique, even ignoring case"
         ))
     })?;
     let serde_json::Value::Object(message) = value else {
@@ -131,6 +134,13 @@ fn of_body(body: &[u8]) -> Result<McpCall, Unreadable> {
             "JSON-RPC batches (and bodies that are not one object) are refused: the gate decides one call at a time; send each call on its own",
         ));
     };
+    spelled_exactly(
+        &message,
+        &["jsonrpc", "id", "method", "params", "result", "error"],
+    )?;
+    if let Some(serde_json::Value::Object(params)) = message.get("params") {
+        spelled_exactly(params, &["name", "arguments"])?;
+    }
     let method = match message.get("method") {
         None => None,
         Some(serde_json::Value::String(m)) => Some(m.clone()),
@@ -145,6 +155,101 @@ fn of_body(body: &[u8]) -> Result<McpCall, Unreadable> {
         None
     };
     Ok(McpCall { method, tool })
+}
+
+/// Member names as servers that ignore case compare them: Unicode simple
+/// case folding, near enough (`ſ` and `S` fold to `s`, `K` to `k`).
+fn fold(name: &str) -> String {
+    name.chars()
+        .flat_map(char::to_uppercase)
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Refuses a member whose name folds to one of `names` without being it.
+fn spelled_exactly(
+    object: &serde_json::Map<String, serde_json::Value>,
+    names: &[&str],
+) -> Result<(), Unreadable> {
+    for key in object.keys() {
+        let folded = fold(key);
+        if names.iter().any(|n| *n == folded) && !names.contains(&key.as_str()) {
+            return Err(bad(format!(
+                "the member {key:?} is read as {folded:?} by some servers: spell it {folded:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// JSON that refuses, at every depth, an object with two members whose
+/// names are equal or fold to the same name.
+struct Strict(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(items.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        let mut folded = std::collections::HashSet::new();
+        while let Some((key, Strict(value))) = map.next_entry::<String, Strict>()? {
+            if !folded.insert(fold(&key)) {
+                return Err(serde::de::Error::custom(format!(
+                    "the member name {key:?} appears twice (ignoring case)"
+                )));
+            }
+            object.insert(key, value);
+        }
+        Ok(object.into())
+    }
 }
 
 #[cfg(test)]
@@ -215,6 +320,15 @@ mod tests {
             br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#,
             br#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
             br#"{"jsonrpc":"2.0","id":1,"method":["tools/call"]}"#,
+            // Duplicates: serde keeps the last, other parsers the first.
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{"name":"x"}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"x"}}"#,
+            // Go's encoding/json matches member names without case.
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","METHOD":"tools/call","params":{"name":"x"}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","NAME":"x"}}"#,
+            "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\",\"paramſ\":{\"name\":\"x\"}}".as_bytes(),
+            br#"{"jsonrpc":"2.0","id":1,"Method":"tools/call","params":{"name":"x"}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"a":1,"A":2}}}"#,
         ] {
             assert!(
                 of_request(&HeaderMap::new(), body).is_err(),

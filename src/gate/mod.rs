@@ -10,6 +10,7 @@
 //! (`metrics::gate`). HTTP is hyper's, TLS rustls'.
 
 pub mod mcp;
+pub mod request;
 pub mod rules;
 
 use std::convert::Infallible;
@@ -247,57 +248,14 @@ fn text(status: StatusCode, message: String) -> Response<Body> {
 
 async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
-    let header = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let mut request = rules::Request {
-        method: parts.method.as_str().to_owned(),
-        path: parts.uri.path().to_owned(),
-        mcp_method: None,
-        mcp_tool: None,
-    };
-    // When a rule names MCP methods or tools, the call is read from the
-    // JSON-RPC body (what the server acts on) and the client's headers are
-    // checked against it (`mcp`); otherwise the headers only label the log.
-    let body: Body = if !shared.rules.need_mcp() {
-        request.mcp_method = header("mcp-method");
-        request.mcp_tool = header("mcp-name");
-        body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
-    } else if parts.method == http::Method::POST {
-        if let Err(refused) = mcp::check_encoding(&parts.headers) {
-            return unreadable(refused, peer, &request);
-        }
-        let bytes = match Limited::new(body, MAX_INSPECTED_BODY).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => {
-                metrics().request(GateOutcome::TooLarge, None);
-                return text(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body over {MAX_INSPECTED_BODY} bytes"),
-                );
-            }
-        };
-        match mcp::of_request(&parts.headers, &bytes) {
-            Ok(call) => {
-                request.mcp_method = call.method;
-                request.mcp_tool = call.tool;
-            }
-            Err(refused) => return unreadable(refused, peer, &request),
-        }
-        Full::new(bytes)
-            .map_err(|e: Infallible| -> BoxError { Box::new(e) })
-            .boxed()
-    } else {
-        body.map_err(|e| -> BoxError { Box::new(e) }).boxed()
+    let (request, body) = match inspect(&parts, body, &shared.rules).await {
+        Ok(inspected) => inspected,
+        Err((refused, request)) => return unreadable(refused, peer, &request),
     };
     let decision = shared.rules.decide(&peer.id, &request);
-    let allowed = match &decision {
-        Decision::Allow(rule) => Some(*rule),
-        Decision::Deny(_) => None,
+    let (allowed, denied) = match &decision {
+        Decision::Allow(rule) => (Some(*rule), None),
+        Decision::Deny(rule, reason) => (None, Some((*rule, reason.as_str()))),
     };
     tracing::info!(
         decision = if allowed.is_some() { "allow" } else { "deny" },
@@ -306,43 +264,17 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
         path = %request.path,
         mcp_method = request.mcp_method.as_deref().unwrap_or(""),
         mcp_tool = request.mcp_tool.as_deref().unwrap_or(""),
-        rule = allowed.map_or(-1, |r| r as i64),
-        reason = match &decision { Decision::Deny(r) => r.as_str(), Decision::Allow(_) => "" },
+        rule = allowed.or(denied.and_then(|d| d.0)).map_or(-1, |r| r as i64),
+        reason = denied.map_or("", |d| d.1),
         "request"
     );
-    if let Decision::Deny(reason) = decision {
-        metrics().request(GateOutcome::Denied, None);
+    if let Some((rule, reason)) = denied {
+        metrics().request(GateOutcome::Denied, rule);
         return text(StatusCode::FORBIDDEN, format!("forbidden: {reason}"));
     }
-    // Identity headers: the client's copies never reach the upstream.
     strip_hop_by_hop(&mut parts.headers);
-    for name in [SPIFFE_ID_HEADER, INSTANCE_HEADER, TASK_HEADER, XFCC_HEADER] {
-        parts.headers.remove(name);
-    }
     let own = shared.source.current().spiffe_id.to_string();
-    let id = peer.id.to_string();
-    let mut set = |name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            parts.headers.insert(HeaderName::from_static(name), v);
-        }
-    };
-    set(
-        XFCC_HEADER,
-        format!("By={own};Hash={};URI={id}", peer.leaf_sha256),
-    );
-    set(SPIFFE_ID_HEADER, id);
-    let path: Vec<&str> = peer.id.path().split('/').collect();
-    let after = |key: &str| {
-        path.windows(2)
-            .find(|w| w[0] == key)
-            .map(|w| w[1].to_owned())
-    };
-    if let Some(instance) = after("instance") {
-        set(INSTANCE_HEADER, instance);
-    }
-    if let Some(task) = after("task") {
-        set(TASK_HEADER, task);
-    }
+    set_identity(&mut parts.headers, peer, &own);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -382,10 +314,128 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
     }
 }
 
-/// Refuses a request whose MCP call cannot be read (logged and counted as
-/// denied: no rule was asked).
+/// What the rules decide on, read from the request (`request`, `mcp`), and
+/// the body to forward. When an MCP rule could apply, the body is read
+/// (bounded) to find the JSON-RPC call, the client's `Mcp-Method`/`Mcp-Name`
+/// headers are checked against it, and the bytes read are forwarded;
+/// otherwise those headers only label the log and the body streams through.
+async fn inspect(
+    parts: &http::request::Parts,
+    body: Incoming,
+    rules: &Rules,
+) -> Result<(rules::Request, Body), (mcp::Unreadable, rules::Request)> {
+    let mut request = rules::Request {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        mcp_method: None,
+        mcp_tool: None,
+    };
+    let checked =
+        request::method(&parts.method).and_then(|m| Ok((m, request::path(parts.uri.path())?)));
+    match checked {
+        Ok((method, path)) => (request.method, request.path) = (method, path),
+        Err(refused) => return Err((refused, request)),
+    }
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    if !rules.need_mcp_for(&request.method, &request.path) {
+        request.mcp_method = header("mcp-method");
+        request.mcp_tool = header("mcp-name");
+        return Ok((
+            request,
+            body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
+        ));
+    }
+    if let Err(refused) = mcp::check_encoding(&parts.headers) {
+        return Err((refused, request));
+    }
+    let bytes = match Limited::new(body, MAX_INSPECTED_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            let refused = if e.is::<http_body_util::LengthLimitError>() {
+                mcp::Unreadable {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    message: format!("request body over {MAX_INSPECTED_BODY} bytes"),
+                }
+            } else {
+                mcp::Unreadable {
+                    status: StatusCode::BAD_REQUEST,
+                    message: format!("the request body could not be read: {e}"),
+                }
+            };
+            return Err((refused, request));
+        }
+    };
+    match mcp::of_request(&parts.headers, &bytes) {
+        Ok(call) => {
+            request.mcp_method = call.method;
+            request.mcp_tool = call.tool;
+        }
+        Err(refused) => return Err((refused, request)),
+    }
+    let body = Full::new(bytes)
+        .map_err(|e: Infallible| -> BoxError { Box::new(e) })
+        .boxed();
+    Ok((request, body))
+}
+
+/// Sets the caller's identity headers, after removing every copy the
+/// client sent, including names a WSGI server would read as the same
+/// (`x_sigil_spiffe_id`).
+fn set_identity(headers: &mut http::HeaderMap, peer: &Peer, own: &str) {
+    let identity = [SPIFFE_ID_HEADER, INSTANCE_HEADER, TASK_HEADER, XFCC_HEADER];
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            identity
+                .iter()
+                .any(|i| request::same_header(name.as_str(), i))
+        })
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
+    let id = peer.id.to_string();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set(
+        XFCC_HEADER,
+        format!("By={own};Hash={};URI={id}", peer.leaf_sha256),
+    );
+    set(SPIFFE_ID_HEADER, id);
+    let path: Vec<&str> = peer.id.path().split('/').collect();
+    let after = |key: &str| {
+        path.windows(2)
+            .find(|w| w[0] == key)
+            .map(|w| w[1].to_owned())
+    };
+    if let Some(instance) = after("instance") {
+        set(INSTANCE_HEADER, instance);
+    }
+    if let Some(task) = after("task") {
+        set(TASK_HEADER, task);
+    }
+}
+
+/// Refuses a request whose method, path or MCP call cannot be read the way
+/// the service would read it (logged, and counted as `unreadable`: no rule
+/// was asked).
 fn unreadable(refused: mcp::Unreadable, peer: &Peer, request: &rules::Request) -> Response<Body> {
-    metrics().request(GateOutcome::Denied, None);
+    let outcome = if refused.status == StatusCode::PAYLOAD_TOO_LARGE {
+        GateOutcome::TooLarge
+    } else {
+        GateOutcome::Unreadable
+    };
+    metrics().request(outcome, None);
     tracing::info!(
         decision = "deny",
         peer = %peer.id,
@@ -399,6 +449,18 @@ fn unreadable(refused: mcp::Unreadable, peer: &Peer, request: &rules::Request) -
 
 /// Removes the headers that belong to one connection, not the request.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    // The headers the Connection header names are this hop's too.
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
     for name in [
         "connection",
         "keep-alive",

@@ -69,8 +69,9 @@ pub struct Request {
 pub enum Decision {
     /// Forward it; the index of the rule that allowed it.
     Allow(usize),
-    /// Refuse it with 403 and this reason.
-    Deny(String),
+    /// Refuse it with 403: the rule that matched the request but not the
+    /// caller (none when no rule matched), and why.
+    Deny(Option<usize>, String),
 }
 
 /// The rules in order.
@@ -157,6 +158,17 @@ impl Rules {
             .any(|r| r.mcp_method.is_some() || r.mcp_tool.is_some())
     }
 
+    /// Whether a rule that names an MCP method or tool could apply to a
+    /// request with this HTTP method and path: only then is its body read
+    /// (other requests, an upload on another path say, pass unread).
+    pub fn need_mcp_for(&self, method: &str, path: &str) -> bool {
+        self.rules.iter().any(|r| {
+            (r.mcp_method.is_some() || r.mcp_tool.is_some())
+                && r.path.as_ref().is_none_or(|p| p.matches(path))
+                && (r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+        })
+    }
+
     /// The decision for `request` by `caller`.
     pub fn decide(&self, caller: &SpiffeId, request: &Request) -> Decision {
         for (i, rule) in self.rules.iter().enumerate() {
@@ -174,11 +186,11 @@ impl Rules {
                 return if rule.allow.iter().any(|p| p.matches(caller)) {
                     Decision::Allow(i)
                 } else {
-                    Decision::Deny(format!("rule {i} does not allow {caller}"))
+                    Decision::Deny(Some(i), format!("rule {i} does not allow {caller}"))
                 };
             }
         }
-        Decision::Deny("no rule matches this request".into())
+        Decision::Deny(None, "no rule matches this request".into())
     }
 }
 
@@ -223,7 +235,7 @@ mod tests {
         let tool = |name| req("POST", "/mcp", Some(("tools/call", name)));
         assert_eq!(rules.decide(&bot, &tool("search_web")), Decision::Allow(0));
         assert!(
-            matches!(rules.decide(&bot, &tool("delete_all")), Decision::Deny(_)),
+            matches!(rules.decide(&bot, &tool("delete_all")), Decision::Deny(..)),
             "rule 1 decides: admins only"
         );
         assert_eq!(
@@ -232,11 +244,11 @@ mod tests {
         );
         assert!(matches!(
             rules.decide(&bot, &req("DELETE", "/mcp", None)),
-            Decision::Deny(_)
+            Decision::Deny(..)
         ));
         assert!(matches!(
             rules.decide(&bot, &req("GET", "/other", None)),
-            Decision::Deny(_)
+            Decision::Deny(..)
         ));
         assert!(rules.need_mcp());
         assert_eq!(rules.all_patterns().len(), 3);

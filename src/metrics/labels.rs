@@ -85,6 +85,9 @@ label_values! {
         UpstreamFailed => "upstream_failed",
         /// Its body was too large to read the MCP method from: 413.
         TooLarge => "too_large",
+        /// Its method, path or MCP call could not be read the way the
+        /// service would read it: 400 or 415.
+        Unreadable => "unreadable",
         /// A path the gate cannot forward: 400.
         BadRequest => "bad_request",
     }

@@ -6,12 +6,16 @@
 //! SVID stream is used while the bundle stream has none). Each stream is
 //! reopened with a backoff when it ends or is refused; the last good
 //! material stays in force meanwhile (its SVID stays valid until it
-//! expires).
+//! expires), and `streams_up` says whether both are open.
+//!
+//! Does not own: what the material is checked against (`verify`), or the
+//! TLS built on it (`tls`).
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -32,6 +36,8 @@ use crate::proto::workload::{
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 /// Longest pause before reopening a stream.
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Longest wait for a stream to reopen before trying again.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the two streams make usable at once.
 #[derive(Clone, Debug)]
@@ -86,6 +92,53 @@ pub enum SourceError {
 #[derive(Clone)]
 pub struct WorkloadSource {
     rx: watch::Receiver<Arc<Material>>,
+    /// Whether the SVID stream and the bundle stream are open.
+    up: [Arc<AtomicBool>; 2],
+}
+
+/// The fields of the material one message sets. Each stream owns its
+/// fields and sets only those, so a slow CRL parse on one stream cannot
+/// publish a stale SVID over a rotation the other just brought (or the
+/// reverse).
+enum Patch {
+    /// The own SVID, its trust domain and the bundle (FetchX509SVID).
+    Own(Own),
+    /// The CRLs and their serials (FetchX509Bundles).
+    Revocations(Revocations),
+    /// Both, from an agent that puts the CRL on the SVID stream.
+    Both(Own, Revocations),
+    /// A message with nothing this source uses.
+    Nothing,
+}
+
+impl Patch {
+    fn apply(self, m: &mut Material) {
+        let (own, revocations) = match self {
+            Patch::Own(own) => (Some(own), None),
+            Patch::Revocations(r) => (None, Some(r)),
+            Patch::Both(own, r) => (Some(own), Some(r)),
+            Patch::Nothing => (None, None),
+        };
+        if let Some((spiffe_id, certified, bundle)) = own {
+            m.trust_domain = spiffe_id.trust_domain().clone();
+            m.spiffe_id = spiffe_id;
+            m.certified = certified;
+            m.bundle = bundle;
+        }
+        if let Some((crls, revoked)) = revocations {
+            m.crls = crls;
+            m.revoked = revoked;
+        }
+    }
+}
+
+/// One stream's side of the source: where to reconnect, where to publish,
+/// and its up flag.
+struct Feed {
+    socket: PathBuf,
+    tx: watch::Sender<Arc<Material>>,
+    up: Arc<AtomicBool>,
+    shutdown: CancellationToken,
 }
 
 impl WorkloadSource {
@@ -108,37 +161,58 @@ impl WorkloadSource {
             })?;
         let (material, svids, bundles, crl_from_bundles) = first?;
         let (tx, rx) = watch::channel(Arc::new(material));
-        let crl_from_bundles = Arc::new(std::sync::atomic::AtomicBool::new(crl_from_bundles));
+        let crl_from_bundles = Arc::new(AtomicBool::new(crl_from_bundles));
         let from_bundles = crl_from_bundles.clone();
+        let (svids_up, bundles_up) = (
+            Arc::new(AtomicBool::new(true)),
+            Arc::new(AtomicBool::new(true)),
+        );
         tokio::spawn(follow(
-            socket.clone(),
+            Feed {
+                socket: socket.clone(),
+                tx: tx.clone(),
+                up: svids_up.clone(),
+                shutdown: shutdown.clone(),
+            },
             svids,
             open_svids,
-            tx.clone(),
-            move |msg: &X509svidResponse, m: &mut Material| {
-                apply_svids(msg, m)?;
-                if !msg.crl.is_empty() && !from_bundles.load(std::sync::atomic::Ordering::Relaxed) {
-                    apply_crls(&msg.crl, m)?;
+            move |msg: &X509svidResponse, _: &Material| {
+                let own = own(msg)?;
+                if msg.crl.is_empty() || from_bundles.load(Ordering::Relaxed) {
+                    return Ok(Patch::Own(own));
                 }
-                Ok(())
+                let revocations = revocations(&msg.crl, &own.2)?;
+                Ok(Patch::Both(own, revocations))
             },
-            shutdown.clone(),
         ));
         tokio::spawn(follow(
-            socket,
+            Feed {
+                socket,
+                tx,
+                up: bundles_up.clone(),
+                shutdown,
+            },
             bundles,
             open_bundles,
-            tx,
-            move |msg: &X509BundlesResponse, m: &mut Material| {
-                if !msg.crl.is_empty() {
-                    crl_from_bundles.store(true, std::sync::atomic::Ordering::Relaxed);
-                    apply_crls(&msg.crl, m)?;
+            move |msg: &X509BundlesResponse, now: &Material| {
+                if msg.crl.is_empty() {
+                    return Ok(Patch::Nothing);
                 }
-                Ok(())
+                crl_from_bundles.store(true, Ordering::Relaxed);
+                Ok(Patch::Revocations(revocations(&msg.crl, &now.bundle)?))
             },
-            shutdown,
         ));
-        Ok(Self { rx })
+        Ok(Self {
+            rx,
+            up: [svids_up, bundles_up],
+        })
+    }
+
+    /// Whether both streams are open now. While one is down the material
+    /// holds the last SVID or CRL it brought: a CRL that has not arrived
+    /// cannot be enforced, which is why `sigil gate`'s `/readyz` says so.
+    pub fn streams_up(&self) -> bool {
+        self.up.iter().all(|up| up.load(Ordering::Relaxed))
     }
 
     /// The material now.
@@ -173,7 +247,7 @@ async fn first_material(socket: &Path) -> Result<(Material, Svids, Bundles, bool
     } else {
         &svid_msg.crl
     };
-    apply_crls(crls, &mut material)?;
+    Patch::Revocations(revocations(crls, &material.bundle)?).apply(&mut material);
     Ok((material, svids, bundles, from_bundles))
 }
 
@@ -233,19 +307,23 @@ async fn open_bundles(socket: PathBuf) -> Result<Bundles, SourceError> {
         .map_err(|s| refused(&socket, &s))
 }
 
-/// Applies every usable message of one stream to the material; reopens the
-/// stream when it ends.
+/// Applies every usable message of one stream to the material (the
+/// fields it owns: see [`Patch`]); reopens the stream when it ends.
 async fn follow<M, Open, Opened>(
-    socket: PathBuf,
+    feed: Feed,
     mut stream: tonic::Streaming<M>,
     open: Open,
-    tx: watch::Sender<Arc<Material>>,
-    apply: impl Fn(&M, &mut Material) -> Result<(), SourceError>,
-    shutdown: CancellationToken,
+    patch: impl Fn(&M, &Material) -> Result<Patch, SourceError>,
 ) where
     Open: Fn(PathBuf) -> Opened,
     Opened: Future<Output = Result<tonic::Streaming<M>, SourceError>>,
 {
+    let Feed {
+        socket,
+        tx,
+        up,
+        shutdown,
+    } = feed;
     let mut retry = RETRY_FIRST;
     loop {
         loop {
@@ -255,11 +333,17 @@ async fn follow<M, Open, Opened>(
             };
             match next {
                 Some(Ok(msg)) => {
-                    let mut updated = Material::clone(&tx.borrow());
-                    match apply(&msg, &mut updated) {
-                        Ok(()) => {
+                    // Parsed and checked against a snapshot, outside the
+                    // channel's lock; then only this stream's fields change.
+                    let snapshot = tx.borrow().clone();
+                    match patch(&msg, &snapshot) {
+                        Ok(patch) => {
                             retry = RETRY_FIRST;
-                            tx.send_replace(Arc::new(updated));
+                            tx.send_modify(|m| {
+                                let mut updated = Material::clone(m);
+                                patch.apply(&mut updated);
+                                *m = Arc::new(updated);
+                            });
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "an unusable Workload API message was skipped")
@@ -270,22 +354,35 @@ async fn follow<M, Open, Opened>(
                     tracing::warn!(code = ?s.code(), message = s.message(), "a Workload API stream ended");
                     break;
                 }
-                None => break,
+                None => {
+                    tracing::warn!("a Workload API stream ended");
+                    break;
+                }
             }
         }
+        up.store(false, Ordering::Relaxed);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(retry) => {}
             }
             retry = (retry * 2).min(RETRY_MAX);
-            match open(socket.clone()).await {
-                Ok(s) => {
+            let opened = tokio::select! {
+                () = shutdown.cancelled() => return,
+                opened = tokio::time::timeout(OPEN_TIMEOUT, open(socket.clone())) => opened,
+            };
+            match opened {
+                Ok(Ok(s)) => {
                     stream = s;
+                    up.store(true, Ordering::Relaxed);
+                    tracing::info!("a Workload API stream is open again");
                     break;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?retry, "cannot reopen a Workload API stream")
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, retry_in = ?retry, "cannot reopen a Workload API stream")
+                }
+                Err(_) => {
+                    tracing::debug!(retry_in = ?retry, "no answer reopening a Workload API stream")
                 }
             }
         }
@@ -317,15 +414,6 @@ fn own_material(msg: &X509svidResponse) -> Result<Material, SourceError> {
     })
 }
 
-fn apply_svids(msg: &X509svidResponse, m: &mut Material) -> Result<(), SourceError> {
-    let (spiffe_id, certified, bundle) = own(msg)?;
-    m.trust_domain = spiffe_id.trust_domain().clone();
-    m.spiffe_id = spiffe_id;
-    m.certified = certified;
-    m.bundle = bundle;
-    Ok(())
-}
-
 type Own = (
     SpiffeId,
     Arc<CertifiedKey>,
@@ -354,15 +442,21 @@ fn own(msg: &X509svidResponse) -> Result<Own, SourceError> {
     ))
 }
 
-/// Replaces the CRLs and the revoked serials they list, once each CRL's
-/// signature checks against a CA certificate of the bundle.
-fn apply_crls(crls: &[bytes::Bytes], m: &mut Material) -> Result<(), SourceError> {
+/// CRLs (DER) and the serials they list (lower-case hex).
+type Revocations = (Arc<Vec<Vec<u8>>>, Arc<HashSet<String>>);
+
+/// The CRLs and the revoked serials they list, once each CRL's signature
+/// checks against a CA certificate of `bundle`.
+fn revocations(
+    crls: &[bytes::Bytes],
+    bundle: &[CertificateDer<'static>],
+) -> Result<Revocations, SourceError> {
     let crls: Vec<Vec<u8>> = crls.iter().map(|c| c.to_vec()).collect();
     let mut revoked = HashSet::new();
     for crl in &crls {
         let (_, parsed) = x509_parser::parse_x509_crl(crl)
             .map_err(|e| SourceError::Unusable(format!("a CRL: {e}")))?;
-        let signed = m.bundle.iter().any(|ca| {
+        let signed = bundle.iter().any(|ca| {
             x509_parser::parse_x509_certificate(ca.as_ref())
                 .is_ok_and(|(_, ca)| parsed.verify_signature(ca.public_key()).is_ok())
         });
@@ -377,9 +471,7 @@ fn apply_crls(crls: &[bytes::Bytes], m: &mut Material) -> Result<(), SourceError
                 .map(|r| hex::encode(r.raw_serial())),
         );
     }
-    m.crls = Arc::new(crls);
-    m.revoked = Arc::new(revoked);
-    Ok(())
+    Ok((Arc::new(crls), Arc::new(revoked)))
 }
 
 #[cfg(test)]
@@ -442,12 +534,10 @@ mod tests {
     fn a_crl_is_taken_only_when_a_ca_of_the_bundle_signed_it() {
         let (_a, trusted) = ca("sigil.test");
         let (_b, stranger) = ca("sigil.test");
-        let mut m = material(&trusted);
-        apply_crls(&[crl_of(&trusted, "0a0b")], &mut m).unwrap();
-        assert!(m.revoked.contains("0a0b"));
-        let refused = apply_crls(&[crl_of(&stranger, "0c0d")], &mut m).unwrap_err();
+        let m = material(&trusted);
+        let (_, revoked) = revocations(&[crl_of(&trusted, "0a0b")], &m.bundle).unwrap();
+        assert!(revoked.contains("0a0b"));
+        let refused = revocations(&[crl_of(&stranger, "0c0d")], &m.bundle).unwrap_err();
         assert!(refused.to_string().contains("not signed"), "{refused}");
-        assert!(m.revoked.contains("0a0b"), "the last good CRL stays");
-        assert!(!m.revoked.contains("0c0d"));
     }
 }
