@@ -26,17 +26,18 @@
 //! - `rotation`: streams from several processes under a short instance TTL;
 //!   rotations (a new set of serials on one process's streams, counted once
 //!   per process) per one-second bin over a window;
-//! - `revocation` (only when named: minutes long, gigabytes when the CRL
-//!   rides every stream): N agent FetchX509SVID streams held by `streams`
-//!   clients, V verifier processes each holding a FetchX509Bundles stream,
-//!   and K task drivers each holding its own FetchX509SVID stream and
-//!   starting Begin -> (task SVID on its stream) -> End cycles on a fixed
-//!   schedule (open loop: a slow answer does not delay the next cycle) at
-//!   R cycles/s in total, for S seconds. Measured: Begin -> the task SVID
-//!   (hint `task:<id>`) on the driver's stream; End -> the task SVID's
-//!   serial in the CRL of every verifier (the driver's wall clock before End
-//!   joined with each verifier's first sighting of the serial, both epoch
-//!   ms; the worst verifier counts), and ends never seen; the protobuf
+//! - `revocation` (only when named: minutes long): N agent FetchX509SVID
+//!   streams held by `streams` clients, V verifier processes each holding a
+//!   FetchX509Bundles stream, a real `sigil gate`, and K task drivers each
+//!   holding its own FetchX509SVID stream and starting Begin -> (task SVID
+//!   on its stream) -> a connection through the gate with it -> End cycles
+//!   on a fixed schedule (open loop: a slow answer does not delay the next
+//!   cycle) at R cycles/s in total, for S seconds. Measured: Begin -> the
+//!   task SVID (hint `task:<id>`) on the driver's stream; End -> the task
+//!   SVID's serial in the CRL of every verifier (the driver's wall clock
+//!   before End joined with each verifier's first sighting of the serial,
+//!   both epoch ms; the worst verifier counts), and ends never seen; End ->
+//!   the gate closed the task's connection; the protobuf
 //!   bytes (`encoded_len`) every client received, per kind of stream, per
 //!   second and per task end; daemon RSS each second (start, 30 s, end,
 //!   max); daemon, client and whole-machine CPU. The window is cut short
