@@ -61,72 +61,7 @@ allow = ["spiffe://sigil.test/agent/mcp-agent/instance/*/task/*"]
 /// The virtualenv's python, created once per machine (and per requirements).
 fn venv_python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-venv");
-        let python = venv.join("bin/python");
-        let marker = venv.join(".installed");
-        if std::fs::read_to_string(&marker).is_ok_and(|m| m == REQUIREMENTS) {
-            return python;
-        }
-        if !make_venv(&venv) && install_python3_venv() {
-            assert!(
-                make_venv(&venv),
-                "python3 -m venv still fails after installing python3-venv"
-            );
-        }
-        assert!(
-            python.exists(),
-            "cannot create a virtualenv with `python3 -m venv`: install python3 and its venv module (Debian: apt-get install python3-venv)"
-        );
-        let requirements = venv.join("requirements.txt");
-        std::fs::write(&requirements, REQUIREMENTS).unwrap();
-        let pip = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                "-r",
-            ])
-            .arg(&requirements)
-            .status()
-            .expect("pip runs");
-        assert!(
-            pip.success(),
-            "pip install -r tests/interop/requirements-mcp.txt failed (is PyPI reachable?)"
-        );
-        std::fs::write(&marker, REQUIREMENTS).unwrap();
-        python
-    })
-}
-
-fn make_venv(venv: &Path) -> bool {
-    let _ = std::fs::remove_dir_all(venv);
-    Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(venv)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Debian's python3 comes without ensurepip; as root on a Debian-like
-/// machine, install the package that brings it. Returns whether it did.
-fn install_python3_venv() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root || !Path::new("/usr/bin/apt-get").exists() {
-        return false;
-    }
-    eprintln!("python3 has no venv module: installing python3-venv with apt-get");
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    apt(&["update", "-q"]) && apt(&["install", "-y", "-q", "python3-venv"])
+    PYTHON.get_or_init(|| common::venv::python("mcp-venv", REQUIREMENTS))
 }
 
 // --- Child processes --------------------------------------------------------------------

@@ -31,56 +31,7 @@ const CHECK_SCRIPT: &str = concat!(
 /// The virtualenv's python, created once per machine (and per release).
 fn venv_python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("py-spiffe-0.3.2");
-        let python = venv.join("bin/python");
-        let marker = venv.join(".installed");
-        if marker.exists() {
-            return python;
-        }
-        if !make_venv(&venv) && install_python3_venv() {
-            assert!(make_venv(&venv), "python3 -m venv still fails after installing python3-venv");
-        }
-        assert!(
-            python.exists(),
-            "cannot create a virtualenv with `python3 -m venv`: install python3 and its venv module (Debian: apt-get install python3-venv)"
-        );
-        let pip = Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", PY_SPIFFE])
-            .status()
-            .expect("pip runs");
-        assert!(pip.success(), "pip install {PY_SPIFFE} failed (is PyPI reachable?)");
-        std::fs::write(&marker, PY_SPIFFE).unwrap();
-        python
-    })
-}
-
-fn make_venv(venv: &Path) -> bool {
-    let _ = std::fs::remove_dir_all(venv);
-    Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(venv)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Debian's python3 comes without ensurepip; as root on a Debian-like
-/// machine, install the package that brings it, so `cargo test` needs no
-/// manual step on a fresh machine. Returns whether it installed it.
-fn install_python3_venv() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root || !Path::new("/usr/bin/apt-get").exists() {
-        return false;
-    }
-    eprintln!("python3 has no venv module: installing python3-venv with apt-get");
-    let apt = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    apt(&["update", "-q"]) && apt(&["install", "-y", "-q", "python3-venv"])
+    PYTHON.get_or_init(|| common::venv::python("py-spiffe-0.3.2", &format!("{PY_SPIFFE}\n")))
 }
 
 /// Runs the py-spiffe check script against `daemon`, returning its JSON.

@@ -43,6 +43,28 @@ fn parse_endpoint(addr: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
+/// The first FetchX509Bundles message: the bundles and the CRL (Sigil
+/// sends CRLs on that stream only). A stream that ends before its first
+/// message is `Unavailable`.
+///
+/// # Errors
+/// The daemon's refusal.
+pub async fn first_bundles(
+    api: &mut SpiffeWorkloadApiClient<Channel>,
+) -> Result<crate::proto::workload::X509BundlesResponse, tonic::Status> {
+    use tokio_stream::StreamExt as _;
+    api.fetch_x509_bundles(request(crate::proto::workload::X509BundlesRequest {}))
+        .await?
+        .into_inner()
+        .next()
+        .await
+        .unwrap_or_else(|| {
+            Err(tonic::Status::unavailable(
+                "the daemon closed the stream without sending bundles",
+            ))
+        })
+}
+
 /// Connects to the Workload API on `socket`.
 ///
 /// # Errors

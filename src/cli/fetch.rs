@@ -16,9 +16,7 @@ use tokio_stream::StreamExt;
 use super::EndpointArg;
 use super::client;
 use super::files::{self, pem_chain};
-use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use crate::proto::workload::{X509BundlesRequest, X509svidRequest};
-use tonic::transport::Channel;
 
 /// What to fetch.
 #[derive(Debug, clap::Subcommand)]
@@ -91,7 +89,7 @@ async fn fetch_x509(args: FetchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(dir) = &args.write {
-        let crls = first_crls(&mut api).await?;
+        let crls = client::first_bundles(&mut api).await.map_err(refusal)?.crl;
         let written = files::write_x509(dir, &response, &crls)?;
         eprintln!("wrote {} to {}", written.join(", "), dir.display());
         eprintln!(
@@ -102,35 +100,10 @@ async fn fetch_x509(args: FetchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The CRLs of the first FetchX509Bundles message (Sigil sends CRLs on
-/// that stream only).
-async fn first_crls(
-    api: &mut SpiffeWorkloadApiClient<Channel>,
-) -> anyhow::Result<Vec<bytes::Bytes>> {
-    let response = api
-        .fetch_x509_bundles(client::request(X509BundlesRequest {}))
-        .await
-        .map_err(refusal)?
-        .into_inner()
-        .next()
-        .await
-        .context("the daemon closed the bundle stream without sending the CRL")?
-        .map_err(refusal)?;
-    Ok(response.crl)
-}
-
 async fn fetch_bundle(args: FetchArgs) -> anyhow::Result<ExitCode> {
     let socket = args.endpoint.resolve()?;
     let mut api = client::connect(&socket).await?;
-    let response = api
-        .fetch_x509_bundles(client::request(X509BundlesRequest {}))
-        .await
-        .map_err(refusal)?
-        .into_inner()
-        .next()
-        .await
-        .context("the daemon closed the stream without sending bundles")?
-        .map_err(refusal)?;
+    let response = client::first_bundles(&mut api).await.map_err(refusal)?;
     let mut bundles: Vec<_> = response.bundles.iter().collect();
     bundles.sort();
     if args.json {

@@ -10,11 +10,9 @@ use std::time::SystemTime;
 use anyhow::{Context, bail};
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
-use tokio_stream::StreamExt;
 
 use super::{EndpointArg, client};
 use crate::ids::TrustDomain;
-use crate::proto::workload::X509BundlesRequest;
 use crate::verify::{IdPattern, TrustSource, verify_svid};
 
 /// Largest PEM or DER file read (a chain of 16 certificates, or a CRL of
@@ -161,15 +159,7 @@ async fn from_workload_api(
     }
     let socket = args.endpoint.resolve()?;
     let mut api = client::connect(&socket).await?;
-    let response = api
-        .fetch_x509_bundles(client::request(X509BundlesRequest {}))
-        .await
-        .map_err(|s| anyhow::anyhow!("the Workload API refused the bundle: {}: {} (a service with no entry needs allow_unauthenticated_verifiers = true, or pass --bundle and --crl)", s.code(), s.message()))?
-        .into_inner()
-        .next()
-        .await
-        .context("the daemon closed the stream without sending bundles")?
-        .map_err(|s| anyhow::anyhow!("the Workload API refused: {}: {}", s.code(), s.message()))?;
+    let response = client::first_bundles(&mut api).await.map_err(|s| anyhow::anyhow!("the Workload API refused the bundle: {}: {} (a service with no entry needs allow_unauthenticated_verifiers = true, or pass --bundle and --crl)", s.code(), s.message()))?;
     let (td, der) = response
         .bundles
         .iter()

@@ -7,6 +7,7 @@
 #![allow(dead_code, reason = "each test binary uses part of the harness")]
 
 pub mod agent;
+pub mod venv;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
