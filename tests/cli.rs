@@ -370,3 +370,56 @@ fn a_client_whose_reader_went_away_stops_quietly_instead_of_panicking() {
         "ended by SIGPIPE, as `cat` is"
     );
 }
+
+/// A client cannot keep the daemon hashing: a sparse executable of 2 GiB
+/// (no disk used) is refused at once instead of read to the end, and the
+/// daemon goes on serving.
+#[test]
+fn a_huge_sparse_executable_is_refused_without_being_hashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("w.sock");
+    let config = dir.path().join("sigil.toml");
+    // A sha256 entry makes the daemon hash every caller's executable.
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"cli.test\"\n\
+             [[entry]]\nname = \"pinned\"\nselectors = [\"unix:sha256:{}\"]\n\
+             [[entry]]\nname = \"me\"\nselectors = [\"unix:uid:{}\"]\n",
+            "0".repeat(64),
+            uid()
+        ),
+    )
+    .unwrap();
+    let _daemon = start_daemon(
+        Command::new(SIGIL)
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state")),
+        &socket,
+    );
+    let socket_arg = format!("unix://{}", socket.display());
+    let huge = dir.path().join("sigil-huge");
+    std::fs::copy(SIGIL, &huge).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&huge).unwrap();
+    file.set_len(2 << 30).unwrap();
+    drop(file);
+    let started = Instant::now();
+    let out = Command::new(&huge)
+        .args(["fetch", "x509", "--socket", &socket_arg])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("over the 1073741824 the daemon will hash"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(5), "refused after {took:?}");
+    let fetch = sigil(&["fetch", "x509", "--socket", &socket_arg]);
+    assert!(fetch.status.success(), "{}", text(&fetch.stderr));
+}

@@ -201,6 +201,16 @@ async fn connect(
     gate: SocketAddr,
     who: &Identity,
 ) -> Result<(Sender, tokio::task::JoinHandle<()>), String> {
+    connect_from(gate, who, None).await
+}
+
+/// [`connect`], from the local address `from` when given (another
+/// 127.0.0.0/8 address is another client IP to the gate).
+async fn connect_from(
+    gate: SocketAddr,
+    who: &Identity,
+    from: Option<std::net::IpAddr>,
+) -> Result<(Sender, tokio::task::JoinHandle<()>), String> {
     let verifier = SvidServerVerifier::new(
         TrustDomain::new("sigil.test").unwrap(),
         who.bundle.clone(),
@@ -220,9 +230,17 @@ async fn connect(
     )
     .unwrap();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(gate)
-        .await
-        .map_err(|e| e.to_string())?;
+    let tcp = match from {
+        None => tokio::net::TcpStream::connect(gate).await,
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| e.to_string())?;
+            socket.connect(gate).await
+        }
+    }
+    .map_err(|e| e.to_string())?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("gate.invalid").unwrap(), tcp)
         .await
@@ -381,7 +399,11 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
         .await
         .unwrap();
     assert_eq!(status, 403, "/%66orbidden is /forbidden");
-    for (method, path) in [("GET", "/x/../forbidden"), ("get", "/hello")] {
+    for (method, path) in [
+        ("GET", "/x/../forbidden"),
+        ("GET", "//forbidden"),
+        ("get", "/hello"),
+    ] {
         let (status, text) = call(&mut sender, method, path, &[], "").await.unwrap();
         assert_eq!(status, 400, "{method} {path}: {text}");
     }
@@ -593,7 +615,7 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
             &text,
             "sigil_gate_requests_total{outcome=\"unreadable\",rule=\"none\"}"
         ),
-        7.0,
+        8.0,
         "{text}"
     );
     assert!(
@@ -614,6 +636,84 @@ async fn the_gate_enforces_identity_rules_and_revocation_and_survives_its_own_ro
     assert!(
         admitted(addr, &fresh).await,
         "the gate serves across its rotation"
+    );
+    daemon.stop().await;
+}
+
+/// One client cannot take the gate from the others: connections that never
+/// start a handshake are capped per remote address (so a client from
+/// another address still gets in at once), and one caller's verified
+/// connections are capped (the next is closed, others are unaffected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_hold_every_connection_of_the_gate() {
+    let sigil = std::fs::canonicalize(SIGIL).unwrap();
+    let me = nix::unistd::geteuid();
+    let daemon = TestDaemon::start_with(&format!(
+        "trust_domain = \"sigil.test\"\n\
+         [[entry]]\nname = \"gate\"\nselectors = [\"unix:path:{}\"]\n\
+         [[entry]]\nname = \"tester\"\nselectors = [\"unix:uid:{me}\"]\n",
+        sigil.display()
+    ))
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let upstream = echo_service().await;
+    let log = work.path().join("gate.log");
+    let (_gate, addr, _) = gate(
+        &daemon,
+        upstream,
+        &["--allow", "spiffe://sigil.test/agent/tester/**"],
+        &log,
+    )
+    .await;
+    let agent = my_identity(&daemon, 0).await;
+
+    // 40 connections from 127.0.0.1 that never say hello.
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let (mut sender, _) = connect_from(addr, &agent, Some("127.0.0.2".parse().unwrap()))
+        .await
+        .expect("another address gets a handshake at once");
+    let (status, _) = call(&mut sender, "GET", "/hello", &[], "").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("too many handshakes in progress from this address"),
+        "{logged}"
+    );
+    drop(idle);
+    drop(sender);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // One caller's 64 verified connections, then one more.
+    let mut held = Vec::new();
+    for i in 0..64 {
+        let (mut sender, driving) = connect(addr, &agent).await.unwrap();
+        let (status, _) = call(&mut sender, "GET", "/hello", &[], "")
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(status, 200, "connection {i}");
+        held.push((sender, driving));
+    }
+    assert!(!admitted(addr, &agent).await, "the 65th is closed");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("this caller holds too many connections already"),
+        "{logged}"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        admitted(addr, &agent).await,
+        "connections given back are usable again"
     );
     daemon.stop().await;
 }

@@ -446,6 +446,8 @@ struct FileKey {
 
 /// Upper bound on cached digests; the cache is cleared when it is reached.
 const MAX_CACHED_DIGESTS: usize = 4096;
+/// Largest executable the daemon hashes (1 GiB); a larger one is refused.
+pub const MAX_HASHED_BYTES: u64 = 1 << 30;
 
 impl DigestCache {
     /// SHA-256 of the executable that `pid` runs, read through
@@ -466,6 +468,16 @@ impl DigestCache {
         };
         if let Some(hit) = self.lock().get(&key) {
             return Ok(hit.clone());
+        }
+        // A sparse file costs no disk but its whole length to hash: a client
+        // could keep the daemon hashing terabytes. No real agent's
+        // executable comes near the cap.
+        if meta.size() > MAX_HASHED_BYTES {
+            let e = io::Error::other(format!(
+                "the executable is {} bytes, over the {MAX_HASHED_BYTES} the daemon will hash",
+                meta.size()
+            ));
+            return Err(io_error(pid, "exe", e));
         }
         let digest = sha256_of(&mut file).map_err(|e| io_error(pid, "exe", e))?;
         let mut cache = self.lock();

@@ -116,7 +116,7 @@ pub async fn run(args: GateArgs) -> anyhow::Result<ExitCode> {
     let source = WorkloadSource::start(socket, FIRST_SVID_WAIT, shutdown.clone())
         .await
         .context(
-            "the gate needs its own SVID and the trust bundle with its CRL (give it an entry, e.g. unix:path of the sigil binary)",
+            "the gate needs its own SVID and the trust bundle with its CRL (give it an entry only it matches, e.g. unix:uid of its service user with unix:path of the sigil binary)",
         )?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -9,6 +9,7 @@
 //! decision is logged as one structured line and counted
 //! (`metrics::gate`). HTTP is hyper's, TLS rustls'.
 
+pub mod limits;
 pub mod mcp;
 pub mod request;
 pub mod rules;
@@ -41,7 +42,14 @@ type Body = BoxBody<Bytes, BoxError>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Longest a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest an HTTP/1.1 client may take to send a request's head, and to
+/// start the next one on a kept-alive connection.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the gate waits for a body it must read (queueing included).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most concurrent streams on one HTTP/2 connection.
+const MAX_STREAMS: u32 = 64;
 /// Largest request body read to find the MCP method and tool (JSON-RPC
 /// messages are small; a larger body is refused with 413 when a rule needs
 /// them).
@@ -80,6 +88,12 @@ struct Shared {
     upstream: Uri,
     client: Client<HttpConnector, Body>,
     source: WorkloadSource,
+    /// Handshakes in progress per remote IP.
+    handshakes: Arc<limits::PerKey<std::net::IpAddr>>,
+    /// Verified connections per caller.
+    callers: Arc<limits::PerKey<String>>,
+    /// Bodies buffered for inspection, gate-wide.
+    inspections: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves the gate on `listener` until `shutdown`: TLS with the source's
@@ -102,6 +116,9 @@ pub async fn serve(
         upstream,
         client: Client::builder(TokioExecutor::new()).build_http(),
         source,
+        handshakes: limits::PerKey::new(limits::HANDSHAKES_PER_IP),
+        callers: limits::PerKey::new(limits::CONNECTIONS_PER_CALLER),
+        inspections: Arc::new(tokio::sync::Semaphore::new(limits::INSPECTIONS)),
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -136,7 +153,14 @@ async fn connection(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let Some(handshaking) = shared.handshakes.acquire(remote.ip()) else {
+        metrics().handshake(Handshake::Refused);
+        tracing::info!(%remote, decision = "refused", stage = "handshake", max = limits::HANDSHAKES_PER_IP, "too many handshakes in progress from this address; closed");
+        return;
+    };
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+    drop(handshaking);
+    let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             metrics().handshake(Handshake::Refused);
@@ -159,14 +183,22 @@ async fn connection(
             return;
         }
     };
+    let Some(_counted) = shared.callers.acquire(limits::caller_key(&peer.id)) else {
+        metrics().handshake(Handshake::Refused);
+        tracing::info!(%remote, peer = %peer.id, decision = "refused", stage = "handshake", max = limits::CONNECTIONS_PER_CALLER, "this caller holds too many connections already; closed");
+        return;
+    };
     metrics().handshake(Handshake::Accepted);
     let _open = metrics().connection_opened();
     tracing::debug!(%remote, peer = %peer.id, "connection accepted");
     let service = {
         let (shared, peer) = (shared.clone(), peer.clone());
+        let mine = Arc::new(tokio::sync::Semaphore::new(
+            limits::INSPECTIONS_PER_CONNECTION,
+        ));
         hyper::service::service_fn(move |req| {
-            let (shared, peer) = (shared.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(handle(req, &peer, &shared).await) }
+            let (shared, peer, mine) = (shared.clone(), peer.clone(), mine.clone());
+            async move { Ok::<_, Infallible>(handle(req, &peer, &shared, &mine).await) }
         })
     };
     // The protocol is the one ALPN agreed (h2, else HTTP/1.1).
@@ -177,10 +209,16 @@ async fn connection(
     > = if h2 {
         Box::pin(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_concurrent_streams(MAX_STREAMS)
                 .serve_connection(io, service),
         )
     } else {
-        Box::pin(hyper::server::conn::http1::Builder::new().serve_connection(io, service))
+        Box::pin(
+            hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service),
+        )
     };
     let expiry = peer
         .not_after
@@ -246,9 +284,14 @@ fn text(status: StatusCode, message: String) -> Response<Body> {
     response
 }
 
-async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Response<Body> {
+async fn handle(
+    req: Request<Incoming>,
+    peer: &Peer,
+    shared: &Shared,
+    mine: &tokio::sync::Semaphore,
+) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
-    let (request, body) = match inspect(&parts, body, &shared.rules).await {
+    let (request, body) = match inspect(&parts, body, shared, mine).await {
         Ok(inspected) => inspected,
         Err((refused, request)) => return unreadable(refused, peer, &request),
     };
@@ -322,8 +365,10 @@ async fn handle(req: Request<Incoming>, peer: &Peer, shared: &Shared) -> Respons
 async fn inspect(
     parts: &http::request::Parts,
     body: Incoming,
-    rules: &Rules,
+    shared: &Shared,
+    mine: &tokio::sync::Semaphore,
 ) -> Result<(rules::Request, Body), (mcp::Unreadable, rules::Request)> {
+    let rules = &shared.rules;
     let mut request = rules::Request {
         method: parts.method.as_str().to_owned(),
         path: parts.uri.path().to_owned(),
@@ -354,7 +399,24 @@ async fn inspect(
     if let Err(refused) = mcp::check_encoding(&parts.headers) {
         return Err((refused, request));
     }
-    let bytes = match Limited::new(body, MAX_INSPECTED_BODY).collect().await {
+    // Bounded in memory (a connection's share, the gate's share) and in
+    // time: a client that sends its body slowly holds a share only so long.
+    let read = async {
+        let _mine = mine.acquire().await;
+        let _ours = shared.inspections.acquire().await;
+        Limited::new(body, MAX_INSPECTED_BODY).collect().await
+    };
+    let Ok(read) = tokio::time::timeout(BODY_READ_TIMEOUT, read).await else {
+        let refused = mcp::Unreadable {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "the request body did not arrive within {}",
+                humantime::format_duration(BODY_READ_TIMEOUT)
+            ),
+        };
+        return Err((refused, request));
+    };
+    let bytes = match read {
         Ok(collected) => collected.to_bytes(),
         Err(e) => {
             let refused = if e.is::<http_body_util::LengthLimitError>() {

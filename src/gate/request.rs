@@ -40,8 +40,8 @@ pub fn method(method: &http::Method) -> Result<String, Unreadable> {
 /// server's path clean-up could turn it into another path.
 ///
 /// # Errors
-/// 400 for an encoded `/`, `\` or NUL, a `\`, a `.` or `..` segment, or
-/// bytes that are not UTF-8.
+/// 400 for an encoded `/`, `\` or NUL, a `\`, a `.` segment or one that
+/// starts with `..`, an empty segment (`//`), or bytes that are not UTF-8.
 pub fn path(raw: &str) -> Result<String, Unreadable> {
     let lower = raw.to_ascii_lowercase();
     if ["%2f", "%5c", "%00", "%25"]
@@ -55,13 +55,16 @@ pub fn path(raw: &str) -> Result<String, Unreadable> {
     let decoded = percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| bad(format!("the path {raw:?} does not decode to UTF-8")))?;
+    // `//admin` is `/admin` to most servers; `..;` and `.. ` are `..` to
+    // some.
     if decoded.contains('\\')
+        || decoded.contains("//")
         || decoded
             .split('/')
-            .any(|segment| segment == "." || segment == "..")
+            .any(|segment| segment == "." || segment.starts_with(".."))
     {
         return Err(bad(format!(
-            "the path {raw:?} has a dot segment or a backslash: send the path it means"
+            "the path {raw:?} has a dot segment, an empty segment or a backslash: send the path it means"
         )));
     }
     Ok(decoded.into_owned())
@@ -106,6 +109,10 @@ mod tests {
             "/%2566orbidden",
             "/%ff",
             "/..",
+            "//admin",
+            "/public//admin",
+            "/public/..;/admin",
+            "/public/..%20/admin",
         ] {
             assert!(path(trick).is_err(), "{trick}");
         }
