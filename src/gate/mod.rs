@@ -3,11 +3,12 @@
 //!
 //! Owns the proxy: TLS with SVIDs from a Workload API (`verify::tls` over
 //! `verify::source`, so rotation needs no restart), the per-request rule
-//! decision (`rules`), forwarding with the caller's identity in headers
-//! (copies the client sent are stripped first), and cutting a live
-//! connection whose certificate the CRL revokes or that expires. Each
-//! decision is logged as one structured line and counted
-//! (`metrics::gate`). HTTP is hyper's, TLS rustls'.
+//! decision (`rules`) on what is read from the request the way the service
+//! will read it (`request`, `mcp`), forwarding with the caller's identity in
+//! headers (copies the client sent are stripped first), what one client may
+//! hold (`limits`), and cutting a live connection whose certificate the CRL
+//! revokes or that expires. Each decision is logged as one structured line
+//! and counted (`metrics::gate`). HTTP is hyper's, TLS rustls'.
 
 pub mod limits;
 pub mod mcp;
