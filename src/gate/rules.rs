@@ -151,13 +151,6 @@ impl Rules {
         all
     }
 
-    /// Whether some rule needs the MCP method or tool of a request.
-    pub fn need_mcp(&self) -> bool {
-        self.rules
-            .iter()
-            .any(|r| r.mcp_method.is_some() || r.mcp_tool.is_some())
-    }
-
     /// Whether a rule that names an MCP method or tool could apply to a
     /// request with this HTTP method and path: only then is its body read
     /// (other requests, an upload on another path say, pass unread).
@@ -250,7 +243,20 @@ mod tests {
             rules.decide(&bot, &req("GET", "/other", None)),
             Decision::Deny(..)
         ));
-        assert!(rules.need_mcp());
+        assert!(
+            rules.need_mcp_for("POST", "/anything"),
+            "rule 0 names no path"
+        );
+        let pathed = Rules::parse(
+            "[[rule]]\npath = \"/mcp\"\nmcp_method = \"tools/call\"\nallow = [\"spiffe://td\"]\n[[rule]]\nallow = [\"spiffe://td\"]",
+            "gate.toml",
+        )
+        .unwrap();
+        assert!(pathed.need_mcp_for("POST", "/mcp"));
+        assert!(
+            !pathed.need_mcp_for("POST", "/upload"),
+            "other paths stream through"
+        );
         assert_eq!(rules.all_patterns().len(), 3);
     }
 

@@ -50,10 +50,8 @@ pub struct Material {
     pub certified: Arc<CertifiedKey>,
     /// The trust domain's CA certificates.
     pub bundle: Arc<Vec<CertificateDer<'static>>>,
-    /// The CRLs (DER), each signed by a CA of `bundle` (checked once, as
-    /// it arrives).
-    pub crls: Arc<Vec<Vec<u8>>>,
-    /// Every serial on those CRLs (lower-case hex): what handshakes are
+    /// Every serial on the CRLs (lower-case hex; each CRL signed by a CA of
+    /// `bundle`, checked once as it arrives): what handshakes are
     /// checked against, and how live connections that must be cut are
     /// found.
     pub revoked: Arc<HashSet<String>>,
@@ -125,8 +123,7 @@ impl Patch {
             m.certified = certified;
             m.bundle = bundle;
         }
-        if let Some((crls, revoked)) = revocations {
-            m.crls = crls;
+        if let Some(revoked) = revocations {
             m.revoked = revoked;
         }
     }
@@ -409,7 +406,6 @@ fn own_material(msg: &X509svidResponse) -> Result<Material, SourceError> {
         spiffe_id,
         certified,
         bundle,
-        crls: Arc::default(),
         revoked: Arc::default(),
     })
 }
@@ -442,18 +438,17 @@ fn own(msg: &X509svidResponse) -> Result<Own, SourceError> {
     ))
 }
 
-/// CRLs (DER) and the serials they list (lower-case hex).
-type Revocations = (Arc<Vec<Vec<u8>>>, Arc<HashSet<String>>);
+/// The serials (lower-case hex) the current CRLs list.
+type Revocations = Arc<HashSet<String>>;
 
-/// The CRLs and the revoked serials they list, once each CRL's signature
-/// checks against a CA certificate of `bundle`.
+/// The revoked serials the CRLs list, once each CRL's signature checks
+/// against a CA certificate of `bundle`.
 fn revocations(
     crls: &[bytes::Bytes],
     bundle: &[CertificateDer<'static>],
 ) -> Result<Revocations, SourceError> {
-    let crls: Vec<Vec<u8>> = crls.iter().map(|c| c.to_vec()).collect();
     let mut revoked = HashSet::new();
-    for crl in &crls {
+    for crl in crls {
         let (_, parsed) = x509_parser::parse_x509_crl(crl)
             .map_err(|e| SourceError::Unusable(format!("a CRL: {e}")))?;
         let signed = bundle.iter().any(|ca| {
@@ -471,7 +466,7 @@ fn revocations(
                 .map(|r| hex::encode(r.raw_serial())),
         );
     }
-    Ok((Arc::new(crls), Arc::new(revoked)))
+    Ok(Arc::new(revoked))
 }
 
 #[cfg(test)]
@@ -525,7 +520,6 @@ mod tests {
             trust_domain: TrustDomain::new("sigil.test").unwrap(),
             certified: Arc::new(CertifiedKey::new(svid.cert_chain.clone(), signing)),
             bundle: Arc::new(vec![bundle.certificate_der().clone()]),
-            crls: Arc::default(),
             revoked: Arc::default(),
         }
     }
@@ -535,7 +529,7 @@ mod tests {
         let (_a, trusted) = ca("sigil.test");
         let (_b, stranger) = ca("sigil.test");
         let m = material(&trusted);
-        let (_, revoked) = revocations(&[crl_of(&trusted, "0a0b")], &m.bundle).unwrap();
+        let revoked = revocations(&[crl_of(&trusted, "0a0b")], &m.bundle).unwrap();
         assert!(revoked.contains("0a0b"));
         let refused = revocations(&[crl_of(&stranger, "0c0d")], &m.bundle).unwrap_err();
         assert!(refused.to_string().contains("not signed"), "{refused}");
