@@ -15,6 +15,10 @@
 //! - `ssl_context` keeps working across three rotations of 4 s SVIDs while
 //!   an HTTPS server checks the client's SPIFFE ID; the CRL is enforced by
 //!   the SDK's server and client contexts (an ended task's key is refused);
+//! - the private key never reaches a file: a child agent serving and making
+//!   a TLS call under strace opens nothing for writing (strace is installed
+//!   with apt-get when the suite runs as root on Debian and it is missing;
+//!   otherwise that one test is skipped, and nothing else may be);
 //! - the MCP example: agent → `sigil gate` → MCP server, each job's tool
 //!   call arrives as that job's task.
 
@@ -36,6 +40,7 @@ const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
 #[test]
 fn the_python_sdk_suite_passes_against_the_daemon() {
     let python = common::venv::python("sdk-venv", REQUIREMENTS);
+    common::venv::apt_install_if_missing("/usr/bin/strace", "strace");
     let install = Command::new(&python)
         .args([
             "-m",
@@ -53,7 +58,7 @@ fn the_python_sdk_suite_passes_against_the_daemon() {
         .expect("pip runs");
     assert!(install.success(), "pip install {PACKAGE} failed");
     let out = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"])
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"])
         .arg(Path::new(PACKAGE).join("tests"))
         .current_dir(PACKAGE)
         .env("SIGIL_BIN", SIGIL)
@@ -68,8 +73,11 @@ fn the_python_sdk_suite_passes_against_the_daemon() {
         out.status.success(),
         "the sigil-agent suite failed:\n{stdout}\n{stderr}"
     );
-    assert!(
-        stdout.contains(" passed") && !stdout.contains(" skipped"),
-        "every test ran: {stdout}"
-    );
+    assert!(stdout.contains(" passed"), "no test ran: {stdout}");
+    for skip in stdout.lines().filter(|l| l.starts_with("SKIPPED")) {
+        assert!(
+            skip.contains("strace"),
+            "only the strace test may skip: {skip}"
+        );
+    }
 }

@@ -61,11 +61,26 @@ fn make_venv(venv: &Path) -> bool {
 /// Debian's python3 comes without ensurepip; as root on a Debian-like
 /// machine, install the package that brings it. Returns whether it did.
 fn install_python3_venv() -> bool {
+    apt_install("python3-venv")
+}
+
+/// Installs Debian `package` when `program` is missing and the suite runs
+/// as root on a Debian-like machine; otherwise leaves it to the test that
+/// needs it to say so.
+pub fn apt_install_if_missing(program: &str, package: &str) {
+    if !Path::new(program).exists() {
+        apt_install(package);
+    }
+}
+
+/// `apt-get install package` as root on a Debian-like machine. Returns
+/// whether it succeeded (false when not root or without apt-get).
+fn apt_install(package: &str) -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root || !Path::new("/usr/bin/apt-get").exists() {
         return false;
     }
-    eprintln!("python3 has no venv module: installing python3-venv with apt-get");
+    eprintln!("installing the Debian package {package} with apt-get");
     let apt = |args: &[&str]| {
         Command::new("apt-get")
             .args(args)
@@ -73,5 +88,5 @@ fn install_python3_venv() -> bool {
             .status()
             .is_ok_and(|s| s.success())
     };
-    apt(&["update", "-q"]) && apt(&["install", "-y", "-q", "python3-venv"])
+    apt(&["update", "-q"]) && apt(&["install", "-y", "-q", package])
 }

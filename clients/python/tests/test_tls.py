@@ -5,6 +5,7 @@ CRL enforced by the SDK on both sides."""
 from __future__ import annotations
 
 import http.server
+import os
 import json
 import socket
 import ssl
@@ -245,3 +246,47 @@ def get_status(ctx: ssl.SSLContext, port: int) -> int | None:
     except (ssl.SSLError, ConnectionError):
         return None
     return int(data.split(b" ", 2)[1]) if data else None
+
+
+def test_the_key_never_touches_disk(daemon: Daemon, tmp_path: Path) -> None:
+    """A child agent builds task and instance contexts and serves and makes
+    a TLS call, under strace: no file is opened for writing, created,
+    renamed or linked, and the certificate and key go through memfds."""
+    import shutil
+    import subprocess
+    import sys
+
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (Debian: apt-get install strace)")
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import asyncio\n"
+        "from sigil_agent import Agent\n"
+        "async def main():\n"
+        "    with Agent() as agent, agent.task('no-disk') as task:\n"
+        "        async def serve(r, w):\n"
+        "            w.write(b'ok'); await w.drain(); w.close()\n"
+        "        server = await asyncio.start_server(serve, '127.0.0.1', 0, ssl=agent.server_ssl_context(task.spiffe_id))\n"
+        "        port = server.sockets[0].getsockname()[1]\n"
+        "        r, w = await asyncio.open_connection('127.0.0.1', port, ssl=task.ssl_context(agent.spiffe_id), server_hostname='x')\n"
+        "        print((await r.read()).decode()); w.close(); server.close()\n"
+        "asyncio.run(main())\n"
+    )
+    trace = tmp_path / "trace.txt"
+    done = subprocess.run(
+        [strace, "-f", "-qq", "-o", str(trace), "-e",
+         "trace=open,openat,openat2,creat,memfd_create,rename,renameat,renameat2,link,linkat,symlink,symlinkat",
+         sys.executable, str(child)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+    calls = trace.read_text().splitlines()
+    writes = [c for c in calls if ("open" in c and "O_RDONLY" not in c and "ENOENT" not in c) or "creat(" in c
+              or "rename" in c or "link" in c]
+    assert writes == [], writes
+    memfds = [c for c in calls if "memfd_create(\"sigil-svid\"" in c]
+    assert len(memfds) >= 2, calls
