@@ -237,6 +237,10 @@ class Agent:
         with self._cond:
             if self._closed:
                 raise SigilError("the Agent is closed")
+            if self._stream_error is not None:
+                raise DaemonUnavailable(
+                    f"the SVID stream from {self.socket_path} failed for good ({self._stream_error}); make a new Agent"
+                )
             assert self._context is not None
             return self._context
 
@@ -263,11 +267,8 @@ class Agent:
                     f"no bundle and CRL from {self.socket_path} within {self.timeout} s"
                     + (f" ({self._bundles_error})" if self._bundles_error else "")
                 )
-            if self._closed:
-                raise SigilError("the Agent is closed")
-            context = self._context
             crls, version = self._crls, (self._context_seq, self._crl_seq)
-        assert context is not None
+        context = self.x509_context()
         if spiffe_id is None:
             svid = context.default_svid
         else:
@@ -526,11 +527,15 @@ class TaskScope:
 
         try:
             # Not abandoned on cancellation: a Begin in flight is waited for,
-            # so its task can be ended.
+            # so that its task can be ended.
             await anyio.to_thread.run_sync(begin, abandon_on_cancel=False)
-        finally:
+        except BaseException:
+            # Cancelled while Begin ran: __aexit__ will not run, end it here.
             if holder:
-                self._task = holder[0]
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(lambda: holder[0].end(missing_ok=True))
+            raise
+        self._task = holder[0]
         return holder[0]
 
     async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
