@@ -423,3 +423,38 @@ fn a_huge_sparse_executable_is_refused_without_being_hashed() {
     let fetch = sigil(&["fetch", "x509", "--socket", &socket_arg]);
     assert!(fetch.status.success(), "{}", text(&fetch.stderr));
 }
+
+#[test]
+fn logs_written_to_a_file_are_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("workload.sock");
+    let log = dir.path().join("sigil.log");
+    let child = Command::new(SIGIL)
+        .arg("run")
+        .env("SIGIL_SOCKET", &socket)
+        .env("SIGIL_STATE_DIR", dir.path().join("state"))
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the daemon never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&daemon.0),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    daemon.0.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(" INFO "), "the daemon logged: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no ANSI escape codes in a log file: {text:?}"
+    );
+}
