@@ -1343,7 +1343,7 @@ async fn a_missing_socket_and_an_unknown_instance_are_one_clear_message_and_exit
         assert_eq!(run.stdout, "", "{args:?}");
         assert!(
             run.stderr
-                .starts_with(&format!("sigil: no admin socket at {path}")),
+                .starts_with(&format!("sigil: no socket at {path}")),
             "{args:?}: {run:?}"
         );
         assert_eq!(run.stderr.lines().count(), 1, "one line: {run:?}");

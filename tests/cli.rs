@@ -458,3 +458,119 @@ fn logs_written_to_a_file_are_plain_text() {
         "no ANSI escape codes in a log file: {text:?}"
     );
 }
+
+/// `sigil fetch x509` as uid `as_uid` (root only) or as this user.
+fn fetch_as(as_uid: Option<u32>, args: &[&str]) -> Output {
+    let mut cmd = match as_uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                SIGIL,
+            ]);
+            c
+        }
+        None => Command::new(SIGIL),
+    };
+    cmd.args(["fetch", "x509"])
+        .args(args)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .output()
+        .unwrap()
+}
+
+/// The one line a failed command printed, checked to be one line with
+/// `phrase` once and no repeated OS error.
+fn one_error(out: &Output, phrase: &str) -> String {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert_eq!(err.matches(phrase).count(), 1, "{phrase:?} once in: {err}");
+    assert!(!err.contains("os error"), "no raw OS error: {err}");
+    err
+}
+
+#[test]
+fn client_errors_say_what_is_wrong_once_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+
+    let err = one_error(
+        &fetch_as(None, &["--socket", &p("missing.sock")]),
+        "no socket at",
+    );
+    assert!(err.contains("start the daemon (`sigil run`)"), "{err}");
+    std::fs::write(p("file"), "").unwrap();
+    let err = one_error(
+        &fetch_as(None, &["--socket", &p("file")]),
+        "is a regular file, not a socket",
+    );
+    assert!(err.contains("SPIFFE_ENDPOINT_SOCKET"), "{err}");
+    one_error(
+        &fetch_as(None, &["--socket", &dir.path().display().to_string()]),
+        "is a directory, not a socket",
+    );
+    drop(std::os::unix::net::UnixListener::bind(p("stale.sock")).unwrap());
+    one_error(
+        &fetch_as(None, &["--socket", &p("stale.sock")]),
+        "nothing answers on",
+    );
+
+    // A daemon that admits nobody here: its refusal, in its words.
+    let socket = dir.path().join("workload.sock");
+    let config = dir.path().join("sigil.toml");
+    std::fs::write(
+        &config,
+        "trust_domain = \"t.test\"\n[[entry]]\nname = \"x\"\nselectors = [\"unix:uid:4242\"]\n",
+    )
+    .unwrap();
+    let _daemon = start_daemon(
+        Command::new(SIGIL)
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state")),
+        &socket,
+    );
+    let err = one_error(
+        &fetch_as(None, &["--socket", &socket.display().to_string()]),
+        "the daemon refused (PermissionDenied): no identity issued",
+    );
+    assert!(err.contains("matches no registration entry"), "{err}");
+
+    // --write onto a file: refused before anything is fetched or printed.
+    let out = fetch_as(
+        None,
+        &[
+            "--socket",
+            &socket.display().to_string(),
+            "--write",
+            &p("file"),
+        ],
+    );
+    one_error(&out, "exists and is not a directory");
+    assert!(
+        out.stdout.is_empty(),
+        "nothing printed first: {}",
+        text(&out.stdout)
+    );
+
+    // Permission denied: a socket in a directory only root may enter.
+    if uid() != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("not root (or no setpriv): skipped the permission-denied case");
+        return;
+    }
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let hidden = private.path().join("w.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&hidden).unwrap();
+    let err = one_error(
+        &fetch_as(Some(65534), &["--socket", &hidden.display().to_string()]),
+        "permission denied on",
+    );
+    assert!(err.contains("for uid 65534"), "{err}");
+}

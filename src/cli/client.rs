@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use crate::workload_api::header::SECURITY_HEADER;
@@ -68,25 +67,10 @@ pub async fn first_bundles(
 /// Connects to the Workload API on `socket`.
 ///
 /// # Errors
-/// When nothing listens there, with a hint to start the daemon.
+/// When the socket is missing, is not a socket, is not accessible or
+/// nothing answers on it: one message each, with what to do.
 pub async fn connect(socket: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
-    let path = socket.to_owned();
-    // The URI is a placeholder: the connector below ignores it.
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to the Workload API at {}: is `sigil run` running?",
-                socket.display()
-            )
-        })?;
+    let channel = super::socket::channel(socket, super::socket::Which::Workload).await?;
     Ok(SpiffeWorkloadApiClient::new(channel))
 }
 

@@ -61,6 +61,9 @@ pub async fn run(cmd: FetchCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn fetch_x509(args: FetchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = &args.write {
+        files::check_dir(dir)?;
+    }
     let socket = args.endpoint.resolve()?;
     let mut api = client::connect(&socket).await?;
     let mut stream = api
@@ -177,9 +180,10 @@ pub async fn healthcheck(endpoint: &EndpointArg) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The daemon's refusal, in its own words (they name the rule and the fix).
 fn refusal(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!(
-        "the Workload API refused: {}: {}",
+        "the daemon refused ({:?}): {}",
         status.code(),
         status.message()
     )

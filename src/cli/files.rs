@@ -46,6 +46,22 @@ fn write(dir: &Path, name: &str, contents: &str, mode: u32) -> anyhow::Result<()
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Checks, before anything is fetched, that `dir` can be the directory
+/// the files go to: a directory, or a path that does not exist yet.
+///
+/// # Errors
+/// When `dir` is a file or something else that is not a directory.
+pub(super) fn check_dir(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => bail!(
+            "{} exists and is not a directory: give a directory for the PEM files (it is created \
+             if missing)",
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `response` and the CRLs `crls` (the first is written) into `dir`
 /// (created if missing); returns the names written.
 ///

@@ -54,6 +54,7 @@ pub struct HelperArgs {
 /// Bad arguments (an unknown signal, a relative socket path).
 pub async fn run(args: HelperArgs) -> anyhow::Result<ExitCode> {
     let signal = args.signal.as_deref().map(parse_signal).transpose()?;
+    files::check_dir(&args.dir)?;
     let socket = args.endpoint.resolve()?;
     let stop = stop_signal();
     tokio::pin!(stop);

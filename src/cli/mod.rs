@@ -11,6 +11,7 @@ mod files;
 mod gate;
 mod helper;
 mod run;
+mod socket;
 mod verify;
 
 use std::path::PathBuf;

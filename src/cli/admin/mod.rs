@@ -23,8 +23,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::proto::sigil::admin::v1::admin_client::AdminClient;
 
@@ -125,53 +124,8 @@ pub async fn run(cmd: AdminCommand, out: &mut impl Write) -> anyhow::Result<Exit
 /// When the socket is missing, not accessible, or nothing answers on it,
 /// each with what to do.
 pub async fn connect(socket: &Path) -> anyhow::Result<Client> {
-    let path = socket.to_owned();
-    // The URI is a placeholder: the connector below ignores it.
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await
-        .map_err(|e| connect_error(socket, &e))?;
+    let channel = super::socket::channel(socket, super::socket::Which::Admin).await?;
     Ok(AdminClient::new(channel))
-}
-
-/// What a failed connection means and what to do about it.
-fn connect_error(socket: &Path, e: &(dyn std::error::Error + 'static)) -> anyhow::Error {
-    let path = socket.display();
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    let mut io = None;
-    while let Some(c) = cause {
-        if let Some(found) = c.downcast_ref::<std::io::Error>() {
-            io = Some(found);
-            break;
-        }
-        cause = c.source();
-    }
-    match io.map(std::io::Error::kind) {
-        Some(std::io::ErrorKind::NotFound) => anyhow::anyhow!(
-            "no admin socket at {path}: is `sigil run` running, and is this the daemon's admin \
-             socket? set --admin-socket or {ADMIN_SOCKET_ENV}"
-        ),
-        Some(std::io::ErrorKind::PermissionDenied) => anyhow::anyhow!(
-            "{path} is not accessible to uid {}: the admin socket is for root, the daemon's \
-             user, [admin_api] allowed_uids and members of [admin_api] group",
-            nix::unistd::geteuid()
-        ),
-        Some(std::io::ErrorKind::ConnectionRefused) => anyhow::anyhow!(
-            "nothing answers on {path}: is `sigil run` running? (a daemon that was killed \
-             leaves its socket behind)"
-        ),
-        Some(_) => anyhow::anyhow!(
-            "cannot connect to the admin socket {path}: {}",
-            io.map(ToString::to_string).unwrap_or_default()
-        ),
-        None => anyhow::anyhow!("cannot connect to the admin socket {path}: {e}"),
-    }
 }
 
 /// A refused or failed admin call as a message for a person. Refusals
@@ -266,17 +220,6 @@ mod tests {
         let admin = default_admin_socket();
         assert_eq!(admin.parent(), workload.parent());
         assert_eq!(admin.file_name().unwrap(), "admin.sock");
-    }
-
-    #[tokio::test]
-    async fn a_missing_socket_says_where_and_what_to_do() {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("admin.sock");
-        let e = connect(&socket).await.unwrap_err();
-        let text = crate::cli::report(&e);
-        assert!(text.starts_with("no admin socket at "), "{text}");
-        assert!(text.contains(&socket.display().to_string()), "{text}");
-        assert!(text.contains("SIGIL_ADMIN_SOCKET"), "{text}");
     }
 
     #[test]
