@@ -260,6 +260,12 @@ impl App {
             "serving the SPIFFE Workload API"
         );
         serving.store(true, Ordering::Release);
+        // Under systemd (Type=notify): ready now, the socket is bound and
+        // its accept loop starts next. Nothing happens without NOTIFY_SOCKET.
+        notify_systemd(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("serving the SPIFFE Workload API"),
+        ]);
         let result = workload_api::serve(
             self.listener,
             self.identity,
@@ -269,6 +275,7 @@ impl App {
         )
         .await;
         serving.store(false, Ordering::Release);
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
         let _ = std::fs::remove_file(&socket);
         shutdown.token.cancel();
         // Admin streams end on shutdown; a connection that does not close
@@ -432,6 +439,14 @@ async fn stored_entries(store: &Arc<Store>, config: &Config) -> Result<Vec<Loade
 /// are revoked as if deleted. An invalid file is refused with every
 /// problem logged, and the running config stays. Settings other than the
 /// entries need a restart (said in the log when they changed).
+/// Tells systemd the daemon's state when it runs as a `Type=notify`
+/// service (`NOTIFY_SOCKET` set); a failure is logged, never fatal.
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
+}
+
 async fn reload_on_hangup(config: Arc<Config>, identity: IdentityManager, shutdown: Shutdown) {
     loop {
         tokio::select! {

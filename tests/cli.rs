@@ -574,3 +574,47 @@ fn client_errors_say_what_is_wrong_once_and_what_to_do() {
     );
     assert!(err.contains("for uid 65534"), "{err}");
 }
+
+#[test]
+fn readiness_reaches_systemd_once_the_socket_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.path().join("notify")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let socket = dir.path().join("workload.sock");
+    let child = Command::new(SIGIL)
+        .arg("run")
+        .env("SIGIL_SOCKET", &socket)
+        .env("SIGIL_STATE_DIR", dir.path().join("state"))
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .env("NOTIFY_SOCKET", dir.path().join("notify"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon(child);
+    let mut buf = [0u8; 512];
+    let n = notify
+        .recv(&mut buf)
+        .expect("a readiness message within 15 s");
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
+    // Ready means serving: a client connecting now is answered.
+    let out = Command::new(SIGIL)
+        .args(["fetch", "x509", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&daemon.0),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let n = notify.recv(&mut buf).expect("a stopping message");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
