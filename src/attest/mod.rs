@@ -137,7 +137,7 @@ pub enum Error {
     NoPeerCredentials,
     /// A /proc file could not be read.
     #[error(
-        "cannot read the {what} of process {pid}: {source} (a daemon that is not root can attest only its own user's processes)"
+        "cannot read the {what} of process {pid}: {source} (attesting another user's processes needs root with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH; a daemon that is not root attests only its own user's)"
     )]
     ProcRead {
         /// The pid being attested.
