@@ -253,6 +253,8 @@ impl App {
             config = %self.config.source,
             trust_domain = %self.config.trust_domain,
             state_dir = %self.config.state_dir.display(),
+            ca = %self.config.state_dir.join(crate::ca::CA_DIR).display(),
+            store = %self.config.state_dir.join(crate::store::DB_FILE).display(),
             entries = self.config.entries.len(),
             instance_ttl = %humantime::format_duration(self.config.instance_ttl),
             endpoint = %format!("unix://{}", socket.display()),

@@ -200,13 +200,16 @@ fn fetch_writes_pem_files_that_openssl_verifies_and_sigterm_stops_the_daemon() {
 fn run_without_a_config_serves_the_current_user_from_its_runtime_dir() {
     let runtime = tempfile::tempdir().unwrap();
     let socket: PathBuf = runtime.path().join("sigil/workload.sock");
+    let state = runtime.path().join("state-home/sigil");
     let mut cmd = Command::new(SIGIL);
-    cmd.arg("run").env("XDG_RUNTIME_DIR", runtime.path());
+    cmd.arg("run")
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("XDG_STATE_HOME", runtime.path().join("state-home"));
     if uid() == 0 {
         // root's defaults are /run/sigil and /var/lib/sigil: keep the test
         // out of them with the environment overrides.
         cmd.env("SIGIL_SOCKET", &socket)
-            .env("SIGIL_STATE_DIR", runtime.path().join("sigil/state"));
+            .env("SIGIL_STATE_DIR", &state);
     }
     let _daemon = start_daemon(&mut cmd, &socket);
     let out = Command::new(SIGIL)
@@ -223,7 +226,6 @@ fn run_without_a_config_serves_the_current_user_from_its_runtime_dir() {
         stdout.contains("\"spiffe_id\": \"spiffe://sigil.local/agent/"),
         "{stdout}"
     );
-    let state = runtime.path().join("sigil/state");
     let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "state dir is private");
     let sock_mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;

@@ -24,6 +24,8 @@ pub use keys::PrivateKey;
 pub const CA_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600); // 1 year
 
 const CA_KEY_FILE: &str = "ca_key.pem";
+/// The CA's directory under the state directory (key 0600, certificate).
+pub const CA_DIR: &str = "ca";
 const CA_CERT_FILE: &str = "ca_cert.pem";
 
 /// Why the CA could not be loaded or could not sign. Each keeps the error
@@ -131,7 +133,7 @@ impl Ca {
     /// # Errors
     /// [`Error::Corrupt`], [`Error::TrustDomainMismatch`] or [`Error::Io`].
     pub fn load_or_create(state_dir: &Path, trust_domain: &TrustDomain) -> Result<Self, Error> {
-        let dir = state_dir.join("ca");
+        let dir = state_dir.join(CA_DIR);
         // The key is read from (or written to) here: nobody but root or us
         // may be able to swap the directory or a symlink on its path.
         fsutil::check_trusted_path(&dir).map_err(Error::UnsafeDir)?;
@@ -157,7 +159,7 @@ impl Ca {
     pub fn existing_file(state_dir: &Path) -> Option<PathBuf> {
         [CA_CERT_FILE, CA_KEY_FILE]
             .iter()
-            .map(|name| state_dir.join("ca").join(name))
+            .map(|name| state_dir.join(CA_DIR).join(name))
             .find(|path| std::fs::symlink_metadata(path).is_ok())
     }
 

@@ -42,6 +42,9 @@ pub enum Command {
     Config(config_check::ConfigCommand),
     /// Exit 0 when a daemon serves the Workload API on the socket.
     Healthcheck(EndpointArg),
+    /// Print the Workload API endpoint clients of this user default to
+    /// (`unix:///...`), e.g. `export SPIFFE_ENDPOINT_SOCKET=$(sigil endpoint)`.
+    Endpoint(EndpointArg),
     /// An mTLS reverse proxy enforcing agent identity and revocation.
     Gate(gate::GateArgs),
     /// Keep SVID, key, bundle and CRL files current (spiffe-helper's job).
@@ -98,6 +101,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Run(args) => run::run(args).await,
         Command::Fetch(cmd) => fetch::run(cmd).await,
         Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
+        Command::Endpoint(endpoint) => {
+            println!("unix://{}", endpoint.resolve()?.display());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Verify(cmd) => verify::run(cmd).await,
         Command::Helper(args) => helper::run(args).await,
         Command::Gate(args) => gate::run(args).await,

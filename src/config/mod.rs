@@ -326,23 +326,51 @@ fn default_entry() -> EntrySpec {
     }
 }
 
-/// Where a user's daemon keeps its files by default: /var/lib and /run for
-/// root, `$XDG_RUNTIME_DIR/sigil` or `/tmp/sigil-<uid>` for anyone else.
-/// Returns the state directory and the workload socket.
+/// Where a user's daemon keeps its files by default; returns the state
+/// directory (CA and store) and the workload socket:
+/// - root: `/var/lib/sigil` and `/run/sigil/workload.sock`;
+/// - anyone else: the state in `$XDG_STATE_HOME/sigil` (default
+///   `~/.local/state/sigil`), which outlives logout and reboot; the socket in
+///   `$XDG_RUNTIME_DIR/sigil/`, or `/tmp/sigil-<uid>/` without a runtime
+///   dir. A user with no home directory (`nobody`) keeps the state beside
+///   the socket, in `state/`, and loses it at reboot.
 pub fn default_paths() -> (PathBuf, PathBuf) {
     let uid = nix::unistd::geteuid();
-    if uid.is_root() {
+    let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    user_paths(
+        uid.as_raw(),
+        var("XDG_RUNTIME_DIR"),
+        var("XDG_STATE_HOME"),
+        var("HOME").filter(|home| home.is_dir()),
+    )
+}
+
+/// [`default_paths`] from the facts it reads: the uid, `XDG_RUNTIME_DIR`,
+/// `XDG_STATE_HOME` and `HOME` (given only when it is an existing directory).
+fn user_paths(
+    uid: u32,
+    runtime_dir: Option<PathBuf>,
+    state_home: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> (PathBuf, PathBuf) {
+    if uid == 0 {
         return (
             PathBuf::from("/var/lib/sigil"),
             PathBuf::from("/run/sigil/workload.sock"),
         );
     }
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
+    // The XDG spec: relative values are invalid and ignored.
+    let absolute = |p: PathBuf| p.is_absolute().then_some(p);
+    let runtime = runtime_dir
+        .and_then(absolute)
         .map(|p| p.join("sigil"))
         .unwrap_or_else(|| PathBuf::from(format!("/tmp/sigil-{uid}")));
-    (base.join("state"), base.join("workload.sock"))
+    let state = state_home
+        .and_then(absolute)
+        .or_else(|| home.and_then(absolute).map(|h| h.join(".local/state")))
+        .map(|p| p.join("sigil"))
+        .unwrap_or_else(|| runtime.join("state"));
+    (state, runtime.join("workload.sock"))
 }
 
 /// The admin socket a daemon run by this user with no config listens on:

@@ -526,3 +526,46 @@ fn an_entry_written_back_as_a_spec_validates_to_the_same_entry() {
         "defaults are left out"
     );
 }
+
+#[test]
+fn a_users_state_outlives_logout_and_the_socket_lives_in_the_runtime_dir() {
+    let p = |s: &str| Some(PathBuf::from(s));
+    let paths = |runtime, state, home| super::user_paths(1000, runtime, state, home);
+    assert_eq!(
+        super::user_paths(0, p("/run/user/0"), p("/x"), p("/root")),
+        ("/var/lib/sigil".into(), "/run/sigil/workload.sock".into())
+    );
+    assert_eq!(
+        paths(p("/run/user/1000"), None, p("/home/a")),
+        (
+            "/home/a/.local/state/sigil".into(),
+            "/run/user/1000/sigil/workload.sock".into()
+        )
+    );
+    assert_eq!(
+        paths(p("/run/user/1000"), p("/srv/state"), p("/home/a")).0,
+        PathBuf::from("/srv/state/sigil"),
+        "XDG_STATE_HOME wins"
+    );
+    assert_eq!(
+        paths(None, None, p("/home/a")).1,
+        PathBuf::from("/tmp/sigil-1000/workload.sock"),
+        "no runtime dir"
+    );
+    assert_eq!(
+        paths(None, None, None),
+        (
+            "/tmp/sigil-1000/state".into(),
+            "/tmp/sigil-1000/workload.sock".into()
+        ),
+        "no home (nobody): the state beside the socket"
+    );
+    assert_eq!(
+        paths(p("relative"), p("rel"), p("/home/a")),
+        (
+            "/home/a/.local/state/sigil".into(),
+            "/tmp/sigil-1000/workload.sock".into()
+        ),
+        "relative XDG values are ignored"
+    );
+}

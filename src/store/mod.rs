@@ -40,6 +40,7 @@ use rusqlite::{Connection, OpenFlags};
 pub use audit::{AuditEvent, AuditKind, AuditQuery};
 pub use chain::{AuditVerdict, BrokenLink};
 pub use entries::StoredEntry;
+pub use open::DB_FILE;
 pub use records::{EndReason, InstanceRecord, RevokedSvid, SvidRecord, TaskEndReason, TaskRecord};
 pub use status::StoreStats;
 pub use tx::Tx;

@@ -15,7 +15,7 @@ use super::schema::{self, APPLICATION_ID, SUPPORTED_VERSION};
 use crate::fsutil::{self, PRIVATE_DIR_MODE};
 
 /// The database file's name inside the state directory.
-pub(crate) const DB_FILE: &str = "sigil.db";
+pub const DB_FILE: &str = "sigil.db";
 
 /// How long a statement waits for a lock held by another connection (e.g. an
 /// operator's `sqlite3` shell) before failing with "database is locked".
