@@ -620,3 +620,64 @@ fn readiness_reaches_systemd_once_the_socket_serves() {
         String::from_utf8_lossy(&buf[..n])
     );
 }
+
+#[test]
+fn the_trust_domain_changes_by_the_documented_procedure() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("workload.sock");
+    let state = dir.path().join("state");
+    let config = |td: &str| {
+        let path = dir.path().join(format!("{td}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "trust_domain = \"{td}\"\n[[entry]]\nname = \"me\"\nselectors = [\"unix:uid:{}\"]\n",
+                uid()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let run = |td: &str| {
+        let mut cmd = Command::new(SIGIL);
+        cmd.args(["run", "--config"])
+            .arg(config(td))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state);
+        cmd
+    };
+    let fetched_id = || {
+        let out = Command::new(SIGIL)
+            .args(["fetch", "x509", "--json", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    {
+        let _daemon = start_daemon(&mut run("old.test"), &socket);
+        assert!(fetched_id().contains("spiffe://old.test/agent/me/"));
+    }
+    let _ = std::fs::remove_file(&socket);
+    // Another trust domain on the same state: refused, saying what to do.
+    let out = run("new.test").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("move {} aside", state.display()))
+            && err.contains("README: Changing the trust domain"),
+        "{err}"
+    );
+    // The procedure: move the state aside, start again.
+    let retired = dir.path().join("state.old.test");
+    std::fs::rename(&state, &retired).unwrap();
+    let _daemon = start_daemon(&mut run("new.test"), &socket);
+    assert!(fetched_id().contains("spiffe://new.test/agent/me/"));
+    assert!(
+        retired.join("ca/ca_cert.pem").exists() && retired.join("sigil.db").exists(),
+        "the old CA, store and audit trail are kept"
+    );
+}

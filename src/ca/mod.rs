@@ -58,11 +58,13 @@ pub enum Error {
     },
     /// The CA certificate is for another trust domain than configured.
     #[error(
-        "the CA in {dir} belongs to trust domain {found}, but the config says {configured}; use another state_dir or the old trust domain"
+        "the CA in {dir} belongs to trust domain {found}, but the config says {configured}. Keep {found}, or move this node to {configured}: stop the daemon and move {state_dir} aside (it keeps the old CA, store and audit trail); the next start makes a new CA and store, and verifiers need the new bundle (README: Changing the trust domain)"
     )]
     TrustDomainMismatch {
         /// The CA folder.
         dir: PathBuf,
+        /// The state directory it is in.
+        state_dir: PathBuf,
         /// The trust domain in the CA certificate.
         found: String,
         /// The configured one.
@@ -345,6 +347,7 @@ fn check_trust_domain(
         Some(uri) if uri == trust_domain.id_string() => Ok(()),
         Some(uri) => Err(Error::TrustDomainMismatch {
             dir: dir.to_owned(),
+            state_dir: dir.parent().unwrap_or(dir).to_owned(),
             found: uri.trim_start_matches("spiffe://").to_owned(),
             configured: trust_domain.to_string(),
         }),
