@@ -148,35 +148,57 @@ async fn fetch_bundle(args: FetchArgs) -> anyhow::Result<ExitCode> {
 ///
 /// # Errors
 /// When the endpoint is malformed.
-pub async fn healthcheck(endpoint: &EndpointArg) -> anyhow::Result<ExitCode> {
-    let socket = endpoint.resolve()?;
-    let mut api = match client::connect(&socket).await {
-        Ok(api) => api,
-        Err(e) => {
-            println!("unhealthy: {e:#}");
-            return Ok(ExitCode::FAILURE);
+pub async fn healthcheck(args: &HealthcheckArgs) -> anyhow::Result<ExitCode> {
+    let socket = args.endpoint.resolve()?;
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_secs(args.wait.unwrap_or(0));
+    loop {
+        let verdict = probe(&socket).await;
+        if verdict.is_ok() || tokio::time::Instant::now() >= deadline {
+            return Ok(match verdict {
+                Ok(healthy) => {
+                    println!("{healthy}");
+                    ExitCode::SUCCESS
+                }
+                Err(unhealthy) => {
+                    println!("unhealthy: {unhealthy}");
+                    ExitCode::FAILURE
+                }
+            });
         }
-    };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Arguments of `sigil healthcheck`.
+#[derive(Debug, clap::Args)]
+pub struct HealthcheckArgs {
+    #[command(flatten)]
+    endpoint: EndpointArg,
+    /// Keep trying for up to this many seconds (a daemon that is starting).
+    #[arg(long, value_name = "SECONDS")]
+    wait: Option<u64>,
+}
+
+/// One probe: a request without the security header, which a Sigil
+/// daemon answers with its own refusal and nothing else.
+async fn probe(socket: &std::path::Path) -> Result<String, String> {
+    let mut api = client::connect(socket)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     let probe = tonic::Request::new(X509BundlesRequest {});
     match api.fetch_x509_bundles(probe).await {
         Err(s)
             if s.code() == tonic::Code::InvalidArgument
                 && s.message() == crate::workload_api::header::HEADER_MISSING =>
         {
-            println!("serving the Workload API on {}", socket.display());
-            Ok(ExitCode::SUCCESS)
+            Ok(format!("serving the Workload API on {}", socket.display()))
         }
-        Err(s) => {
-            println!("unhealthy: {}: {}", s.code(), s.message());
-            Ok(ExitCode::FAILURE)
-        }
-        Ok(_) => {
-            println!(
-                "unhealthy: the server on {} does not check the Workload API security header",
-                socket.display()
-            );
-            Ok(ExitCode::FAILURE)
-        }
+        Err(s) => Err(format!("{}: {}", s.code(), s.message())),
+        Ok(_) => Err(format!(
+            "the server on {} does not check the Workload API security header",
+            socket.display()
+        )),
     }
 }
 

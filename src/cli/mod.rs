@@ -41,7 +41,7 @@ pub enum Command {
     #[command(subcommand)]
     Config(config_check::ConfigCommand),
     /// Exit 0 when a daemon serves the Workload API on the socket.
-    Healthcheck(EndpointArg),
+    Healthcheck(fetch::HealthcheckArgs),
     /// Print the Workload API endpoint clients of this user default to
     /// (`unix:///...`), e.g. `export SPIFFE_ENDPOINT_SOCKET=$(sigil endpoint)`.
     Endpoint(EndpointArg),
@@ -100,7 +100,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args).await,
         Command::Fetch(cmd) => fetch::run(cmd).await,
-        Command::Healthcheck(endpoint) => fetch::healthcheck(&endpoint).await,
+        Command::Healthcheck(args) => fetch::healthcheck(&args).await,
         Command::Endpoint(endpoint) => {
             println!("unix://{}", endpoint.resolve()?.display());
             Ok(std::process::ExitCode::SUCCESS)
