@@ -48,6 +48,25 @@ fn start_daemon(cmd: &mut Command, socket: &Path) -> Daemon {
     daemon
 }
 
+/// `sigil run` with `config` (written to `dir/sigil.toml`), its socket
+/// `dir/workload.sock` and state in `dir/state`, once it listens.
+fn start_with_config(dir: &Path, config: &str) -> (Daemon, PathBuf) {
+    let file = dir.join("sigil.toml");
+    std::fs::write(&file, config).unwrap();
+    let socket = dir.join("workload.sock");
+    let daemon = start_daemon(
+        Command::new(SIGIL)
+            .args(["run", "--config"])
+            .arg(&file)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state")),
+        &socket,
+    );
+    (daemon, socket)
+}
+
 fn uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
@@ -379,29 +398,16 @@ fn a_client_whose_reader_went_away_stops_quietly_instead_of_panicking() {
 #[test]
 fn a_huge_sparse_executable_is_refused_without_being_hashed() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("w.sock");
-    let config = dir.path().join("sigil.toml");
     // A sha256 entry makes the daemon hash every caller's executable.
-    std::fs::write(
-        &config,
-        format!(
+    let (_daemon, socket) = start_with_config(
+        dir.path(),
+        &format!(
             "trust_domain = \"cli.test\"\n\
              [[entry]]\nname = \"pinned\"\nselectors = [\"unix:sha256:{}\"]\n\
              [[entry]]\nname = \"me\"\nselectors = [\"unix:uid:{}\"]\n",
             "0".repeat(64),
             uid()
         ),
-    )
-    .unwrap();
-    let _daemon = start_daemon(
-        Command::new(SIGIL)
-            .args(["run", "--config"])
-            .arg(&config)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state")),
-        &socket,
     );
     let socket_arg = format!("unix://{}", socket.display());
     let huge = dir.path().join("sigil-huge");
@@ -521,22 +527,9 @@ fn client_errors_say_what_is_wrong_once_and_what_to_do() {
     );
 
     // A daemon that admits nobody here: its refusal, in its words.
-    let socket = dir.path().join("workload.sock");
-    let config = dir.path().join("sigil.toml");
-    std::fs::write(
-        &config,
+    let (_daemon, socket) = start_with_config(
+        dir.path(),
         "trust_domain = \"t.test\"\n[[entry]]\nname = \"x\"\nselectors = [\"unix:uid:4242\"]\n",
-    )
-    .unwrap();
-    let _daemon = start_daemon(
-        Command::new(SIGIL)
-            .args(["run", "--config"])
-            .arg(&config)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state")),
-        &socket,
     );
     let err = one_error(
         &fetch_as(None, &["--socket", &socket.display().to_string()]),
