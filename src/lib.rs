@@ -41,6 +41,8 @@
 //! - [`fsutil`]: directories only root or the daemon's user can change,
 //!   private (0700/0600) directories and files, and binding the socket only
 //!   where nothing else lies.
+//! - [`connect`]: clients reaching the daemon's sockets, and what a failed
+//!   connect means for a person.
 //! - [`cli`]: the `sigil` command line.
 
 // `unsafe` is denied here and allowed only in `sys`, one documented system
@@ -53,6 +55,7 @@ pub mod attest;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod fsutil;
 pub mod gate;
 pub mod identity;

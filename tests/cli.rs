@@ -520,6 +520,29 @@ fn client_errors_say_what_is_wrong_once_and_what_to_do() {
         &fetch_as(None, &["--socket", &dir.path().display().to_string()]),
         "is a directory, not a socket",
     );
+    // The gate reaches the socket the same way.
+    {
+        let args = [
+            "gate",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--allow",
+            "spiffe://t.test",
+        ];
+        let out = Command::new(SIGIL)
+            .args(args)
+            .args(["--socket", &p("file")])
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("is a regular file, not a socket"),
+            "{args:?}: {err}"
+        );
+    }
     drop(std::os::unix::net::UnixListener::bind(p("stale.sock")).unwrap());
     one_error(
         &fetch_as(None, &["--socket", &p("stale.sock")]),

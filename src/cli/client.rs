@@ -70,7 +70,7 @@ pub async fn first_bundles(
 /// When the socket is missing, is not a socket, is not accessible or
 /// nothing answers on it: one message each, with what to do.
 pub async fn connect(socket: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
-    let channel = super::socket::channel(socket, super::socket::Which::Workload).await?;
+    let channel = crate::connect::channel(socket, crate::connect::Which::Workload).await?;
     Ok(SpiffeWorkloadApiClient::new(channel))
 }
 

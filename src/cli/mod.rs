@@ -11,7 +11,6 @@ mod files;
 mod gate;
 mod helper;
 mod run;
-mod socket;
 mod verify;
 
 use std::path::PathBuf;

@@ -18,13 +18,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::ids::{SpiffeId, TrustDomain};
 use crate::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -257,14 +256,7 @@ async fn first_message<M>(stream: &mut tonic::Streaming<M>) -> Result<M, String>
 }
 
 async fn channel(socket: &Path) -> Result<Channel, SourceError> {
-    let path = socket.to_owned();
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    crate::connect::channel(socket, crate::connect::Which::Workload)
         .await
         .map_err(|e| SourceError::Unavailable {
             path: socket.to_owned(),

@@ -124,7 +124,7 @@ pub async fn run(cmd: AdminCommand, out: &mut impl Write) -> anyhow::Result<Exit
 /// When the socket is missing, not accessible, or nothing answers on it,
 /// each with what to do.
 pub async fn connect(socket: &Path) -> anyhow::Result<Client> {
-    let channel = super::socket::channel(socket, super::socket::Which::Admin).await?;
+    let channel = crate::connect::channel(socket, crate::connect::Which::Admin).await?;
     Ok(AdminClient::new(channel))
 }
 

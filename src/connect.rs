@@ -1,6 +1,7 @@
-//! Reaching the daemon's Unix sockets from the CLI. One place turns a
-//! failed connect into what is wrong and what to do, once: no such file,
-//! not a socket, permission denied, nothing listening.
+//! Reaching the daemon's Unix sockets as a client (the CLI, the gate, the
+//! helper, `verify::source`). One place turns a failed connect into what is
+//! wrong and what to do, once: no such file, not a socket, permission
+//! denied, nothing listening.
 
 use std::io::ErrorKind;
 use std::os::unix::fs::FileTypeExt;
@@ -41,12 +42,21 @@ impl Which {
     }
 }
 
+/// Why a client could not reach a socket: one message saying what is
+/// wrong and what to do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ConnectError {
+    /// What went wrong, for code that acts on it.
+    pub problem: Problem,
+    message: String,
+}
+
 /// A gRPC channel over the socket at `path`.
 ///
 /// # Errors
-/// One message saying what is wrong with the path or the daemon, and what
-/// to do about it.
-pub async fn channel(path: &Path, which: Which) -> anyhow::Result<Channel> {
+/// [`ConnectError`], naming the path, the problem and the fix.
+pub async fn channel(path: &Path, which: Which) -> Result<Channel, ConnectError> {
     // What the path is, before connecting: connect(2) says "connection
     // refused" for a regular file, which sends people looking for a daemon.
     match std::fs::metadata(path) {
@@ -75,11 +85,14 @@ pub async fn channel(path: &Path, which: Which) -> anyhow::Result<Channel> {
         .map_err(|e| {
             let kind = io_kind(&e).unwrap_or(ErrorKind::Other);
             match Problem::from(kind) {
-                Problem::Other => anyhow::anyhow!(
-                    "cannot connect to the {} at {}: {e}",
-                    which.api(),
-                    path.display()
-                ),
+                Problem::Other => ConnectError {
+                    problem: Problem::Other,
+                    message: format!(
+                        "cannot connect to the {} at {}: {e}",
+                        which.api(),
+                        path.display()
+                    ),
+                },
                 p => problem(path, which, p),
             }
         })
@@ -87,11 +100,16 @@ pub async fn channel(path: &Path, which: Which) -> anyhow::Result<Channel> {
 
 /// What went wrong reaching a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Problem {
+pub enum Problem {
+    /// No file at the path.
     Missing,
+    /// Something else than a socket there (what it is).
     NotASocket(&'static str),
+    /// This user may not reach or open it.
     PermissionDenied,
+    /// A socket nobody listens on.
     NothingListening,
+    /// Anything else.
     Other,
 }
 
@@ -107,36 +125,37 @@ impl From<ErrorKind> for Problem {
 }
 
 /// The message for a problem: what is wrong, then what to do.
-fn problem(path: &Path, which: Which, problem: Problem) -> anyhow::Error {
+fn problem(path: &Path, which: Which, problem: Problem) -> ConnectError {
     let path = path.display();
     let (api, choose, file) = (which.api(), which.how_to_choose(), which.file_name());
-    match problem {
-        Problem::Missing => anyhow::anyhow!(
+    let message = match problem {
+        Problem::Missing => format!(
             "no socket at {path}: start the daemon (`sigil run`), or point {choose} at the \
              {file} it printed when it started"
         ),
         Problem::NotASocket(kind) => {
-            anyhow::anyhow!("{path} is {kind}, not a socket: point {choose} at the daemon's {file}")
+            format!("{path} is {kind}, not a socket: point {choose} at the daemon's {file}")
         }
         Problem::PermissionDenied => match which {
-            Which::Workload => anyhow::anyhow!(
+            Which::Workload => format!(
                 "permission denied on {path} for uid {}: a directory on its path is not open to \
                  this user (the daemon makes its socket 0777 in a 0755 directory; check the \
                  modes with `namei -l {path}`)",
                 nix::unistd::geteuid()
             ),
-            Which::Admin => anyhow::anyhow!(
+            Which::Admin => format!(
                 "{path} is not accessible to uid {}: the admin socket is for root, the daemon's \
                  user, [admin_api] allowed_uids and members of [admin_api] group",
                 nix::unistd::geteuid()
             ),
         },
-        Problem::NothingListening => anyhow::anyhow!(
+        Problem::NothingListening => format!(
             "nothing answers on {path}: no daemon is serving the {api} there (a daemon that was \
              killed leaves its socket behind); start `sigil run`"
         ),
-        Problem::Other => anyhow::anyhow!("cannot connect to the {api} at {path}"),
-    }
+        Problem::Other => format!("cannot connect to the {api} at {path}"),
+    };
+    ConnectError { problem, message }
 }
 
 /// The I/O error kind somewhere in an error's chain.
@@ -160,7 +179,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.sock");
         let e = channel(&missing, Which::Workload).await.unwrap_err();
-        let text = format!("{e:#}");
+        let text = e.to_string();
         assert!(text.starts_with("no socket at "), "{text}");
         assert!(text.contains("SPIFFE_ENDPOINT_SOCKET"), "{text}");
         assert!(
@@ -170,7 +189,7 @@ mod tests {
 
         let file = dir.path().join("file");
         std::fs::write(&file, "").unwrap();
-        let text = format!("{:#}", channel(&file, Which::Admin).await.unwrap_err());
+        let text = channel(&file, Which::Admin).await.unwrap_err().to_string();
         assert!(text.contains("is a regular file, not a socket"), "{text}");
         assert!(text.contains("--admin-socket"), "{text}");
         let text = format!(
@@ -181,7 +200,10 @@ mod tests {
 
         let stale = dir.path().join("stale.sock");
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-        let text = format!("{:#}", channel(&stale, Which::Workload).await.unwrap_err());
+        let text = channel(&stale, Which::Workload)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(text.starts_with("nothing answers on "), "{text}");
     }
 }
