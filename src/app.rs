@@ -436,11 +436,6 @@ async fn stored_entries(store: &Arc<Store>, config: &Config) -> Result<Vec<Loade
     Ok(loaded)
 }
 
-/// On each SIGHUP, reads the config file again and puts its entries in
-/// force: the diff is logged, and the SVIDs of removed or changed entries
-/// are revoked as if deleted. An invalid file is refused with every
-/// problem logged, and the running config stays. Settings other than the
-/// entries need a restart (said in the log when they changed).
 /// Tells systemd the daemon's state when it runs as a `Type=notify`
 /// service (`NOTIFY_SOCKET` set); a failure is logged, never fatal.
 fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
@@ -449,6 +444,11 @@ fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// On each SIGHUP, reads the config file again and puts its entries in
+/// force: the diff is logged, and the SVIDs of removed or changed entries
+/// are revoked as if deleted. An invalid file is refused with every
+/// problem logged, and the running config stays. Settings other than the
+/// entries need a restart (said in the log when they changed).
 async fn reload_on_hangup(config: Arc<Config>, identity: IdentityManager, shutdown: Shutdown) {
     loop {
         tokio::select! {
