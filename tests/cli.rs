@@ -520,6 +520,34 @@ fn client_errors_say_what_is_wrong_once_and_what_to_do() {
         &fetch_as(None, &["--socket", &dir.path().display().to_string()]),
         "is a directory, not a socket",
     );
+    // The helper, which retries while a daemon is away, stops at once on
+    // a path that is not a socket.
+    let mut helper = Command::new(SIGIL)
+        .args([
+            "helper",
+            "--dir",
+            &p("helper-files"),
+            "--socket",
+            &p("file"),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = helper.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = helper.kill();
+            panic!("sigil helper kept retrying a regular file as its socket");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut helper.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("is a regular file, not a socket"), "{err}");
     // The gate reaches the socket the same way.
     {
         let args = [

@@ -65,6 +65,9 @@ pub async fn run(args: HelperArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             () = &mut stop => return Ok(ExitCode::SUCCESS),
             outcome = session => {
+                if is_permanent(&outcome) {
+                    return Err(outcome);
+                }
                 tracing::warn!(error = %outcome, retry_in = ?retry, "the Workload API stream ended; reconnecting");
             }
         }
@@ -74,6 +77,13 @@ pub async fn run(args: HelperArgs) -> anyhow::Result<ExitCode> {
         }
         retry = (retry * 2).min(RETRY_MAX);
     }
+}
+
+/// Whether retrying cannot help: the path is not a socket at all (a
+/// mistake in the command line, not a daemon that is starting).
+fn is_permanent(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::connect::ConnectError>()
+        .is_some_and(|c| matches!(c.problem, crate::connect::Problem::NotASocket(_)))
 }
 
 /// One session of both streams: writes and notifies on each change until
