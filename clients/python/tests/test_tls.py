@@ -290,3 +290,66 @@ def test_the_key_never_touches_disk(daemon: Daemon, tmp_path: Path) -> None:
     assert writes == [], writes
     memfds = [c for c in calls if "memfd_create(\"sigil-svid\"" in c]
     assert len(memfds) >= 2, calls
+
+
+def stranger_svid(into: Path, spiffe_id: str) -> tuple[str, str]:
+    """A CA nobody trusts and a leaf it signs that claims `spiffe_id`, as
+    files: what an attacker can make without Sigil's key."""
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "stranger")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (into / "stranger.pem").write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM)
+    )
+    (into / "stranger.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(into / "stranger.pem"), str(into / "stranger.key")
+
+
+def test_a_stranger_cas_svid_is_refused_on_both_sides(daemon: Daemon, tmp_path: Path) -> None:
+    with Agent() as agent:
+        claimed = f"{agent.spiffe_id}/task/forged"
+        chain, key = stranger_svid(tmp_path, claimed)
+        # A client with the forged SVID against the SDK's server.
+        with https_server(agent.server_ssl_context(TASKS)) as url:
+            port = int(url.rsplit(":", 1)[1])
+            before = len(https_server.refused)
+            assert get_status(plain_context(chain, key, agent, server_side=False), port) is None
+            assert wait_until(lambda: len(https_server.refused) > before, 2)
+            assert "certificate verify failed" in str(https_server.refused[-1]), https_server.refused[-1]
+        # A server with the forged SVID against the SDK's client.
+        with https_server(plain_context(chain, key, agent, server_side=True)) as url:
+            with httpx2.Client(verify=agent.ssl_context(TASKS)) as http:
+                with pytest.raises(httpx2.ConnectError, match="certificate verify failed"):
+                    http.get(url)
