@@ -204,13 +204,8 @@ async fn connect(
     connect_from(gate, who, None).await
 }
 
-/// [`connect`], from the local address `from` when given (another
-/// 127.0.0.0/8 address is another client IP to the gate).
-async fn connect_from(
-    gate: SocketAddr,
-    who: &Identity,
-    from: Option<std::net::IpAddr>,
-) -> Result<(Sender, tokio::task::JoinHandle<()>), String> {
+/// The agent side of TLS as `who`: its SVID, and the gate's SVID checked.
+fn client_tls(who: &Identity) -> rustls::ClientConfig {
     let verifier = SvidServerVerifier::new(
         TrustDomain::new("sigil.test").unwrap(),
         who.bundle.clone(),
@@ -230,6 +225,17 @@ async fn connect_from(
     )
     .unwrap();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
+}
+
+/// [`connect`], from the local address `from` when given (another
+/// 127.0.0.0/8 address is another client IP to the gate).
+async fn connect_from(
+    gate: SocketAddr,
+    who: &Identity,
+    from: Option<std::net::IpAddr>,
+) -> Result<(Sender, tokio::task::JoinHandle<()>), String> {
+    let config = client_tls(who);
     let tcp = match from {
         None => tokio::net::TcpStream::connect(gate).await,
         Some(ip) => {
@@ -716,4 +722,82 @@ async fn one_client_cannot_hold_every_connection_of_the_gate() {
         "connections given back are usable again"
     );
     daemon.stop().await;
+}
+
+/// The bodies the gate reads for its MCP rules are bounded: one over 1 MiB
+/// gets 413 without reaching the service, and one that stops arriving
+/// gets 408 after 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_bounds_the_bodies_it_reads() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sigil = std::fs::canonicalize(SIGIL).unwrap();
+    let me = nix::unistd::geteuid();
+    let daemon = TestDaemon::start_with(&format!(
+        "trust_domain = \"sigil.test\"\n\
+         [[entry]]\nname = \"gate\"\nselectors = [\"unix:path:{}\"]\n\
+         [[entry]]\nname = \"tester\"\nselectors = [\"unix:uid:{me}\"]\n",
+        sigil.display()
+    ))
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let rules = work.path().join("rules.toml");
+    std::fs::write(&rules, RULES).unwrap();
+    let upstream = echo_service().await;
+    let log = work.path().join("gate.log");
+    let (_gate, addr, _) = gate(
+        &daemon,
+        upstream,
+        &["--rules", rules.to_str().unwrap()],
+        &log,
+    )
+    .await;
+    let agent = my_identity(&daemon, 0).await;
+
+    let (mut sender, _) = connect(addr, &agent).await.unwrap();
+    let json = [("content-type", "application/json")];
+    let (status, _) = call(
+        &mut sender,
+        "POST",
+        "/mcp",
+        &json,
+        &" ".repeat((1 << 20) + 1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 413, "a body over 1 MiB");
+    let (status, _) = call(
+        &mut sender,
+        "POST",
+        "/mcp",
+        &json,
+        &format!("{}{{}}", " ".repeat(1000)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "a small body still passes");
+
+    // A body that stops after 10 of its 100 bytes.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&agent)))
+        .connect(ServerName::try_from("gate.invalid").unwrap(), tcp)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    tls.write_all(
+        b"POST /mcp HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"jsonrpc\"",
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(20), tls.read(&mut answer))
+        .await
+        .expect("the gate answers within 20 s")
+        .unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "408 only after the read timeout: {:?}",
+        started.elapsed()
+    );
 }
