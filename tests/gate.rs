@@ -801,3 +801,65 @@ async fn the_gate_bounds_the_bodies_it_reads() {
         started.elapsed()
     );
 }
+
+/// `/readyz` tells a load balancer when the gate cannot follow revocations:
+/// 503 while its Workload API streams are down (the daemon stopped), 200
+/// again once a daemon serves the socket anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_is_not_ready_while_its_workload_api_streams_are_down() {
+    let sigil = std::fs::canonicalize(SIGIL).unwrap();
+    let config = format!(
+        "trust_domain = \"sigil.test\"\n\
+         [[entry]]\nname = \"gate\"\nselectors = [\"unix:path:{}\"]\n",
+        sigil.display()
+    );
+    let daemon = TestDaemon::start_with(&config).await;
+    let work = tempfile::tempdir().unwrap();
+    let upstream = echo_service().await;
+    let log = work.path().join("gate.log");
+    let (_gate, _addr, metrics) = gate(
+        &daemon,
+        upstream,
+        &[
+            "--allow",
+            "spiffe://sigil.test/agent/tester/**",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        &log,
+    )
+    .await;
+    let metrics = metrics.unwrap();
+    assert_eq!(scrape(metrics, "/readyz").await.0, 200);
+
+    let dir = daemon.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (status, body) = loop {
+        let (status, body) = scrape(metrics, "/readyz").await;
+        if status == 503 || Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        scrape(metrics, "/livez").await.0,
+        200,
+        "alive, only not ready"
+    );
+
+    // The same socket served again (same state: the same CA).
+    let _daemon = TestDaemon::start_in(dir, &config).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = scrape(metrics, "/readyz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready again within 20 s: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
